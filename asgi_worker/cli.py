@@ -1,0 +1,71 @@
+"""The `asgi-worker` command."""
+
+from __future__ import annotations
+
+import importlib
+import logging.config
+import os
+import sys
+from typing import Any
+
+import click
+from arq.logs import default_log_config
+from arq.worker import run_worker
+
+from .config import Config, ConfigurationError
+from .worker import worker_settings
+
+
+def import_object(spec: str) -> Any:
+    """Import `module:attribute` (dots allowed in the attribute), with a clear error."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter(f"{spec!r} is not of the form module:attribute")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as uvicorn and arq do: find the user's modules
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise click.BadParameter(f"cannot import {module_name!r}: {error}") from error
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise click.BadParameter(f"{module_name!r} has no attribute {attribute!r}") from None
+    return found
+
+
+@click.group()
+@click.version_option(package_name="asgi-worker")
+def main() -> None:
+    """asgi-worker: serve slow GET endpoints from a cache filled by background workers."""
+
+
+@main.command()
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option(
+    "--config",
+    "config_spec",
+    metavar="MODULE:CONFIG",
+    help="A Config object to use; by default one is built from ASGI_WORKER_* variables.",
+)
+@click.option("--burst", is_flag=True, help="Run the queued jobs, then exit.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every job.")
+def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -> None:
+    """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
+    app = import_object(app_spec)
+    if config_spec is None:
+        try:
+            config = Config.from_env()
+        except ConfigurationError as error:
+            raise click.UsageError(str(error)) from error
+    else:
+        config = import_object(config_spec)
+        if not isinstance(config, Config):
+            raise click.BadParameter(
+                f"{config_spec!r} is a {type(config).__name__}, not an asgi_worker.Config"
+            )
+    log_config = default_log_config(verbose)
+    log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
+    logging.config.dictConfig(log_config)
+    run_worker(worker_settings(app, config), burst=burst)

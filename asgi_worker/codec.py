@@ -1,0 +1,100 @@
+"""msgpack encoding of what crosses Redis: stored responses and request snapshots.
+
+Every encoded value starts with a format version, so a future format can be told apart
+and an old or foreign value is refused with `CorruptEntryError` instead of misread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .keys import Headers, RequestSnapshot
+
+_RESPONSE_V1 = 1
+_SNAPSHOT_V1 = 1
+
+
+class CorruptEntryError(ValueError):
+    """Bytes that are not a value this version of asgi-worker wrote."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A complete response as the app sent it, ready to be served again."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    stored_at: float
+    """Unix time the worker finished the response (for `Age`)."""
+
+
+def encode_response(response: StoredResponse) -> bytes:
+    """Pack a response for Redis."""
+    return _pack(
+        [
+            _RESPONSE_V1,
+            response.status,
+            [list(pair) for pair in response.headers],
+            response.body,
+            response.stored_at,
+        ]
+    )
+
+
+def decode_response(data: bytes) -> StoredResponse:
+    """Unpack a response; `CorruptEntryError` for anything `encode_response` did not make."""
+    items = _unpack(data, _RESPONSE_V1, 5)
+    _, status, headers, body, stored_at = items
+    if not (
+        isinstance(status, int)
+        and 100 <= status <= 999
+        and isinstance(body, bytes)
+        and isinstance(stored_at, int | float)
+        and isinstance(headers, list)
+        and all(
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(part, bytes) for part in pair)
+            for pair in headers
+        )
+    ):
+        raise CorruptEntryError("stored response has fields of the wrong type")
+    return StoredResponse(
+        status=status,
+        headers=tuple((name, value) for name, value in headers),
+        body=body,
+        stored_at=float(stored_at),
+    )
+
+
+def encode_snapshot(snapshot: RequestSnapshot) -> bytes:
+    """Pack a request snapshot for a job."""
+    return _pack([_SNAPSHOT_V1, *snapshot.canonical()])
+
+
+def decode_snapshot(data: bytes) -> RequestSnapshot:
+    """Unpack a snapshot; `CorruptEntryError` for anything `encode_snapshot` did not make."""
+    items = _unpack(data, _SNAPSHOT_V1, 8)
+    try:
+        return RequestSnapshot.from_canonical(items[1:])
+    except ValueError as error:
+        raise CorruptEntryError(str(error)) from None
+
+
+def _pack(items: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(items, use_bin_type=True)
+    return packed
+
+
+def _unpack(data: bytes, version: int, length: int) -> list[Any]:
+    try:
+        items = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise CorruptEntryError(f"not msgpack: {error}") from None
+    if not isinstance(items, list) or len(items) != length or items[0] != version:
+        raise CorruptEntryError("not a value of this format version")
+    return items

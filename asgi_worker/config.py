@@ -1,0 +1,180 @@
+"""`Config`: the one frozen object the middleware and the worker share.
+
+`Config.from_env()` is the only place in the package that reads environment variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "ASGI_WORKER_"
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # RFC 9110 token, lowercased
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+# Credentials make a response private to one client: a shared cache must not key on them
+# silently (RFC 9111 section 3.5). Such requests bypass the cache instead.
+_PRIVATE_HEADERS = frozenset({"authorization", "cookie"})
+
+
+class ConfigurationError(ValueError):
+    """A `Config` field has a value the library cannot work with.
+
+    The message names the field (and, from `Config.from_env()`, the variable).
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Settings shared by `WorkerMiddleware` and the worker.
+
+    Durations are in seconds. Every value is checked when the object is built, so a
+    mistake shows at start-up with the field's name, not later inside a request.
+    """
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the stored responses and claims."""
+    queue_redis_url: str | None = None
+    """Redis holding the arq queue, if not `redis_url` (arq does not support Cluster)."""
+    prefix: str = "aw"
+    """Prefix of every Redis key the cache writes."""
+    ttl: float = 300.0
+    """How long a stored response is served."""
+    error_ttl: float = 10.0
+    """How long an error response (app exception, timeout, 5xx, body too large) is served."""
+    job_timeout: float = 60.0
+    """How long the worker lets the app run for one request before storing a 504."""
+    claim_ttl: float | None = None
+    """Lease of the claim that dedups jobs; must exceed `job_timeout` (default: +30 s)."""
+    retry_after: int = 1
+    """Seconds sent in `Retry-After` on a 202 or 503."""
+    vary: tuple[str, ...] = ()
+    """Request header names that are part of the cache key (and replayed to the app)."""
+    include: tuple[str, ...] = ("*",)
+    """Path patterns (shell-style, `*` matches across `/`) handled by the worker."""
+    exclude: tuple[str, ...] = ()
+    """Path patterns that bypass the worker; win over `include`."""
+    queue_name: str | None = None
+    """arq queue name (default: `<prefix>:queue`)."""
+    max_body_bytes: int = 10 * 1024 * 1024
+    """Largest response body stored; a larger one is replaced by a short-lived 502."""
+    poll_delay: float = 0.01
+    """How often an idle worker polls the queue (arq's default is 0.5 s)."""
+    max_jobs: int = 10
+    """Jobs one worker process runs at once."""
+    redis_timeout: float = 2.0
+    """Seconds to wait for Redis (connect and each command) before treating it as down."""
+    fail_open: bool = False
+    """On a Redis error, pass the request to the app instead of answering 503."""
+
+    def __post_init__(self) -> None:
+        _require(self.prefix != "", "prefix", "must not be empty")
+        _require(
+            not set(self.prefix) & set("{}*?[] \t\r\n"),
+            "prefix",
+            "must not contain braces (Redis Cluster hash tags), glob characters or spaces",
+        )
+        for name in ("redis_url", "queue_redis_url"):
+            url = getattr(self, name)
+            if url is not None:
+                _require(
+                    urlsplit(url).scheme in _REDIS_SCHEMES,
+                    name,
+                    f"must be a redis://, rediss:// or unix:// URL, got {url!r}",
+                )
+        for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout"):
+            _require(getattr(self, name) > 0, name, "must be greater than 0")
+        if self.claim_ttl is None:
+            object.__setattr__(self, "claim_ttl", self.job_timeout + 30.0)
+        else:
+            _require(
+                self.claim_ttl > self.job_timeout,
+                "claim_ttl",
+                f"must exceed job_timeout ({self.job_timeout}), or a slow job would be "
+                "enqueued twice",
+            )
+        _require(self.retry_after >= 0, "retry_after", "must be 0 or more")
+        _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
+        _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
+        _require(self.queue_name != "", "queue_name", "must not be empty (use None)")
+        vary = tuple(name.strip().lower() for name in self.vary)
+        for name in vary:
+            _require(bool(_HEADER_NAME.match(name)), "vary", f"{name!r} is not a header name")
+            _require(
+                name not in _PRIVATE_HEADERS,
+                "vary",
+                f"{name!r} carries credentials; requests with it bypass the cache",
+            )
+        object.__setattr__(self, "vary", tuple(dict.fromkeys(vary)))
+
+    @property
+    def queue(self) -> str:
+        """The arq queue the middleware enqueues to and the worker reads."""
+        return self.queue_name or f"{self.prefix}:queue"
+
+    @property
+    def claim_lease(self) -> float:
+        """`claim_ttl` with its default applied."""
+        assert self.claim_ttl is not None  # set in __post_init__
+        return self.claim_ttl
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a `Config` from `ASGI_WORKER_<FIELD>` variables (e.g. `ASGI_WORKER_TTL`).
+
+        Tuples are comma-separated, booleans are `1/0`, `true/false`, `yes/no`.
+        Keyword arguments win over the environment.
+        """
+        env = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for spec in dataclasses.fields(cls):
+            variable = ENV_PREFIX + spec.name.upper()
+            if variable in env:
+                values[spec.name] = _parse(env[variable], hints[spec.name], variable)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _require(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise ConfigurationError(f"Config.{name} {problem}")
+
+
+_PARSEABLE: tuple[type[Any], ...] = (bool, int, float, tuple, str)
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _parse(raw: str, hint: Any, variable: str) -> Any:
+    """Turn one environment string into the field's type, or say which variable is wrong."""
+    text = raw.strip()
+    optional = type(None) in getattr(hint, "__args__", ())
+    if optional and text == "":
+        return None
+    kind = _base_type(hint)
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError("expected a boolean such as true or false")
+        if kind is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return kind(text)
+    except ValueError as error:
+        raise ConfigurationError(f"{variable}={raw!r}: {error}") from None
+
+
+def _base_type(hint: Any) -> type[Any]:
+    members = (hint, getattr(hint, "__origin__", None), *getattr(hint, "__args__", ()))
+    for candidate in _PARSEABLE:  # bool before int, tuple before str: most specific first
+        if candidate in members:
+            return candidate
+    raise TypeError(f"no parser for {hint!r}")  # a new field of an unsupported type

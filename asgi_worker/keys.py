@@ -1,0 +1,144 @@
+"""The request snapshot, the cache key made from it, and every Redis key name.
+
+Pure functions, no I/O. DESIGN.md principle 1: the key *is* the snapshot (its hash), and
+the worker replays exactly the snapshot, so a stored response can depend on nothing that
+the key does not hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from starlette.types import Scope
+
+# Bumped when the canonical form changes, so old entries are simply never looked up again.
+_KEY_VERSION = b"aw1"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSnapshot:
+    """The keyed parts of a GET request: all the worker knows of it when it replays."""
+
+    scheme: str
+    host: str
+    root_path: str
+    path: str
+    raw_path: bytes | None
+    query_string: bytes
+    headers: Headers
+    """Only the configured `vary` headers, names lowercased, sorted by name."""
+
+    def canonical(self) -> list[Any]:
+        """The snapshot as plain msgpack-able values; the same snapshot, the same list."""
+        return [
+            self.scheme,
+            self.host,
+            _text(self.root_path),
+            _text(self.path),
+            self.raw_path,
+            self.query_string,
+            [list(pair) for pair in self.headers],
+        ]
+
+    @classmethod
+    def from_canonical(cls, items: list[Any]) -> RequestSnapshot:
+        """Rebuild a snapshot from `canonical()`; `ValueError` if the values do not fit."""
+        scheme, host, root_path, path, raw_path, query_string, headers = items
+        if not (
+            isinstance(scheme, str)
+            and isinstance(host, str)
+            and isinstance(root_path, bytes)
+            and isinstance(path, bytes)
+            and (raw_path is None or isinstance(raw_path, bytes))
+            and isinstance(query_string, bytes)
+            and isinstance(headers, list)
+            and all(
+                isinstance(pair, list)
+                and len(pair) == 2
+                and all(isinstance(part, bytes) for part in pair)
+                for pair in headers
+            )
+        ):
+            raise ValueError("request snapshot has fields of the wrong type")
+        return cls(
+            scheme=scheme,
+            host=host,
+            root_path=root_path.decode("utf-8", "surrogatepass"),
+            path=path.decode("utf-8", "surrogatepass"),
+            raw_path=raw_path,
+            query_string=query_string,
+            headers=tuple((name, value) for name, value in headers),
+        )
+
+    @property
+    def digest(self) -> str:
+        """A fixed-length hash of the canonical request: 32 hex digits (128 bits)."""
+        packed = msgpack.packb([_KEY_VERSION, *self.canonical()], use_bin_type=True)
+        return hashlib.blake2b(packed, digest_size=16).hexdigest()
+
+
+def snapshot_from_scope(scope: Scope, vary: tuple[str, ...]) -> RequestSnapshot:
+    """Take the keyed parts of an HTTP scope. `vary` holds lowercased header names."""
+    host = b""
+    wanted = {name.encode("latin-1") for name in vary}
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in scope.get("headers") or ():
+        lowered = bytes(name).lower()
+        if lowered == b"host" and not host:
+            host = bytes(value)
+        elif lowered in wanted:
+            kept.append((lowered, bytes(value)))
+    scheme = str(scope.get("scheme") or "http")
+    raw_path = scope.get("raw_path")
+    return RequestSnapshot(
+        scheme=scheme,
+        host=host.decode("latin-1").lower() if host else _server_host(scope, scheme),
+        root_path=str(scope.get("root_path") or ""),
+        path=str(scope.get("path") or "/"),
+        raw_path=bytes(raw_path) if raw_path is not None else None,
+        query_string=bytes(scope.get("query_string") or b""),
+        # sorted() is stable: several values of one header keep their order.
+        headers=tuple(sorted(kept, key=lambda pair: pair[0])),
+    )
+
+
+def _server_host(scope: Scope, scheme: str) -> str:
+    server = scope.get("server")
+    if not server or server[0] is None:
+        return ""
+    host, port = str(server[0]).lower(), server[1]
+    return host if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
+
+
+def _text(value: str) -> bytes:
+    # Servers may hand us paths with lone surrogates; keep them distinct, never crash.
+    return value.encode("utf-8", "surrogatepass")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    """Every Redis key name the cache writes, in one place (as arq's constants.py does).
+
+    The digest is wrapped in braces, a Redis Cluster hash tag, so all keys of one request
+    live in one slot and one Lua script may touch them all.
+    """
+
+    prefix: str
+
+    def response(self, digest: str) -> str:
+        """Where the encoded stored response lives."""
+        return f"{self.prefix}:{{{digest}}}:resp"
+
+    def claim(self, digest: str) -> str:
+        """The lease that says one job for this request exists."""
+        return f"{self.prefix}:{{{digest}}}:claim"
+
+    def job_id(self, digest: str, token: str) -> str:
+        """The arq job id: unique per claim, so a re-claim never collides with a dead job."""
+        return f"{self.prefix}:{digest}:{token}"

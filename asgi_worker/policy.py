@@ -1,0 +1,42 @@
+"""Which requests go through the worker, and which go straight to the app."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from starlette.types import Scope
+
+from .config import Config
+from .replay import REPLAY_EXTENSION
+
+_CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
+# A shared cache must not serve what was asked with credentials (RFC 9111 section 3.5).
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie"})
+
+
+class Policy:
+    """Decides per request: through the worker, or straight to the app."""
+
+    def __init__(self, config: Config) -> None:
+        self._include = _compile(config.include)
+        self._exclude = _compile(config.exclude)
+
+    def handles(self, scope: Scope) -> bool:
+        """True if the request is served from the cache / worker."""
+        if scope["type"] != "http" or scope.get("method") not in _CACHEABLE_METHODS:
+            return False
+        if REPLAY_EXTENSION in (scope.get("extensions") or {}):
+            return False  # the worker's own replay: let it reach the app
+        path = scope.get("path") or "/"
+        if not self._include.match(path) or self._exclude.match(path):
+            return False
+        return not any(
+            bytes(name).lower() in _CREDENTIAL_HEADERS for name, _ in scope.get("headers") or ()
+        )
+
+
+def _compile(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    if not patterns:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), re.DOTALL)

@@ -1,0 +1,115 @@
+"""arq glue: the replay job function, the app's lifespan in the worker, `worker_settings()`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import func
+from asgi_lifespan import LifespanManager, LifespanNotSupported
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .backend import redis_client
+from .config import Config
+from .jobs import run_job
+from .queue import JOB_FUNCTION, deserialize, serialize
+from .store import RedisStore
+
+logger = logging.getLogger("asgi_worker")
+
+_CONTEXT_KEY = "asgi_worker"
+# arq's own timeout is a last resort: ours (Config.job_timeout) fires first and stores a 504.
+_ARQ_TIMEOUT_GRACE = 5.0
+# Apps that open pools at startup may take a while; asgi-lifespan's 5 s is tight for them.
+_LIFESPAN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Runtime:
+    """What the worker process holds between startup and shutdown (kept in arq's ctx)."""
+
+    exit_stack: AsyncExitStack
+    store: RedisStore
+    state: Mapping[str, Any] | None
+
+
+def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
+    """Settings for an arq worker that replays requests through `app`.
+
+    Accepted by the `arq` command (`WorkerSettings = worker_settings(app, config)`, then
+    `arq module.WorkerSettings`) and by `arq.worker.create_worker(settings, burst=True)`.
+    Pass the very app object you serve, so your other middlewares run in replays too.
+    """
+
+    async def startup(ctx: dict[Any, Any]) -> None:
+        ctx[_CONTEXT_KEY] = await _start(app, config)
+
+    async def shutdown(ctx: dict[Any, Any]) -> None:
+        runtime: _Runtime | None = ctx.pop(_CONTEXT_KEY, None)
+        if runtime is not None:
+            await runtime.exit_stack.aclose()
+
+    async def replay_job(ctx: dict[Any, Any], snapshot: bytes, token: str) -> str:
+        runtime: _Runtime = ctx[_CONTEXT_KEY]
+        return await run_job(app, runtime.store, config, snapshot, token, state=runtime.state)
+
+    return {
+        "functions": [
+            func(
+                replay_job,
+                name=JOB_FUNCTION,
+                # keep_result=0: arq refuses a job id while its result is kept; and no
+                # one reads results here, the stored response is the result.
+                keep_result=0,
+                timeout=config.job_timeout + _ARQ_TIMEOUT_GRACE,
+            )
+        ],
+        "queue_name": config.queue,
+        "redis_settings": RedisSettings.from_dsn(config.queue_redis_url or config.redis_url),
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "keep_result": 0,
+        "poll_delay": config.poll_delay,
+        "max_jobs": config.max_jobs,
+        "job_timeout": config.job_timeout + _ARQ_TIMEOUT_GRACE,
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+    }
+
+
+async def _start(app: ASGIApp, config: Config) -> _Runtime:
+    """Run the app's lifespan startup and open the store; undo both at shutdown."""
+    stack = AsyncExitStack()
+    try:
+        captured: dict[str, Mapping[str, Any]] = {}
+        manager = LifespanManager(
+            _capture_state(app, captured),
+            startup_timeout=_LIFESPAN_TIMEOUT,
+            shutdown_timeout=_LIFESPAN_TIMEOUT,
+        )
+        try:
+            await stack.enter_async_context(manager)
+        except LifespanNotSupported:
+            logger.info("asgi-worker: the app does not support lifespan; running without it")
+        client = redis_client(config.redis_url, config)
+        stack.push_async_callback(client.aclose, close_connection_pool=True)
+        store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
+        return _Runtime(stack, store, captured.get("state"))
+    except BaseException:
+        await stack.aclose()
+        raise
+
+
+def _capture_state(app: ASGIApp, captured: dict[str, Mapping[str, Any]]) -> ASGIApp:
+    """Wrap `app` to keep the lifespan `state` the manager hands it, for the replays."""
+
+    async def app_with_state_capture(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and "state" in scope:
+            captured["state"] = scope["state"]
+        await app(scope, receive, send)
+
+    return app_with_state_capture

@@ -1,0 +1,57 @@
+"""Middleware + real Redis + a real arq Worker in burst mode."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import httpx
+from arq.worker import create_worker
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+
+from asgi_worker import Config, worker_settings
+
+from .apps import make_app
+
+
+async def run_worker(app: Starlette, config: Config) -> int:
+    """Run every queued job in a real arq worker; return how many completed."""
+    worker = create_worker(worker_settings(app, config), burst=True, handle_signals=False)
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+    return worker.jobs_complete
+
+
+def client(app: Starlette) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def test_miss_then_job_then_hit(config: Config, redis: Redis) -> None:
+    calls: Counter[str] = Counter()
+    app = make_app(config, calls)
+    async with client(app) as http:
+        first = await http.get("/echo?a=1")
+        assert first.status_code == 202
+        assert first.headers["retry-after"] == "1"
+        assert first.headers["cache-control"] == "no-store"
+        assert first.headers["cache-status"] == "asgi-worker; fwd=uri-miss"
+        assert first.content == b""
+        assert calls["/echo"] == 0  # the web side never ran the endpoint
+
+        assert await run_worker(app, config) == 1
+        assert calls["/echo"] == 1
+
+        second = await http.get("/echo?a=1")
+    assert second.status_code == 200
+    assert second.headers["cache-status"] == "asgi-worker; hit"
+    assert second.headers["x-app"] == "echo"
+    assert second.json() == {
+        "path": "/echo",
+        "query": "a=1",
+        "host": "testserver",
+        "headers": ["host"],
+        "startup": True,
+    }
+    assert calls["/echo"] == 1

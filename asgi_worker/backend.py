@@ -1,16 +1,31 @@
-"""A backend is a `Store` and a `JobQueue` that belong together, and the connections under them."""
+"""A backend: a `Store` and a `JobQueue` that belong together, and the connections under them.
+
+Three shapes, chosen by `Config`:
+
+| config                  | store        | queue                          |
+| ----------------------- | ------------ | ------------------------------ |
+| `redis://...` (default) | `RedisStore` | `ArqQueue` (arq worker process) |
+| `inline_worker=True`    | `RedisStore` | `InProcessQueue`               |
+| `memory://`             | `MemoryStore`| `InProcessQueue`               |
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
+from starlette.types import ASGIApp
 
 from .config import Config
-from .queue import ArqQueue, JobQueue
+from .jobs import run_job
+from .memory import InProcessQueue, MemoryStore
+from .queue import ArqQueue, Job, JobQueue
 from .store import RedisStore, Store
+
+StateProvider = Callable[[], Mapping[str, Any] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +35,33 @@ class Backend:
     store: Store
     queue: JobQueue
     close: Callable[[], Awaitable[None]]
-    """Releases the connections under both."""
+    """Stops in-process jobs and releases the connections under both."""
+
+
+def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backend:
+    """The backend `config` asks for. In-process jobs replay through `app`."""
+    if not config.in_process:
+        return redis_backend(config)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    store: Store
+    if config.embedded:
+        store = MemoryStore(claim_ttl=config.claim_lease)
+    else:
+        client = redis_client(config.redis_url, config)
+        store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
+        closers.append(lambda: client.aclose(close_connection_pool=True))
+
+    async def run(job: Job) -> None:
+        await run_job(app, store, config, job.snapshot, job.token, state=state())
+
+    queue = InProcessQueue(run, max_jobs=config.max_jobs)
+    closers.insert(0, queue.close)  # stop the jobs before their connections go
+
+    async def close() -> None:
+        for closer in closers:
+            await closer()
+
+    return Backend(store=store, queue=queue, close=close)
 
 
 def redis_client(url: str, config: Config) -> ArqRedis:

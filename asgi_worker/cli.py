@@ -69,3 +69,33 @@ def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -
     log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
     logging.config.dictConfig(log_config)
     run_worker(worker_settings(app, config), burst=burst)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--redis-url",
+    envvar="ASGI_WORKER_REDIS_URL",
+    help="Use Redis (jobs run in this process) instead of the embedded memory:// backend.",
+)
+@click.option("--seconds", default=2.0, show_default=True, type=float, help="How slow /slow is.")
+def demo(host: str, port: int, redis_url: str | None, seconds: float) -> None:
+    """Serve a demo app: a slow endpoint behind the middleware and a page that polls it."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.UsageError("the demo needs uvicorn: pip install 'asgi-worker[demo]'") from None
+    from .demo import create_app, demo_config
+
+    config = demo_config(redis_url)
+    backend = "embedded memory:// backend" if config.embedded else f"Redis at {redis_url}"
+    base = f"http://{host}:{port}"
+    click.echo(
+        f"asgi-worker demo on the {backend}\n"
+        f"  open   {base}/\n"
+        f"  or run curl -i '{base}/slow?n=100000'\n"
+        f"  (202 at once; the same again after ~{seconds:g} s: 200 with the result)\n"
+        "Stop with Ctrl+C."
+    )
+    uvicorn.run(create_app(config, seconds=seconds), host=host, port=port, log_level="warning")

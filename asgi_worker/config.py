@@ -14,6 +14,7 @@ from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "ASGI_WORKER_"
+MEMORY_URL = "memory://"
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # RFC 9110 token, lowercased
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
@@ -38,7 +39,8 @@ class Config:
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding the stored responses and claims."""
+    """Redis holding the stored responses and claims; `memory://` for the embedded backend
+    (one process, jobs run as tasks in it: for demos, tests and single-process apps)."""
     queue_redis_url: str | None = None
     """Redis holding the arq queue, if not `redis_url` (arq does not support Cluster)."""
     prefix: str = "aw"
@@ -71,6 +73,8 @@ class Config:
     """Seconds to wait for Redis (connect and each command) before treating it as down."""
     fail_open: bool = False
     """On a Redis error, pass the request to the app instead of answering 503."""
+    inline_worker: bool = False
+    """Run jobs as tasks in the web process instead of an arq worker (implied by memory://)."""
 
     def __post_init__(self) -> None:
         _require(self.prefix != "", "prefix", "must not be empty")
@@ -79,14 +83,17 @@ class Config:
             "prefix",
             "must not contain braces (Redis Cluster hash tags), glob characters or spaces",
         )
-        for name in ("redis_url", "queue_redis_url"):
-            url = getattr(self, name)
-            if url is not None:
-                _require(
-                    urlsplit(url).scheme in _REDIS_SCHEMES,
-                    name,
-                    f"must be a redis://, rediss:// or unix:// URL, got {url!r}",
-                )
+        _require(
+            self.embedded or urlsplit(self.redis_url).scheme in _REDIS_SCHEMES,
+            "redis_url",
+            f"must be a redis://, rediss://, unix:// or memory:// URL, got {self.redis_url!r}",
+        )
+        if self.queue_redis_url is not None:
+            _require(
+                urlsplit(self.queue_redis_url).scheme in _REDIS_SCHEMES,
+                "queue_redis_url",
+                f"must be a redis://, rediss:// or unix:// URL, got {self.queue_redis_url!r}",
+            )
         for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout"):
             _require(getattr(self, name) > 0, name, "must be greater than 0")
         if self.claim_ttl is None:
@@ -111,6 +118,16 @@ class Config:
                 f"{name!r} carries credentials; requests with it bypass the cache",
             )
         object.__setattr__(self, "vary", tuple(dict.fromkeys(vary)))
+
+    @property
+    def embedded(self) -> bool:
+        """True for `memory://`: the in-process store, jobs run in the web process."""
+        return self.redis_url == MEMORY_URL
+
+    @property
+    def in_process(self) -> bool:
+        """True if jobs run in the web process rather than in an arq worker."""
+        return self.embedded or self.inline_worker
 
     @property
     def queue(self) -> str:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .backend import Backend, redis_backend
+from .backend import Backend, open_backend
 from .codec import CorruptEntryError, StoredResponse, decode_response, encode_snapshot
 from .config import Config
 from .keys import RedisKeys, RequestSnapshot, snapshot_from_scope
+from .memory import InProcessQueue
 from .policy import Policy
 from .queue import Job
 from .responses import send_accepted, send_stored, send_unavailable
@@ -40,10 +42,13 @@ class WorkerMiddleware:
         self._keys = RedisKeys(config.prefix)
         # Opened on the first request, inside the server's event loop; closed at shutdown.
         self._backend: Backend | None = None
+        # The server's lifespan state, for replays run in this process (inline worker).
+        self._lifespan_state: Mapping[str, Any] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
         if scope["type"] == "lifespan":
+            self._lifespan_state = scope.get("state")
             await self.app(scope, self._closing_at_shutdown(receive), send)
         elif self._policy.handles(scope):
             await self._serve(scope, receive, send)
@@ -93,9 +98,19 @@ class WorkerMiddleware:
                 raise
         return found
 
+    async def drain(self) -> int:
+        """Wait for the jobs running in this process (in-process backends only).
+
+        Returns how many jobs finished; 0 when jobs go to an arq worker instead.
+        """
+        queue = self._backend.queue if self._backend is not None else None
+        return await queue.drain() if isinstance(queue, InProcessQueue) else 0
+
     def _open(self) -> Backend:
         if self._backend is None:
-            self._backend = redis_backend(self.config)
+            self._backend = open_backend(
+                self.config, app=self.app, state=lambda: self._lifespan_state
+            )
         return self._backend
 
     def _closing_at_shutdown(self, receive: Receive) -> Receive:

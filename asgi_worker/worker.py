@@ -14,7 +14,7 @@ from asgi_lifespan import LifespanManager, LifespanNotSupported
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .backend import redis_client
-from .config import Config
+from .config import Config, ConfigurationError
 from .jobs import run_job
 from .queue import JOB_FUNCTION, deserialize, serialize
 from .store import RedisStore
@@ -44,6 +44,11 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
     `arq module.WorkerSettings`) and by `arq.worker.create_worker(settings, burst=True)`.
     Pass the very app object you serve, so your other middlewares run in replays too.
     """
+    if config.embedded:
+        raise ConfigurationError(
+            "Config.redis_url is memory://: jobs run inside the web process, "
+            "there is nothing for an arq worker to do"
+        )
 
     async def startup(ctx: dict[Any, Any]) -> None:
         ctx[_CONTEXT_KEY] = await _start(app, config)

@@ -1,0 +1,119 @@
+"""The demo app behind `asgi-worker demo`: a slow endpoint and a page that polls it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .config import Config
+from .middleware import WorkerMiddleware
+
+MAX_N = 200_000
+MAX_SECONDS = 10.0
+
+
+def create_app(config: Config, *, seconds: float = 2.0) -> Starlette:
+    """The demo: `/slow?n=N` takes `seconds` and counts the primes up to N; `/` polls it."""
+
+    async def slow(request: Request) -> Response:
+        try:
+            n = int(request.query_params.get("n", "1000"))
+            delay = float(request.query_params.get("seconds", seconds))
+        except ValueError:
+            return JSONResponse({"error": "n must be an integer, seconds a number"}, 400)
+        if not (1 <= n <= MAX_N and 0 <= delay <= MAX_SECONDS):
+            return JSONResponse(
+                {"error": f"n must be 1..{MAX_N}, seconds 0..{MAX_SECONDS}"}, status_code=400
+            )
+        started = time.perf_counter()
+        await asyncio.sleep(delay)  # stands for a slow query or a remote call
+        primes = count_primes(n)
+        return JSONResponse(
+            {
+                "n": n,
+                "primes": primes,
+                "took_seconds": round(time.perf_counter() - started, 3),
+                "computed_at": time.strftime("%H:%M:%S"),
+            }
+        )
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE)
+
+    app = Starlette(routes=[Route("/", page), Route("/slow", slow)])
+    # Only /slow goes through the worker; the page itself is served directly.
+    app.add_middleware(WorkerMiddleware, config=config)
+    return app
+
+
+def demo_config(redis_url: str | None) -> Config:
+    """The demo's settings: embedded backend unless a Redis URL is given."""
+    if redis_url is None:
+        return Config(redis_url="memory://", include=("/slow",), ttl=60)
+    return Config(redis_url=redis_url, include=("/slow",), ttl=60, inline_worker=True)
+
+
+def count_primes(limit: int) -> int:
+    """How many primes are <= limit (a sieve: real work the worker does for us)."""
+    if limit < 2:
+        return 0
+    sieve = bytearray([1]) * (limit + 1)
+    sieve[0:2] = b"\x00\x00"
+    for number in range(2, int(limit**0.5) + 1):
+        if sieve[number]:
+            sieve[number * number :: number] = bytes(len(range(number * number, limit + 1, number)))
+    return sum(sieve)
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>asgi-worker demo</title>
+<style>
+  body { font: 16px/1.5 system-ui, sans-serif; max-width: 40rem; margin: 3rem auto; }
+  #status { font-weight: bold; }
+  pre { background: #f4f4f4; padding: 1rem; }
+</style>
+</head>
+<body>
+<h1>asgi-worker demo</h1>
+<p><code>/slow?n=N</code> takes seconds. The middleware answers <code>202 Accepted</code> at
+once while a worker computes it; this page polls until the result is stored.</p>
+<form id="form">
+  <label>N <input id="n" type="number" min="1" max="200000" value="1000"></label>
+  <button>Count primes up to N</button>
+</form>
+<p id="status">idle</p>
+<pre id="result"></pre>
+<script>
+const form = document.getElementById("form");
+const statusEl = document.getElementById("status");
+const resultEl = document.getElementById("result");
+form.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const url = "/slow?n=" + encodeURIComponent(document.getElementById("n").value);
+  resultEl.textContent = "";
+  const started = Date.now();
+  for (;;) {
+    const response = await fetch(url);
+    if (response.status !== 202) {
+      statusEl.textContent = "done (" + response.status + ", "
+        + (response.headers.get("cache-status") || "") + ")";
+      resultEl.textContent = await response.text();
+      return;
+    }
+    statusEl.textContent = "processing… " + Math.round((Date.now() - started) / 1000) + " s";
+    const wait = Number(response.headers.get("retry-after") || "1");
+    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+  }
+});
+</script>
+</body>
+</html>
+"""

@@ -1,0 +1,97 @@
+"""The app the end-to-end tests serve with uvicorn and replay in `asgi-worker worker`.
+
+Configured only from `ASGI_WORKER_*` variables (`Config.from_env()`), so the web process
+and the worker process agree on Redis and the key prefix. Every endpoint counts its runs
+in Redis (`<prefix>:runs:<path>`), so a test can see how often a body really ran across
+both processes; the Redis client comes from the lifespan state, so a replay that counts
+also proves the worker ran the lifespan and handed its state to the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from asgi_worker import Config, WorkerMiddleware
+
+config = Config.from_env()
+
+SLOW_SECONDS = 0.3
+
+
+def runs_key(prefix: str, path: str) -> str:
+    """The Redis counter of how many times the endpoint at `path` ran."""
+    return f"{prefix}:runs:{path}"
+
+
+async def _count(request: Request) -> int:
+    redis: Redis = request.state.redis
+    runs: int = await redis.incr(runs_key(request.state.prefix, request.url.path))
+    return runs
+
+
+async def slow(request: Request) -> Response:
+    """A slow GET, the kind of endpoint the worker pattern is for."""
+    runs = await _count(request)
+    await asyncio.sleep(SLOW_SECONDS)
+    return JSONResponse(
+        {"path": request.url.path, "query": request.url.query, "pid": os.getpid(), "run": runs},
+        headers={"x-app": "slow"},
+    )
+
+
+async def whoami(request: Request) -> Response:
+    """What the app saw of the client's credentials (only reached by pass-through)."""
+    runs = await _count(request)
+    return JSONResponse(
+        {
+            "authorization": request.headers.get("authorization"),
+            "cookie": request.headers.get("cookie"),
+            "pid": os.getpid(),
+            "run": runs,
+        }
+    )
+
+
+async def create_item(request: Request) -> Response:
+    """A POST: never cached, always the app."""
+    runs = await _count(request)
+    body = await request.body()
+    return JSONResponse(
+        {"received": body.decode(), "pid": os.getpid(), "run": runs}, status_code=201
+    )
+
+
+async def health(request: Request) -> Response:
+    """Readiness probe; excluded from the worker via ASGI_WORKER_EXCLUDE, counts nothing."""
+    return PlainTextResponse("ok")
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    redis = Redis.from_url(config.redis_url)
+    try:
+        yield {"redis": redis, "prefix": config.prefix}
+    finally:
+        await redis.aclose()
+
+
+app = Starlette(
+    routes=[
+        Route("/slow", slow),
+        Route("/whoami", whoami),
+        Route("/items", create_item, methods=["POST"]),
+        Route("/health", health),
+    ],
+    lifespan=lifespan,
+)
+app.add_middleware(WorkerMiddleware, config=config)

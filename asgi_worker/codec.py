@@ -6,6 +6,7 @@ and an old or foreign value is refused with `CorruptEntryError` instead of misre
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ def decode_response(data: bytes) -> StoredResponse:
         and 100 <= status <= 999
         and isinstance(body, bytes)
         and isinstance(stored_at, int | float)
+        and math.isfinite(stored_at)
         and isinstance(headers, list)
         and all(
             isinstance(pair, list)

@@ -29,6 +29,11 @@ class ConfigurationError(ValueError):
     The message names the field (and, from `Config.from_env()`, the variable).
     """
 
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        """The name of the offending `Config` field, where one is to blame."""
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -49,6 +54,20 @@ class Config:
     """How long a stored response is served."""
     error_ttl: float = 10.0
     """How long an error response (app exception, timeout, 5xx, body too large) is served."""
+    stale_ttl: float = 0.0
+    """After `ttl`, how long a response is still served while one refresh runs (RFC 5861
+    stale-while-revalidate; the app's own `stale-while-revalidate=` wins)."""
+    min_ttl: float = 1.0
+    """Floor on any freshness the app asks for (`max-age=0`): the polling client must be
+    able to collect the response its 202 promised."""
+    ttl_rules: tuple[tuple[str, float], ...] = ()
+    """Per-route ttl, `(("/reports/*", 3600), ...)` or `("/reports/*=3600", ...)`; the first
+    matching pattern wins; the app's `Cache-Control: s-maxage/max-age` wins over both."""
+    pass_ttl: float = 60.0
+    """How long a key stays hit-for-pass after the app answered `private`, `no-store` or
+    with `Set-Cookie`: its requests go straight to the app."""
+    tag_header: str = "surrogate-key"
+    """Response header holding space-separated invalidation tags (stripped when stored)."""
     job_timeout: float = 60.0
     """How long the worker lets the app run for one request before storing a 504."""
     claim_ttl: float | None = None
@@ -94,8 +113,14 @@ class Config:
                 "queue_redis_url",
                 f"must be a redis://, rediss:// or unix:// URL, got {self.queue_redis_url!r}",
             )
-        for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout"):
+        for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout", "pass_ttl"):
             _require(getattr(self, name) > 0, name, "must be greater than 0")
+        for name in ("stale_ttl", "min_ttl"):
+            _require(getattr(self, name) >= 0, name, "must be 0 or more")
+        object.__setattr__(self, "ttl_rules", _ttl_rules(self.ttl_rules))
+        tag_header = self.tag_header.strip().lower()
+        _require(bool(_HEADER_NAME.match(tag_header)), "tag_header", "is not a header name")
+        object.__setattr__(self, "tag_header", tag_header)
         if self.claim_ttl is None:
             object.__setattr__(self, "claim_ttl", self.job_timeout + 30.0)
         else:
@@ -153,14 +178,45 @@ class Config:
         for spec in dataclasses.fields(cls):
             variable = ENV_PREFIX + spec.name.upper()
             if variable in env:
-                values[spec.name] = _parse(env[variable], hints[spec.name], variable)
+                values[spec.name] = _parse(env[variable], hints[spec.name], variable, spec.name)
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigurationError as error:
+            variable = ENV_PREFIX + (error.field or "").upper()
+            if error.field in overrides or variable not in env:
+                raise
+            raise ConfigurationError(
+                f"{error} (from {variable}={env[variable]!r})", field=error.field
+            ) from None
+
+
+def _ttl_rules(rules: Any) -> tuple[tuple[str, float], ...]:
+    """Normalise `ttl_rules` given as pairs or as "pattern=seconds" strings."""
+    normalised = []
+    for original in rules:
+        rule = original
+        if isinstance(rule, str):
+            pattern, equals, seconds = rule.rpartition("=")
+            rule = (pattern, seconds) if equals else (rule, "")
+        try:
+            pattern, seconds = rule
+            ttl = float(seconds)
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"Config.ttl_rules entry {original!r} is not (pattern, seconds) "
+                "or 'pattern=seconds'",
+                field="ttl_rules",
+            ) from None
+        _require(isinstance(pattern, str) and pattern != "", "ttl_rules", "needs a pattern")
+        _require(ttl > 0, "ttl_rules", f"ttl for {pattern!r} must be greater than 0")
+        normalised.append((pattern, ttl))
+    return tuple(normalised)
 
 
 def _require(ok: bool, name: str, problem: str) -> None:
     if not ok:
-        raise ConfigurationError(f"Config.{name} {problem}")
+        raise ConfigurationError(f"Config.{name} {problem}", field=name)
 
 
 _PARSEABLE: tuple[type[Any], ...] = (bool, int, float, tuple, str)
@@ -168,7 +224,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-def _parse(raw: str, hint: Any, variable: str) -> Any:
+def _parse(raw: str, hint: Any, variable: str, name: str) -> Any:
     """Turn one environment string into the field's type, or say which variable is wrong."""
     text = raw.strip()
     optional = type(None) in getattr(hint, "__args__", ())
@@ -186,7 +242,7 @@ def _parse(raw: str, hint: Any, variable: str) -> Any:
             return tuple(part.strip() for part in text.split(",") if part.strip())
         return kind(text)
     except ValueError as error:
-        raise ConfigurationError(f"{variable}={raw!r}: {error}") from None
+        raise ConfigurationError(f"{variable}={raw!r}: {error}", field=name) from None
 
 
 def _base_type(hint: Any) -> type[Any]:

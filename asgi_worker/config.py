@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -71,7 +72,8 @@ class Config:
     job_timeout: float = 60.0
     """How long the worker lets the app run for one request before storing a 504."""
     claim_ttl: float | None = None
-    """Lease of the claim that dedups jobs; must exceed `job_timeout` (default: +30 s)."""
+    """Lease of the claim that dedups jobs; must exceed `job_timeout` (None: `job_timeout`
+    + 30 s, see `claim_lease`)."""
     retry_after: int = 1
     """Seconds sent in `Retry-After` on a 202 or 503."""
     vary: tuple[str, ...] = ()
@@ -114,16 +116,21 @@ class Config:
                 f"must be a redis://, rediss:// or unix:// URL, got {self.queue_redis_url!r}",
             )
         for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout", "pass_ttl"):
-            _require(getattr(self, name) > 0, name, "must be greater than 0")
+            _require(_duration(getattr(self, name)) > 0, name, "must be a finite number > 0")
         for name in ("stale_ttl", "min_ttl"):
-            _require(getattr(self, name) >= 0, name, "must be 0 or more")
+            _require(_duration(getattr(self, name)) >= 0, name, "must be a finite number >= 0")
+        for name in ("vary", "include", "exclude", "ttl_rules"):
+            _require(
+                not isinstance(getattr(self, name), str | bytes),
+                name,
+                "must be a tuple of strings, not one string",
+            )
         object.__setattr__(self, "ttl_rules", _ttl_rules(self.ttl_rules))
         tag_header = self.tag_header.strip().lower()
         _require(bool(_HEADER_NAME.match(tag_header)), "tag_header", "is not a header name")
         object.__setattr__(self, "tag_header", tag_header)
-        if self.claim_ttl is None:
-            object.__setattr__(self, "claim_ttl", self.job_timeout + 30.0)
-        else:
+        if self.claim_ttl is not None:
+            _require(_duration(self.claim_ttl) > 0, "claim_ttl", "must be a finite number > 0")
             _require(
                 self.claim_ttl > self.job_timeout,
                 "claim_ttl",
@@ -161,9 +168,8 @@ class Config:
 
     @property
     def claim_lease(self) -> float:
-        """`claim_ttl` with its default applied."""
-        assert self.claim_ttl is not None  # set in __post_init__
-        return self.claim_ttl
+        """`claim_ttl`, or by default `job_timeout` + 30 s."""
+        return self.job_timeout + 30.0 if self.claim_ttl is None else self.claim_ttl
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -212,6 +218,13 @@ def _ttl_rules(rules: Any) -> tuple[tuple[str, float], ...]:
         _require(ttl > 0, "ttl_rules", f"ttl for {pattern!r} must be greater than 0")
         normalised.append((pattern, ttl))
     return tuple(normalised)
+
+
+def _duration(value: Any) -> float:
+    """`value` as seconds, or NaN (which fails every comparison) if it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return math.nan
+    return float(value)
 
 
 def _require(ok: bool, name: str, problem: str) -> None:

@@ -50,7 +50,9 @@ def main() -> None:
     help="A Config object to use; by default one is built from ASGI_WORKER_* variables.",
 )
 @click.option("--burst", is_flag=True, help="Run the queued jobs, then exit.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging (jobs are logged at INFO already).")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Debug logging (jobs are logged at INFO already)."
+)
 def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -> None:
     """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
     app = import_object(app_spec)

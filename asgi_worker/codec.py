@@ -31,6 +31,9 @@ class StoredResponse:
     body: bytes
     stored_at: float
     """Unix time the worker finished the response (for `Age`)."""
+    hit_for_pass: bool = False
+    """A marker, not a response: the app's answer was private, so requests for this key
+    go straight to the app until the marker expires (Varnish's hit-for-pass)."""
 
 
 def encode_response(response: StoredResponse) -> bytes:
@@ -42,17 +45,19 @@ def encode_response(response: StoredResponse) -> bytes:
             [list(pair) for pair in response.headers],
             response.body,
             response.stored_at,
+            response.hit_for_pass,
         ]
     )
 
 
 def decode_response(data: bytes) -> StoredResponse:
     """Unpack a response; `CorruptEntryError` for anything `encode_response` did not make."""
-    items = _unpack(data, _RESPONSE_V1, 5)
-    _, status, headers, body, stored_at = items
+    items = _unpack(data, _RESPONSE_V1, 6)
+    _, status, headers, body, stored_at, hit_for_pass = items
     if not (
-        isinstance(status, int)
-        and 100 <= status <= 999
+        isinstance(hit_for_pass, bool)
+        and isinstance(status, int)
+        and (100 <= status <= 999 or (hit_for_pass and status == 0))
         and isinstance(body, bytes)
         and isinstance(stored_at, int | float)
         and math.isfinite(stored_at)
@@ -70,6 +75,7 @@ def decode_response(data: bytes) -> StoredResponse:
         headers=tuple((name, value) for name, value in headers),
         body=body,
         stored_at=float(stored_at),
+        hit_for_pass=hit_for_pass,
     )
 
 

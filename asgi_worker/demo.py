@@ -1,9 +1,14 @@
-"""The demo app behind `asgi-worker demo`: a slow endpoint and a page that polls it."""
+"""The demo app behind `asgi-worker demo`: a slow endpoint and a page that waits for it.
+
+The page uses the package's browser client (`asgi_worker/static/client.js`), served at
+`/client.js`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from importlib.resources import files
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -15,10 +20,21 @@ from .middleware import WorkerMiddleware
 
 MAX_N = 200_000
 MAX_SECONDS = 10.0
+CLIENT_JS = ("static", "client.js")
+"""The browser client, inside the package (`fetchWhenReady`)."""
+
+
+def client_js() -> bytes:
+    """The browser client's source, as shipped in the package."""
+    return files("asgi_worker").joinpath(*CLIENT_JS).read_bytes()
 
 
 def create_app(config: Config, *, seconds: float = 2.0) -> Starlette:
-    """The demo: `/slow?n=N` takes `seconds` and counts the primes up to N; `/` polls it."""
+    """The demo: `/slow?n=N` takes `seconds` and counts the primes up to N; `/` waits for it.
+
+    `/client.js` serves the browser client the page imports.
+    """
+    script = client_js()  # read once per app; fails at start-up if the file is missing
 
     async def slow(request: Request) -> Response:
         try:
@@ -45,8 +61,15 @@ def create_app(config: Config, *, seconds: float = 2.0) -> Starlette:
     async def page(request: Request) -> Response:
         return HTMLResponse(PAGE)
 
-    app = Starlette(routes=[Route("/", page), Route("/slow", slow)])
-    # Only /slow goes through the worker; the page itself is served directly.
+    async def client(request: Request) -> Response:
+        return Response(
+            script,
+            media_type="text/javascript; charset=utf-8",
+            headers={"cache-control": "no-cache"},
+        )
+
+    app = Starlette(routes=[Route("/", page), Route("/client.js", client), Route("/slow", slow)])
+    # Only /slow goes through the worker; the page and the script are served directly.
     app.add_middleware(WorkerMiddleware, config=config)
     return app
 
@@ -75,42 +98,56 @@ PAGE = """<!doctype html>
 <head>
 <meta charset="utf-8">
 <title>asgi-worker demo</title>
+<link rel="icon" href="data:,">
 <style>
   body { font: 16px/1.5 system-ui, sans-serif; max-width: 40rem; margin: 3rem auto; }
   #status { font-weight: bold; }
-  pre { background: #f4f4f4; padding: 1rem; }
+  pre { background: #f4f4f4; padding: 1rem; white-space: pre-wrap; overflow-wrap: anywhere; }
+  pre:empty { display: none; }
 </style>
 </head>
 <body>
 <h1>asgi-worker demo</h1>
 <p><code>/slow?n=N</code> takes seconds. The middleware answers <code>202 Accepted</code> at
-once while a worker computes it; this page polls until the result is stored.</p>
+once while a worker computes it; this page (with <code>fetchWhenReady</code> from
+<a href="client.js"><code>client.js</code></a>) asks again until the result is stored.</p>
 <form id="form">
   <label>N <input id="n" type="number" min="1" max="200000" value="1000"></label>
   <button>Count primes up to N</button>
 </form>
 <p id="status">idle</p>
 <pre id="result"></pre>
-<script>
+<script type="module">
+import { fetchWhenReady } from "./client.js";
+
 const form = document.getElementById("form");
 const statusEl = document.getElementById("status");
 const resultEl = document.getElementById("result");
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
-  const url = "/slow?n=" + encodeURIComponent(document.getElementById("n").value);
+  const url = "./slow?n=" + encodeURIComponent(document.getElementById("n").value);
   resultEl.textContent = "";
   const started = Date.now();
-  for (;;) {
-    const response = await fetch(url);
-    if (response.status !== 202) {
-      statusEl.textContent = "done (" + response.status + ", "
-        + (response.headers.get("cache-status") || "") + ")";
-      resultEl.textContent = await response.text();
-      return;
+  const seconds = () => Math.round((Date.now() - started) / 1000) + " s";
+  // Shown at once: with Prefer: wait the server may hold the request instead of a 202.
+  statusEl.textContent = "processing…";
+  try {
+    const response = await fetchWhenReady(url, {
+      timeout: 60,
+      onPending: (attempt) => {
+        statusEl.textContent = "processing… " + seconds() + " (attempt " + attempt + ")";
+      },
+    });
+    statusEl.textContent = "done (" + response.status + ", "
+      + (response.headers.get("cache-status") || "") + ")";
+    const text = await response.text();
+    try {
+      resultEl.textContent = JSON.stringify(JSON.parse(text), null, 2);
+    } catch {
+      resultEl.textContent = text;  // not JSON: an error page, say
     }
-    statusEl.textContent = "processing… " + Math.round((Date.now() - started) / 1000) + " s";
-    const wait = Number(response.headers.get("retry-after") || "1");
-    await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+  } catch (error) {
+    statusEl.textContent = "failed: " + error.message;
   }
 });
 </script>

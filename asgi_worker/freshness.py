@@ -39,22 +39,23 @@ def lifetime(status: int, headers: Headers, path: str, config: Config) -> Lifeti
         return Lifetime(shared=False, fresh=config.pass_ttl, stale=0.0)
     if status >= 500:
         return Lifetime(shared=True, fresh=config.error_ttl, stale=0.0)
-    if "s-maxage" in directives:
-        fresh = _seconds(directives["s-maxage"])
-    elif "max-age" in directives:
-        fresh = _seconds(directives["max-age"])
-    else:
-        fresh = route_ttl(path, config)
     if "no-cache" in directives:
-        fresh = 0.0  # must be revalidated: here, refreshed on every request after the first
+        asked: float | None = 0.0  # must revalidate: here, refreshed after min_ttl
+    elif "s-maxage" in directives:
+        asked = _seconds(directives["s-maxage"])
+    elif "max-age" in directives:
+        asked = _seconds(directives["max-age"])
+    else:
+        asked = None
+    # The client that got the 202 polls for this response: keep it at least min_ttl.
+    fresh = route_ttl(path, config) if asked is None else max(asked, config.min_ttl)
     window = [
         _seconds(directives[name])
         for name in ("stale-while-revalidate", "stale-if-error")
         if name in directives
     ]
     stale = max(window, default=config.stale_ttl)
-    # The client that got the 202 polls for this response: keep it at least min_ttl.
-    return Lifetime(shared=True, fresh=max(fresh, config.min_ttl), stale=stale)
+    return Lifetime(shared=True, fresh=fresh, stale=stale)
 
 
 def route_ttl(path: str, config: Config) -> float:

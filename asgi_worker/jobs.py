@@ -1,9 +1,9 @@
-"""Run one replay job: replay the snapshot, turn the outcome into an entry, commit it.
+"""Run one replay job: begin, replay the snapshot, turn the outcome into an entry, commit.
 
-Independent of the queue: the arq worker calls `run_job`, and so will any other runner.
-Every path ends in a commit (the app's response or a short-lived error response), which
-also releases the claim, so no request is left waiting on a job that has ended
-(DESIGN.md principle 4).
+Independent of the queue: the arq worker and the in-process queue both call `run_job`.
+Every path ends in a commit (the app's response, a hit-for-pass marker, or a short-lived
+error response), which also releases the claim, so no request is left waiting on a job
+that has ended (DESIGN.md principle 4).
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ from starlette.types import ASGIApp
 
 from .codec import CorruptEntryError, StoredResponse, decode_snapshot, encode_response
 from .config import Config
+from .freshness import entity_tag, lifetime
 from .keys import Headers, RequestSnapshot
 from .replay import BodyTooLargeError, ReplayedResponse, ReplayError, replay
-from .store import Store
+from .store import Committed, Store, Write
 
 logger = logging.getLogger("asgi_worker")
+
+# Tags beyond this many are ignored: each costs a key write per commit.
+_MAX_TAGS = 64
 
 # Connection-level headers describe one hop, not the stored response; Content-Length is
 # set from the body we actually hold, and Age is computed when the entry is served.
@@ -57,17 +61,78 @@ async def run_job(
         # Without a snapshot there is no key to release; the claim lease runs out.
         logger.error("asgi-worker: dropping a job with an unreadable snapshot: %s", error)
         return "corrupt-job"
+    digest = snapshot.digest
+    started = await store.begin(digest, token, snapshot.path)
+    if started is None:
+        return "superseded"  # its lease ran out and a newer job holds the claim
     replayed, outcome = await _replay_or_error(app, snapshot, config, state)
-    ttl = config.ttl if outcome == "stored" and replayed.status < 500 else config.error_ttl
-    await store.commit(snapshot.digest, token, encode_response(stored(replayed)), ttl)
-    return outcome
+    write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
+    committed = await store.commit(digest, token, started, write)
+    if committed is not Committed.STORED:
+        logger.info("asgi-worker: %s: %s, %s", _where(snapshot), outcome, committed.value)
+    return outcome if committed is Committed.STORED else committed.value
+
+
+def to_write(
+    replayed: ReplayedResponse, *, ok: bool, snapshot: RequestSnapshot, config: Config
+) -> Write:
+    """The entry, lifetime and index data to commit for one replay's outcome."""
+    if not ok:  # our own error response: short-lived, and a stale copy is better
+        entry = encode_response(stored(replayed))
+        return Write(
+            entry,
+            fresh=config.error_ttl,
+            keep=config.error_ttl,
+            path=snapshot.path,
+            query=snapshot.query_string,
+            failed=True,
+            retry_after=config.error_ttl,
+        )
+    life = lifetime(replayed.status, replayed.headers, snapshot.path, config)
+    if not life.shared:
+        marker = StoredResponse(0, (), b"", time.time(), hit_for_pass=True)
+        return Write(
+            encode_response(marker),
+            fresh=life.fresh,
+            keep=life.fresh,
+            path=snapshot.path,
+            query=snapshot.query_string,
+        )
+    tag_header = config.tag_header.encode()
+    tags = tuple(
+        dict.fromkeys(
+            tag
+            for name, value in replayed.headers
+            if name == tag_header
+            for tag in value.decode("latin-1").split()
+        )
+    )[:_MAX_TAGS]
+    headers = tuple(pair for pair in replayed.headers if pair[0] != tag_header)
+    if not any(name == b"etag" for name, _ in headers):
+        headers += ((b"etag", entity_tag(headers, replayed.body)),)
+    response = stored(ReplayedResponse(replayed.status, headers, replayed.body))
+    return Write(
+        encode_response(response),
+        fresh=life.fresh,
+        keep=life.fresh + life.stale,
+        path=snapshot.path,
+        query=snapshot.query_string,
+        tags=tags,
+        failed=replayed.status >= 500,
+        retry_after=config.error_ttl,
+    )
+
+
+def _where(snapshot: RequestSnapshot) -> str:
+    query = snapshot.query_string.decode("latin-1")
+    return f"{snapshot.path}?{query}" if query else snapshot.path
 
 
 async def _replay_or_error(
     app: ASGIApp, snapshot: RequestSnapshot, config: Config, state: Mapping[str, Any] | None
 ) -> tuple[ReplayedResponse, str]:
     """The app's response, or the error response that stands for its failure."""
-    where = f"{snapshot.path}?{snapshot.query_string.decode('latin-1')}"
+    where = _where(snapshot)
     deadline = asyncio.timeout(config.job_timeout)
     try:
         async with deadline:

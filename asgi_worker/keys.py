@@ -135,10 +135,49 @@ class RedisKeys:
         """Where the encoded stored response lives."""
         return f"{self.prefix}:{{{digest}}}:resp"
 
+    def fresh(self, digest: str) -> str:
+        """Present while the entry is fresh; the entry outlives it by the stale window."""
+        return f"{self.prefix}:{{{digest}}}:fresh"
+
     def claim(self, digest: str) -> str:
         """The lease that says one job for this request exists."""
         return f"{self.prefix}:{{{digest}}}:claim"
 
+    # Invalidation indexes. Names hash the path or tag with SHA-1, which the Lua scripts
+    # can compute too (redis.sha1hex); it bounds the key length, nothing more.
+
+    def paths(self) -> str:
+        """Sorted set (all scores 0, so ordered by bytes) of stored paths: prefix queries."""
+        return f"{self.prefix}:paths"
+
+    def paths_by_expiry(self) -> str:
+        """The same paths scored by when their newest entry expires: for pruning."""
+        return f"{self.prefix}:paths:expiry"
+
+    def path_index(self, path: str) -> str:
+        """Hash of the entries of one path: digest -> raw query string."""
+        return f"{self.prefix}:path:{_sha1(path)}"
+
+    def path_stamp(self, path: str) -> str:
+        """When the path was last invalidated (store clock, ms)."""
+        return f"{self.prefix}:inv:path:{_sha1(path)}"
+
+    def tag_hash(self, tag: str) -> str:
+        """The part of a tag's key names that stands for the tag."""
+        return _sha1(tag)
+
+    def tag(self, tag: str) -> str:
+        """Set of the digests of entries that carried the tag."""
+        return f"{self.prefix}:tag:{_sha1(tag)}"
+
+    def tag_stamp(self, tag: str) -> str:
+        """When the tag was last invalidated (store clock, ms)."""
+        return f"{self.prefix}:inv:tag:{_sha1(tag)}"
+
     def job_id(self, digest: str, token: str) -> str:
         """The arq job id: unique per claim, so a re-claim never collides with a dead job."""
         return f"{self.prefix}:{digest}:{token}"
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(_text(text), usedforsecurity=False).hexdigest()

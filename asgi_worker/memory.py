@@ -11,59 +11,143 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
+from .invalidation import ByGlob, ByQuery, ByTag, Target, query_matches
 from .queue import Job
-from .store import Lookup, Outcome
+from .store import Committed, Lookup, Write
 
 logger = logging.getLogger("asgi_worker")
 
-# (value, monotonic deadline)
-_Expiring = tuple[bytes, float]
+
+@dataclass(slots=True)
+class _Entry:
+    value: bytes
+    fresh_until: float
+    keep_until: float
 
 
 class MemoryStore:
-    """A `Store` in a dict. Each method runs without awaiting, so each is atomic."""
+    """A `Store` in dicts, on the monotonic clock. No method awaits, so each is atomic."""
 
     def __init__(self, *, claim_ttl: float) -> None:
         self._claim_ttl = claim_ttl
-        self._entries: dict[str, _Expiring] = {}
+        # An invalidation stamp matters only to jobs that began before it (see store.py).
+        self._stamp_ttl = claim_ttl + 60.0
+        self._entries: dict[str, _Entry] = {}
         self._claims: dict[str, tuple[str, float]] = {}
+        self._paths: dict[str, dict[str, bytes]] = {}  # path -> digest -> query
+        self._tags: dict[str, set[str]] = {}  # tag -> digests
+        self._path_stamps: dict[str, float] = {}
+        self._tag_stamps: dict[str, float] = {}
         self._writes_since_sweep = 0
 
     async def lookup(self, digest: str, token: str) -> Lookup:
         """See `Store.lookup`."""
         now = time.monotonic()
-        entry = self._entries.get(digest)
-        if entry is not None and entry[1] > now:
-            return Lookup(Outcome.HIT, entry[0])
+        entry = self._live(digest, now)
+        if entry is not None and entry.fresh_until > now:
+            return Lookup(entry.value)
         claim = self._claims.get(digest)
-        if claim is not None and claim[1] > now:
-            return Lookup(Outcome.PENDING)
-        self._claims[digest] = (token, now + self._claim_ttl)
-        self._wrote(now)
-        return Lookup(Outcome.CLAIMED)
+        claimed = claim is None or claim[1] <= now
+        if claimed:
+            self._claims[digest] = (token, now + self._claim_ttl)
+            self._wrote(now)
+        return Lookup(entry.value if entry else None, stale=entry is not None, claimed=claimed)
 
-    async def commit(self, digest: str, token: str, entry: bytes, ttl: float) -> None:
+    async def begin(self, digest: str, token: str, path: str) -> float | None:
+        """See `Store.begin`."""
+        now = time.monotonic()
+        if self._holder(digest, now) not in (None, token):
+            return None
+        self._claims[digest] = (token, now + self._claim_ttl)
+        self._paths.setdefault(path, {})  # so a glob invalidation during the job stamps it
+        return now
+
+    async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """See `Store.commit`."""
         now = time.monotonic()
-        self._entries[digest] = (entry, now + ttl)
-        await self.release(digest, token)
+        holder = self._holder(digest, now)
+        if holder not in (None, token):
+            return Committed.REFUSED
+        stamps = [self._path_stamps.get(write.path)]
+        stamps += [self._tag_stamps.get(tag) for tag in write.tags]
+        if any(stamp is not None and stamp >= started for stamp in stamps):
+            self._claims.pop(digest, None)
+            return Committed.REFUSED
+        if write.failed and self._live(digest, now) is not None:
+            self._claims[digest] = (token, now + write.retry_after)
+            return Committed.KEPT_STALE
+        self._entries[digest] = _Entry(write.entry, now + write.fresh, now + write.keep)
+        self._claims.pop(digest, None)
+        self._paths.setdefault(write.path, {})[digest] = write.query
+        for tag in write.tags:
+            self._tags.setdefault(tag, set()).add(digest)
         self._wrote(now)
+        return Committed.STORED
 
     async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
-        claim = self._claims.get(digest)
-        if claim is not None and claim[0] == token:
+        if self._holder(digest, time.monotonic()) == token:
             del self._claims[digest]
 
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""
         self._entries.pop(digest, None)
 
+    async def invalidate(self, target: Target, *, soft: bool = False) -> int:
+        """See `Store.invalidate`."""
+        now = time.monotonic()
+        if isinstance(target, ByTag):
+            self._tag_stamps[target.tag] = now
+            digests = self._tags.get(target.tag, set())
+            count = self._drop(digests, soft, now)
+            if not soft:
+                self._tags.pop(target.tag, None)
+            return count
+        if isinstance(target, ByGlob):
+            paths = [path for path in self._paths if target.matches(path)]
+        else:
+            paths = [target.path]
+        count = 0
+        for path in paths:
+            self._path_stamps[path] = now
+            index = self._paths.get(path, {})
+            if isinstance(target, ByQuery):
+                chosen = [d for d, query in index.items() if query_matches(query, target.params)]
+            else:
+                chosen = list(index)
+            count += self._drop(chosen, soft, now)
+            if not soft:
+                for digest in chosen:
+                    index.pop(digest, None)
+        return count
+
     def __len__(self) -> int:
-        """Entries held, fresh or not yet swept."""
+        """Entries held, live or not yet swept."""
         return len(self._entries)
+
+    def _drop(self, digests: Iterable[str], soft: bool, now: float) -> int:
+        count = 0
+        for digest in digests:
+            entry = self._live(digest, now)
+            if entry is None:
+                continue
+            count += 1
+            if soft:
+                entry.fresh_until = min(entry.fresh_until, now)
+            else:
+                del self._entries[digest]
+        return count
+
+    def _live(self, digest: str, now: float) -> _Entry | None:
+        entry = self._entries.get(digest)
+        return entry if entry is not None and entry.keep_until > now else None
+
+    def _holder(self, digest: str, now: float) -> str | None:
+        claim = self._claims.get(digest)
+        return claim[0] if claim is not None and claim[1] > now else None
 
     def _wrote(self, now: float) -> None:
         # Expired items are dropped lazily: a full sweep once writes reach half the size,
@@ -72,8 +156,18 @@ class MemoryStore:
         if self._writes_since_sweep * 2 < len(self._entries) + len(self._claims):
             return
         self._writes_since_sweep = 0
-        self._entries = {key: item for key, item in self._entries.items() if item[1] > now}
-        self._claims = {key: item for key, item in self._claims.items() if item[1] > now}
+        self._entries = {key: e for key, e in self._entries.items() if e.keep_until > now}
+        self._claims = {key: c for key, c in self._claims.items() if c[1] > now}
+        for index in self._paths.values():
+            for digest in [d for d in index if d not in self._entries]:
+                del index[digest]
+        self._paths = {path: index for path, index in self._paths.items() if index}
+        for digests in self._tags.values():
+            digests &= self._entries.keys()
+        self._tags = {tag: digests for tag, digests in self._tags.items() if digests}
+        horizon = now - self._stamp_ttl
+        self._path_stamps = {p: at for p, at in self._path_stamps.items() if at > horizon}
+        self._tag_stamps = {t: at for t, at in self._tag_stamps.items() if at > horizon}
 
 
 class InProcessQueue:

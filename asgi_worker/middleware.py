@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -18,7 +20,7 @@ from .memory import InProcessQueue
 from .policy import Policy
 from .queue import Job
 from .responses import send_accepted, send_stored, send_unavailable
-from .store import Lookup, Outcome
+from .store import Store
 
 logger = logging.getLogger("asgi_worker")
 
@@ -44,6 +46,10 @@ class WorkerMiddleware:
         self._backend: Backend | None = None
         # The server's lifespan state, for replays run in this process (inline worker).
         self._lifespan_state: Mapping[str, Any] | None = None
+        # Claim tokens: unique per claim, and cheap (no syscall) on the hit path where
+        # they go unused. The random part tells processes and restarts apart.
+        self._token_prefix = secrets.token_hex(6)
+        self._token_counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -67,36 +73,50 @@ class WorkerMiddleware:
             else:
                 await send_unavailable(send, retry_after=self.config.retry_after, head=head)
             return
-        if isinstance(found, Lookup):
+        if found is None:
             await send_accepted(send, retry_after=self.config.retry_after)
+        elif found.response.hit_for_pass:
+            await self.app(scope, receive, send)  # the app said private: never share it
         else:
-            await send_stored(found, send, head=head)
+            await send_stored(
+                found.response,
+                send,
+                head=head,
+                stale=found.stale,
+                if_none_match=_header(scope, b"if-none-match"),
+            )
 
-    async def _lookup(self, snapshot: RequestSnapshot) -> Lookup | StoredResponse:
+    async def _lookup(self, snapshot: RequestSnapshot) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant."""
         backend = self._open()
         digest = snapshot.digest
-        token = secrets.token_hex(8)
+        token = f"{self._token_prefix}{next(self._token_counter):x}"
         found = await backend.store.lookup(digest, token)
-        if found.outcome is Outcome.HIT:
-            assert found.entry is not None
+        response = None
+        if found.entry is not None:
             try:
-                return decode_response(found.entry)
+                response = decode_response(found.entry)
             except CorruptEntryError as error:
                 logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
                 await backend.store.discard(digest)
-                found = await backend.store.lookup(digest, token)
-                if found.outcome is Outcome.HIT:
-                    return found  # a fresh entry raced in; the client asks again
-        if found.outcome is Outcome.CLAIMED:
+                if not found.claimed:
+                    found = await backend.store.lookup(digest, token)
+        if found.claimed:
             job = Job(self._keys.job_id(digest, token), encode_snapshot(snapshot), token)
             try:
                 await backend.queue.enqueue(job)
-            except BaseException:
+            except BaseException as error:
                 # Let the next request claim again rather than wait for the lease.
                 await _quietly(backend.store.release(digest, token))
-                raise
-        return found
+                if response is None or not isinstance(error, _BACKEND_ERRORS):
+                    raise
+                logger.error("asgi-worker: could not enqueue a refresh: %r", error)
+        return None if response is None else _Found(response, found.stale)
+
+    @property
+    def store(self) -> Store:
+        """The store this middleware serves from (opened on first use)."""
+        return self._open().store
 
     async def drain(self) -> int:
         """Wait for the jobs running in this process (in-process backends only).
@@ -122,6 +142,19 @@ class WorkerMiddleware:
             return message
 
         return receive_then_close
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    response: StoredResponse
+    stale: bool
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value)
+    return None
 
 
 async def _quietly(step: Awaitable[object]) -> None:

@@ -7,21 +7,45 @@ import time
 from starlette.types import Send
 
 from .codec import StoredResponse
+from .freshness import none_match
+
+# What a 304 carries of the stored response (RFC 9110 section 15.4.5).
+_NOT_MODIFIED_HEADERS = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
+)
 
 # RFC 9211 Cache-Status values, with our cache's name first.
 CACHE_STATUS_HIT = b"asgi-worker; hit"
+CACHE_STATUS_STALE = b"asgi-worker; hit; fwd=stale"
 CACHE_STATUS_MISS = b"asgi-worker; fwd=uri-miss"
 CACHE_STATUS_UNAVAILABLE = b"asgi-worker; fwd=uri-miss; detail=backend-unavailable"
 
 
-async def send_stored(response: StoredResponse, send: Send, *, head: bool) -> None:
-    """Serve a stored response with `Age` and `Cache-Status`; no body for HEAD."""
-    age = max(0, int(time.time() - response.stored_at))
-    headers = [
-        *response.headers,
-        (b"age", str(age).encode()),
-        (b"cache-status", CACHE_STATUS_HIT),
+async def send_stored(
+    response: StoredResponse,
+    send: Send,
+    *,
+    head: bool,
+    stale: bool = False,
+    if_none_match: bytes | None = None,
+) -> None:
+    """Serve a stored response with `Age` and `Cache-Status`; no body for HEAD.
+
+    A matching `If-None-Match` gets `304 Not Modified` with the headers RFC 9110
+    section 15.4.5 asks for.
+    """
+    ours = [
+        (b"age", str(max(0, int(time.time() - response.stored_at))).encode()),
+        (b"cache-status", CACHE_STATUS_STALE if stale else CACHE_STATUS_HIT),
     ]
+    if if_none_match is not None:
+        etag = next((value for name, value in response.headers if name == b"etag"), None)
+        if etag is not None and none_match(if_none_match, etag):
+            kept = [pair for pair in response.headers if pair[0] in _NOT_MODIFIED_HEADERS]
+            await send({"type": "http.response.start", "status": 304, "headers": kept + ours})
+            await send({"type": "http.response.body", "body": b""})
+            return
+    headers = [*response.headers, *ours]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else response.body})
 

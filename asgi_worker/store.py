@@ -1,7 +1,13 @@
 """The `Store` protocol and `RedisStore`, its Redis implementation.
 
-A store holds encoded responses and the claims that dedup jobs. Every method is one Redis
-round trip (a Lua script where more than one key or a condition is involved).
+A store holds encoded entries, their freshness, the claims that dedup jobs, and the
+indexes that invalidation needs. Each method is atomic: in Redis one Lua script, one
+round trip (the query form of invalidation takes two).
+
+Invalidation races are settled with times, not locks: `begin` stamps a job with the store's
+clock before the app runs, every invalidation stamps the paths and tags it touches, and
+`commit` refuses a result whose job began no later than an invalidation of its path or of
+one of its tags. So a job never stores what it computed before an invalidation.
 """
 
 from __future__ import annotations
@@ -12,37 +18,63 @@ from typing import Protocol
 
 from redis.asyncio import Redis
 
+from .invalidation import ByGlob, ByPath, ByQuery, ByTag, Target, glob_range, query_matches
 from .keys import RedisKeys
-
-
-class Outcome(enum.Enum):
-    """What a lookup found."""
-
-    HIT = "hit"
-    """A stored response; `Lookup.entry` holds its bytes."""
-    CLAIMED = "claimed"
-    """No response, and this lookup took the claim: the caller must enqueue the job."""
-    PENDING = "pending"
-    """No response, and another request's claim says a job already exists."""
 
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """The answer of `Store.lookup`."""
 
-    outcome: Outcome
     entry: bytes | None = None
+    """The stored entry (fresh or stale), or None on a miss."""
+    stale: bool = False
+    """The entry is past its freshness (served while one refresh runs)."""
+    claimed: bool = False
+    """This lookup took the claim: the caller must enqueue the job."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """What a job stores, and for how long."""
+
+    entry: bytes
+    fresh: float
+    """Seconds the entry is fresh."""
+    keep: float
+    """Seconds the entry is kept in all: `fresh` plus the stale window."""
+    path: str
+    query: bytes
+    tags: tuple[str, ...] = ()
+    failed: bool = False
+    """An error response: if a stale copy exists, keep serving it instead (RFC 5861
+    stale-if-error) and try again after `retry_after` seconds."""
+    retry_after: float = 1.0
+
+
+class Committed(enum.Enum):
+    """What became of a `Store.commit`."""
+
+    STORED = "stored"
+    KEPT_STALE = "kept-stale"
+    """The job failed; the stale copy stays, and the next refresh waits `retry_after`."""
+    REFUSED = "refused"
+    """An invalidation came after the job began, or a newer claim took over: not stored."""
 
 
 class Store(Protocol):
-    """Where responses and claims live. Implementations must keep each method atomic."""
+    """Where entries, claims and indexes live. Implementations keep each method atomic."""
 
     async def lookup(self, digest: str, token: str) -> Lookup:
-        """Return the stored entry, or else claim the key for `token` if nobody holds it."""
+        """Return the entry; claim the key for `token` if it is missing or stale and free."""
         ...
 
-    async def commit(self, digest: str, token: str, entry: bytes, ttl: float) -> None:
-        """Store `entry` for `ttl` seconds and release the claim if `token` still holds it."""
+    async def begin(self, digest: str, token: str, path: str) -> float | None:
+        """Start a job: renew the claim and return the store's time; None if it was lost."""
+        ...
+
+    async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
+        """Store the job's result (see `Write`, `Committed`) and release the claim."""
         ...
 
     async def release(self, digest: str, token: str) -> None:
@@ -53,54 +85,216 @@ class Store(Protocol):
         """Delete the stored entry (e.g. it could not be decoded)."""
         ...
 
+    async def invalidate(self, target: Target, *, soft: bool = False) -> int:
+        """Expire the entries `target` selects: delete them, or if `soft` mark them stale.
 
-# KEYS: response, claim. ARGV: claim token, claim lease in ms.
-# Returns the entry, or 1 when this call claimed, or 0 when a claim is already held.
+        Returns how many entries were affected.
+        """
+        ...
+
+
 _LOOKUP = """
 local entry = redis.call('GET', KEYS[1])
-if entry then return entry end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
+if entry and redis.call('EXISTS', KEYS[2]) == 1 then return {entry, 0, 0} end
+local claimed = 0
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then claimed = 1 end
+return {entry, entry and 1 or 0, claimed}
 """
 
-# KEYS: response, claim. ARGV: entry, ttl in ms, claim token.
-_COMMIT = """
+# Shared by the scripts below.
+_LIBRARY = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function keep_at_least(key, ms)
+  if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
+end
+-- The path list for prefix invalidation would only grow: each commit forgets a few
+-- paths whose entries have all expired (bounded work per call).
+local function prune_paths(prefix, paths, by_expiry)
+  local expired = redis.call('ZRANGEBYSCORE', by_expiry, '-inf', now_ms(), 'LIMIT', 0, 8)
+  for _, path in ipairs(expired) do
+    if redis.call('EXISTS', prefix .. ':path:' .. redis.sha1hex(path)) == 0 then
+      redis.call('ZREM', paths, path)
+    end
+    redis.call('ZREM', by_expiry, path)
+  end
+end
+local function drop(prefix, digest, soft)
+  local base = prefix .. ':{' .. digest .. '}:'
+  if redis.call('EXISTS', base .. 'resp') == 0 then return 0 end
+  redis.call('DEL', base .. 'fresh')
+  if not soft then redis.call('DEL', base .. 'resp') end
+  return 1
+end
+"""
+
+# KEYS: claim, paths, paths by expiry. ARGV: token, claim ms, path.
+# Registers the path first, so a prefix invalidation during the job finds and stamps it.
+_BEGIN = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-return 1
+local now = now_ms()
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+redis.call('ZADD', KEYS[3], 'GT', now + tonumber(ARGV[2]), ARGV[3])
+return now
 """
 
-# KEYS: claim. ARGV: claim token. Deletes only a claim this token still holds.
+# KEYS: resp, fresh, claim, path index, paths, path stamp, paths by expiry.
+# ARGV: token, started, entry, fresh ms, keep ms, path, query, failed, retry ms, digest,
+#       prefix, then one tag hash per tag.
+_COMMIT = """
+prune_paths(ARGV[11], KEYS[5], KEYS[7])
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[1] then return 'refused' end
+local started = tonumber(ARGV[2])
+local function stamped_since(key)
+  local at = redis.call('GET', key)
+  return at and tonumber(at) >= started
+end
+local refused = stamped_since(KEYS[6])
+for i = 12, #ARGV do
+  refused = refused or stamped_since(ARGV[11] .. ':inv:tag:' .. ARGV[i])
+end
+if refused then
+  if holder then redis.call('DEL', KEYS[3]) end
+  return 'refused'
+end
+if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[9])
+  return 'kept-stale'
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[5])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[4], ARGV[10], ARGV[7])
+keep_at_least(KEYS[4], ARGV[5])
+redis.call('ZADD', KEYS[5], 0, ARGV[6])
+redis.call('ZADD', KEYS[7], 'GT', now_ms() + tonumber(ARGV[5]), ARGV[6])
+for i = 12, #ARGV do
+  local tag = ARGV[11] .. ':tag:' .. ARGV[i]
+  redis.call('SADD', tag, ARGV[10])
+  keep_at_least(tag, ARGV[5])
+end
+return 'stored'
+"""
+
+# KEYS: claim. ARGV: token.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
+# KEYS: index (hash of path or set of tag), its stamp, paths. ARGV: prefix, soft, stamp ms,
+# path or ''. Stamps, then drops every entry the index names.
+_INVALIDATE_INDEX = """
+redis.call('SET', KEYS[2], now_ms(), 'PX', ARGV[3])
+local soft = ARGV[2] == '1'
+local digests
+if redis.call('TYPE', KEYS[1]).ok == 'hash' then
+  digests = redis.call('HKEYS', KEYS[1])
+else
+  digests = redis.call('SMEMBERS', KEYS[1])
+end
+local count = 0
+for _, digest in ipairs(digests) do count = count + drop(ARGV[1], digest, soft) end
+if not soft then
+  redis.call('DEL', KEYS[1])
+  if ARGV[4] ~= '' then redis.call('ZREM', KEYS[3], ARGV[4]) end
+end
+return count
+"""
+
+# KEYS: path index, path stamp. ARGV: stamp ms. Stamps the path, returns its index.
+_STAMP_PATH = """
+redis.call('SET', KEYS[2], now_ms(), 'PX', ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: path index. ARGV: prefix, soft, digests...
+_DROP = """
+local soft = ARGV[2] == '1'
+local count = 0
+for i = 3, #ARGV do
+  count = count + drop(ARGV[1], ARGV[i], soft)
+  if not soft then redis.call('HDEL', KEYS[1], ARGV[i]) end
+end
+return count
+"""
+
 
 class RedisStore:
-    """A `Store` on one Redis (or one Cluster slot per request, thanks to hash tags)."""
+    """A `Store` on one Redis.
+
+    The lookup script touches only the request's own keys (one Cluster hash tag); the
+    commit and invalidation scripts also maintain shared indexes, so they need a single
+    Redis (or a Cluster where those keys are co-located), not a sharded Cluster.
+    """
 
     def __init__(self, redis: Redis, *, prefix: str, claim_ttl: float) -> None:
         # The caller owns `redis` and closes it: the queue may share the same client.
         self._redis = redis
         self._keys = RedisKeys(prefix)
         self._claim_ms = _milliseconds(claim_ttl)
+        # An invalidation stamp matters only to jobs that began before it, and none runs
+        # longer than its claim lease: keep the stamp that long, plus a margin.
+        self._stamp_ms = self._claim_ms + 60_000
         self._lookup = redis.register_script(_LOOKUP)
-        self._commit = redis.register_script(_COMMIT)
+        self._begin = redis.register_script(_LIBRARY + _BEGIN)
+        self._commit = redis.register_script(_LIBRARY + _COMMIT)
         self._release = redis.register_script(_RELEASE)
+        self._invalidate_index = redis.register_script(_LIBRARY + _INVALIDATE_INDEX)
+        self._stamp_path = redis.register_script(_LIBRARY + _STAMP_PATH)
+        self._drop = redis.register_script(_LIBRARY + _DROP)
 
     async def lookup(self, digest: str, token: str) -> Lookup:
         """See `Store.lookup`."""
-        keys = [self._keys.response(digest), self._keys.claim(digest)]
-        found = await self._lookup(keys=keys, args=[token, self._claim_ms])
-        if isinstance(found, bytes):
-            return Lookup(Outcome.HIT, found)
-        return Lookup(Outcome.CLAIMED if found == 1 else Outcome.PENDING)
+        keys = self._keys
+        entry, stale, claimed = await self._lookup(
+            keys=[keys.response(digest), keys.fresh(digest), keys.claim(digest)],
+            args=[token, self._claim_ms],
+        )
+        return Lookup(entry, stale == 1, claimed == 1)
 
-    async def commit(self, digest: str, token: str, entry: bytes, ttl: float) -> None:
+    async def begin(self, digest: str, token: str, path: str) -> float | None:
+        """See `Store.begin`."""
+        started = await self._begin(
+            keys=[self._keys.claim(digest), self._keys.paths(), self._keys.paths_by_expiry()],
+            args=[token, self._claim_ms, _text(path)],
+        )
+        return None if started is None else float(started)
+
+    async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """See `Store.commit`."""
-        keys = [self._keys.response(digest), self._keys.claim(digest)]
-        await self._commit(keys=keys, args=[entry, _milliseconds(ttl), token])
+        keys = self._keys
+        outcome = await self._commit(
+            keys=[
+                keys.response(digest),
+                keys.fresh(digest),
+                keys.claim(digest),
+                keys.path_index(write.path),
+                keys.paths(),
+                keys.path_stamp(write.path),
+                keys.paths_by_expiry(),
+            ],
+            args=[
+                token,
+                int(started),
+                write.entry,
+                _milliseconds(write.fresh),
+                _milliseconds(write.keep),
+                _text(write.path),
+                write.query,
+                "1" if write.failed else "0",
+                _milliseconds(write.retry_after),
+                digest,
+                keys.prefix,
+                *(keys.tag_hash(tag) for tag in write.tags),
+            ],
+        )
+        return Committed(outcome.decode() if isinstance(outcome, bytes) else outcome)
 
     async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
@@ -108,7 +302,60 @@ class RedisStore:
 
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""
-        await self._redis.delete(self._keys.response(digest))
+        await self._redis.delete(self._keys.response(digest), self._keys.fresh(digest))
+
+    async def invalidate(self, target: Target, *, soft: bool = False) -> int:
+        """See `Store.invalidate`."""
+        keys = self._keys
+        if isinstance(target, ByPath):
+            return await self._invalidate_path(target.path, soft)
+        if isinstance(target, ByTag):
+            return int(
+                await self._invalidate_index(
+                    keys=[keys.tag(target.tag), keys.tag_stamp(target.tag), keys.paths()],
+                    args=[keys.prefix, "1" if soft else "0", self._stamp_ms, ""],
+                )
+            )
+        if isinstance(target, ByGlob):
+            low, high = glob_range(target.pattern)
+            candidates = await self._redis.zrangebylex(keys.paths(), low, high)
+            count = 0
+            for raw in candidates:
+                path = raw.decode("utf-8", "surrogatepass")
+                if target.matches(path):
+                    count += await self._invalidate_path(path, soft)
+            return count
+        assert isinstance(target, ByQuery)
+        index = await self._stamp_path(
+            keys=[keys.path_index(target.path), keys.path_stamp(target.path)],
+            args=[self._stamp_ms],
+        )
+        matched = [
+            digest
+            for digest, query in zip(index[::2], index[1::2], strict=True)
+            if query_matches(query, target.params)
+        ]
+        if not matched:
+            return 0
+        return int(
+            await self._drop(
+                keys=[keys.path_index(target.path)],
+                args=[keys.prefix, "1" if soft else "0", *matched],
+            )
+        )
+
+    async def _invalidate_path(self, path: str, soft: bool) -> int:
+        keys = self._keys
+        return int(
+            await self._invalidate_index(
+                keys=[keys.path_index(path), keys.path_stamp(path), keys.paths()],
+                args=[keys.prefix, "1" if soft else "0", self._stamp_ms, _text(path)],
+            )
+        )
+
+
+def _text(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")
 
 
 def _milliseconds(seconds: float) -> int:

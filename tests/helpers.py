@@ -182,5 +182,9 @@ def response_key(config: Config, digest: str) -> str:
     return RedisKeys(config.prefix).response(digest)
 
 
+def fresh_key(config: Config, digest: str) -> str:
+    return RedisKeys(config.prefix).fresh(digest)
+
+
 def claim_key(config: Config, digest: str) -> str:
     return RedisKeys(config.prefix).claim(digest)

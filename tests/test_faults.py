@@ -88,7 +88,7 @@ class Fault:
 
 
 FAULTS = [
-    Fault("/boom", 500, b"Internal Server Error", "/boom? raised", traceback=True),
+    Fault("/boom", 500, b"Internal Server Error", "/boom raised", traceback=True),
     Fault("/slow", 504, b"Gateway Timeout", "took longer than job_timeout=0.2s"),
     Fault("/big", 502, b"Response Too Large", "body exceeds max_body_bytes=1000"),
     Fault("/bad", 502, b"Bad Gateway", "gave an invalid response"),
@@ -183,7 +183,7 @@ async def test_entry_with_non_finite_stored_at_is_a_miss(
 ) -> None:
     # Foreign bytes that decode_response accepts; serving them computes int(now - stored_at).
     digest = await digest_of(config, "/echo?n=1")
-    data = msgpack.packb([1, 200, [], b"foreign", stored_at], use_bin_type=True)
+    data = msgpack.packb([1, 200, [], b"foreign", stored_at, False], use_bin_type=True)
     await redis.set(response_key(config, digest), data, px=60_000)
     async with serve(build_app(config)) as http:
         response = await http.get("/echo?n=1")

@@ -20,6 +20,7 @@ from .helpers import (
     claim_key,
     claim_keys,
     digest_of,
+    fresh_key,
     make_config,
     queued,
     response_key,
@@ -262,6 +263,7 @@ async def test_age_is_an_integer(config: Config, redis: Redis) -> None:
         digest = await digest_of(config, "/echo?age=2")
         old = StoredResponse(200, ((b"x-old", b"1"),), b"old body", time.time() - 42)
         await redis.set(response_key(config, digest), encode_response(old), px=60_000)
+        await redis.set(fresh_key(config, digest), b"1", px=60_000)
         aged = await http.get("/echo?age=2")
     assert fresh.status_code == 200
     assert fresh.headers["age"].isdigit()

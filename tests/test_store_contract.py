@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from asgi_worker.invalidation import ByGlob, ByPath, ByQuery, ByTag
 from asgi_worker.memory import MemoryStore
-from asgi_worker.store import Lookup, Outcome, RedisStore, Store
+from asgi_worker.store import Committed, Lookup, RedisStore, Store, Write
 
 LEASE = 0.3
 DIGEST = "0123456789abcdef0123456789abcdef"
@@ -23,23 +24,42 @@ async def store(request: pytest.FixtureRequest, redis: Redis, prefix: str) -> As
         yield MemoryStore(claim_ttl=LEASE)
 
 
+def write(entry: bytes = b"entry", **changes: object) -> Write:
+    values: dict[str, object] = {
+        "fresh": 5.0,
+        "keep": 5.0,
+        "path": "/report",
+        "query": b"year=2026",
+    }
+    values.update(changes)
+    return Write(entry, **values)  # type: ignore[arg-type]
+
+
+async def store_one(
+    store: Store, digest: str = DIGEST, token: str = "t", entry: bytes = b"entry", **changes: object
+) -> None:
+    assert (await store.lookup(digest, token)).claimed
+    started = await store.begin(digest, token, str(changes.get("path", "/report")))
+    assert started is not None
+    assert await store.commit(digest, token, started, write(entry, **changes)) is Committed.STORED
+
+
 async def test_first_lookup_claims_others_wait(store: Store) -> None:
-    assert await store.lookup(DIGEST, "a") == Lookup(Outcome.CLAIMED)
-    assert await store.lookup(DIGEST, "b") == Lookup(Outcome.PENDING)
+    assert await store.lookup(DIGEST, "a") == Lookup(None, stale=False, claimed=True)
+    assert await store.lookup(DIGEST, "b") == Lookup(None, stale=False, claimed=False)
 
 
 async def test_lease_runs_out_and_the_next_request_claims_again(store: Store) -> None:
-    assert (await store.lookup(DIGEST, "dead-worker")).outcome is Outcome.CLAIMED
+    assert (await store.lookup(DIGEST, "dead-worker")).claimed
     await asyncio.sleep(LEASE + 0.1)
-    assert (await store.lookup(DIGEST, "next")).outcome is Outcome.CLAIMED
+    assert (await store.lookup(DIGEST, "next")).claimed
 
 
 async def test_commit_stores_and_releases_its_own_claim(store: Store) -> None:
-    await store.lookup(DIGEST, "a")
-    await store.commit(DIGEST, "a", b"entry", ttl=5)
-    assert await store.lookup(DIGEST, "b") == Lookup(Outcome.HIT, b"entry")
+    await store_one(store)
+    assert await store.lookup(DIGEST, "b") == Lookup(b"entry")
     await store.discard(DIGEST)
-    assert (await store.lookup(DIGEST, "c")).outcome is Outcome.CLAIMED
+    assert (await store.lookup(DIGEST, "c")).claimed
 
 
 async def test_a_stale_token_does_not_release_a_newer_claim(store: Store) -> None:
@@ -47,18 +67,149 @@ async def test_a_stale_token_does_not_release_a_newer_claim(store: Store) -> Non
     await asyncio.sleep(LEASE + 0.1)
     await store.lookup(DIGEST, "new")
     await store.release(DIGEST, "old")
-    assert (await store.lookup(DIGEST, "third")).outcome is Outcome.PENDING
+    assert not (await store.lookup(DIGEST, "third")).claimed
 
 
-async def test_entries_expire(store: Store) -> None:
-    await store.commit(DIGEST, "a", b"entry", ttl=0.2)
-    assert (await store.lookup(DIGEST, "b")).outcome is Outcome.HIT
+async def test_a_superseded_job_neither_begins_nor_commits(store: Store) -> None:
+    await store.lookup(DIGEST, "old")
+    started = await store.begin(DIGEST, "old", "/report")
+    assert started is not None
+    await asyncio.sleep(LEASE + 0.1)
+    assert (await store.lookup(DIGEST, "new")).claimed
+    assert await store.begin(DIGEST, "old", "/report") is None
+    assert await store.commit(DIGEST, "old", started, write(b"late")) is Committed.REFUSED
+    assert (await store.lookup(DIGEST, "x")).entry is None
+
+
+async def test_entries_go_stale_then_expire(store: Store) -> None:
+    await store_one(store, fresh=0.2, keep=0.5)
+    assert await store.lookup(DIGEST, "a") == Lookup(b"entry")
     await asyncio.sleep(0.3)
-    assert (await store.lookup(DIGEST, "c")).outcome is Outcome.CLAIMED
+    # Stale: served, and exactly one lookup claims the refresh.
+    assert await store.lookup(DIGEST, "b") == Lookup(b"entry", stale=True, claimed=True)
+    assert await store.lookup(DIGEST, "c") == Lookup(b"entry", stale=True, claimed=False)
+    await asyncio.sleep(0.3)
+    assert (await store.lookup(DIGEST, "d")).entry is None
+
+
+async def test_a_failed_refresh_keeps_the_stale_copy_and_backs_off(store: Store) -> None:
+    await store_one(store, fresh=0.1, keep=5.0)
+    await asyncio.sleep(0.15)
+    assert (await store.lookup(DIGEST, "refresh")).claimed
+    started = await store.begin(DIGEST, "refresh", "/report")
+    assert started is not None
+    failed = write(b"error", failed=True, retry_after=0.3)
+    assert await store.commit(DIGEST, "refresh", started, failed) is Committed.KEPT_STALE
+    assert await store.lookup(DIGEST, "a") == Lookup(b"entry", stale=True, claimed=False)
+    await asyncio.sleep(0.35)
+    assert (await store.lookup(DIGEST, "b")).claimed  # back-off over: try again
+
+
+async def test_a_failure_without_a_stale_copy_is_stored(store: Store) -> None:
+    await store_one(store, entry=b"error", failed=True)
+    assert (await store.lookup(DIGEST, "a")).entry == b"error"
 
 
 async def test_concurrent_lookups_claim_exactly_once(store: Store) -> None:
     found = await asyncio.gather(*(store.lookup(DIGEST, f"t{i}") for i in range(200)))
-    outcomes = [lookup.outcome for lookup in found]
-    assert outcomes.count(Outcome.CLAIMED) == 1
-    assert outcomes.count(Outcome.PENDING) == 199
+    assert sum(lookup.claimed for lookup in found) == 1
+
+
+def digest(n: int) -> str:
+    return f"{n:032x}"
+
+
+async def test_invalidate_by_path_takes_every_query_variant(store: Store) -> None:
+    await store_one(store, digest(1), path="/report", query=b"year=2025")
+    await store_one(store, digest(2), path="/report", query=b"year=2026")
+    await store_one(store, digest(3), path="/other", query=b"")
+    assert await store.invalidate(ByPath("/report")) == 2
+    assert (await store.lookup(digest(1), "x")).entry is None
+    assert (await store.lookup(digest(2), "x")).entry is None
+    assert (await store.lookup(digest(3), "x")).entry == b"entry"
+    assert await store.invalidate(ByPath("/report")) == 0
+
+
+async def test_invalidate_by_glob(store: Store) -> None:
+    await store_one(store, digest(1), path="/reports/1")
+    await store_one(store, digest(2), path="/reports/2/pdf")
+    await store_one(store, digest(3), path="/reportsX")
+    await store_one(store, digest(4), path="/users/1")
+    assert await store.invalidate(ByGlob("/reports/*")) == 2
+    assert (await store.lookup(digest(3), "x")).entry == b"entry"
+    assert (await store.lookup(digest(4), "x")).entry == b"entry"
+    assert await store.invalidate(ByGlob("*")) == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "params", "matches"),
+    [
+        (b"a=1&b=2", (("a", "1"),), True),
+        (b"b=2&a=1", (("a", "1"), ("b", "2")), True),  # order does not matter
+        (b"a=1&a=2", (("a", "2"),), True),  # repeated names
+        (b"a=1&a=2", (("a", "1"), ("a", "2")), True),
+        (b"a=10", (("a", "1"),), False),  # no substring matches (the gem's SQL LIKE bug)
+        (b"xa=1", (("a", "1"),), False),
+        (b"name=J%C3%BCrgen", (("name", "Jürgen"),), True),  # percent-encoding
+        (b"q=a+b", (("q", "a b"),), True),
+        (b"q=a%26b", (("q", "a&b"),), True),
+        (b"flag", (("flag", ""),), True),
+        (b"a=1", (("b", "1"),), False),
+    ],
+)
+async def test_invalidate_by_query(
+    store: Store, query: bytes, params: tuple[tuple[str, str], ...], matches: bool
+) -> None:
+    await store_one(store, digest(1), path="/foo", query=query)
+    await store_one(store, digest(2), path="/foo", query=b"other=1")
+    assert await store.invalidate(ByQuery("/foo", params)) == int(matches)
+    assert ((await store.lookup(digest(1), "x")).entry is None) is matches
+    assert (await store.lookup(digest(2), "x")).entry == b"entry"
+
+
+async def test_invalidate_by_tag(store: Store) -> None:
+    await store_one(store, digest(1), path="/a", tags=("report-42", "user-7"))
+    await store_one(store, digest(2), path="/b", tags=("user-7",))
+    await store_one(store, digest(3), path="/c", tags=("report-43",))
+    assert await store.invalidate(ByTag("user-7")) == 2
+    assert (await store.lookup(digest(3), "x")).entry == b"entry"
+    assert await store.invalidate(ByTag("report-42")) == 0  # already gone
+
+
+async def test_soft_invalidation_marks_stale_and_one_refresh_runs(store: Store) -> None:
+    await store_one(store, fresh=60, keep=60)
+    assert await store.invalidate(ByPath("/report"), soft=True) == 1
+    assert await store.lookup(DIGEST, "a") == Lookup(b"entry", stale=True, claimed=True)
+    assert await store.lookup(DIGEST, "b") == Lookup(b"entry", stale=True, claimed=False)
+
+
+async def test_a_job_that_began_before_an_invalidation_does_not_store(store: Store) -> None:
+    for target in (ByPath("/report"), ByGlob("/rep*"), ByQuery("/report", (("year", "2026"),))):
+        assert (await store.lookup(DIGEST, "job")).claimed
+        started = await store.begin(DIGEST, "job", "/report")
+        assert started is not None
+        await asyncio.sleep(0.002)  # the app runs; data changes; someone invalidates
+        await store.invalidate(target)
+        outcome = await store.commit(DIGEST, "job", started, write(b"old"))
+        assert outcome is Committed.REFUSED, target
+        # The claim is released: the next request starts a job that sees the new data.
+        assert (await store.lookup(DIGEST, "next")).claimed, target
+        await store.release(DIGEST, "next")
+
+
+async def test_a_job_that_began_before_a_tag_invalidation_does_not_store(store: Store) -> None:
+    assert (await store.lookup(DIGEST, "job")).claimed
+    started = await store.begin(DIGEST, "job", "/report")
+    assert started is not None
+    await asyncio.sleep(0.002)
+    await store.invalidate(ByTag("report-42"))
+    tagged = write(b"old", tags=("report-42",))
+    assert await store.commit(DIGEST, "job", started, tagged) is Committed.REFUSED
+
+
+async def test_a_job_that_began_after_an_invalidation_stores(store: Store) -> None:
+    await store.invalidate(ByPath("/report"))
+    await store.invalidate(ByTag("report-42"))
+    await asyncio.sleep(0.002)
+    await store_one(store, tags=("report-42",))
+    assert (await store.lookup(DIGEST, "x")).entry == b"entry"

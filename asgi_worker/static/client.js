@@ -1,0 +1,168 @@
+// asgi-worker browser client: GET, and wait out "202 Accepted". No dependencies.
+//
+//   import { fetchWhenReady } from "/client.js";
+//   const response = await fetchWhenReady("/slow?n=100000", {
+//     onPending: (attempt) => { status.textContent = `processing… (${attempt})`; },
+//   });
+//
+// Every duration is in seconds, as in HTTP's Retry-After and Prefer: wait=N.
+
+/** Seconds to wait when a 202 has no usable Retry-After. */
+export const DEFAULT_RETRY_AFTER = 1;
+/** The shortest pause between two requests, whatever Retry-After says. */
+export const MIN_RETRY_AFTER = 0.05;
+
+const DELTA_SECONDS = /^\d+(?:\.\d+)?$/;
+const WEEKDAY = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)[a-z]*,? /;
+
+/** The response was still pending (202) when the timeout ran out. */
+export class PendingTimeoutError extends Error {
+  /**
+   * @param {string} url the URL asked for
+   * @param {number} attempts requests sent
+   * @param {number} timeout the overall timeout, in seconds
+   * @param {Response | null} response the last 202, or null if none came back in time
+   */
+  constructor(url, attempts, timeout, response) {
+    const status = response ? response.status : "none";
+    super(`${url} still pending after ${attempts} request(s) in ${timeout} s (last status: ${status})`);
+    this.name = "PendingTimeoutError";
+    this.url = url;
+    this.attempts = attempts;
+    this.timeout = timeout;
+    this.response = response;
+  }
+}
+
+/**
+ * Seconds a Retry-After value asks to wait, or null if it is missing or invalid.
+ * Accepts delta-seconds ("3", decimals too) and an HTTP-date; a past date means 0.
+ * @param {string | null | undefined} value
+ * @param {number} [now] milliseconds since the epoch (default: Date.now())
+ * @returns {number | null}
+ */
+export function parseRetryAfter(value, now = Date.now()) {
+  if (value === null || value === undefined) return null;
+  const text = String(value).trim();
+  if (DELTA_SECONDS.test(text)) return Number(text);
+  // An HTTP-date (IMF-fixdate, RFC 850 or asctime) starts with the day of the week and is in
+  // GMT (asctime does not say so). Date.parse alone accepts far more than that.
+  if (!WEEKDAY.test(text)) return null;
+  const when = Date.parse(/ GMT$/.test(text) ? text : `${text} GMT`);
+  if (Number.isNaN(when)) return null;
+  return Math.max(0, (when - now) / 1000);
+}
+
+/**
+ * The pause before asking again: Retry-After (default 1 s if missing or invalid),
+ * within [MIN_RETRY_AFTER, retryAfterMax].
+ * @param {string | null} value
+ * @param {number} retryAfterMax
+ * @returns {number} seconds
+ */
+export function retryDelay(value, retryAfterMax) {
+  const seconds = parseRetryAfter(value) ?? DEFAULT_RETRY_AFTER;
+  return Math.max(MIN_RETRY_AFTER, Math.min(seconds, retryAfterMax));
+}
+
+/**
+ * GET `url` until the answer is not 202 Accepted; resolve with that Response.
+ *
+ * Sends `Prefer: wait=N` (RFC 7240) so a server that supports it may hold the request and
+ * answer directly; on a 202 it waits Retry-After seconds (clamped) and asks again.
+ * Any status other than 202 resolves as it is; network errors reject as fetch does.
+ *
+ * @param {string | URL} url
+ * @param {object} [options]
+ * @param {number} [options.timeout=30] seconds for the whole exchange; then it rejects
+ *   with a PendingTimeoutError (and aborts a request in flight)
+ * @param {number | null} [options.wait=5] seconds the server may hold each request
+ *   (whole seconds, always less than the time left); null or < 1 sends no Prefer header.
+ *   Prefer is not CORS-safelisted: cross-origin, it needs a preflight the server allows.
+ * @param {number} [options.retryAfterMax=10] the longest pause between requests
+ * @param {AbortSignal} [options.signal] aborts everything; rejects with its reason
+ * @param {(attempt: number, response: Response) => (void | Promise<void>)} [options.onPending]
+ *   called after each 202 (attempt counts from 1), e.g. to show "processing"
+ * @param {HeadersInit} [options.headers] extra request headers
+ * @returns {Promise<Response>}
+ */
+export async function fetchWhenReady(url, options = {}) {
+  const { timeout = 30, wait = 5, retryAfterMax = 10, signal, onPending, headers } = options;
+  if (!(timeout > 0)) throw new RangeError(`timeout must be > 0 seconds, not ${timeout}`);
+  if (!(retryAfterMax > 0)) throw new RangeError(`retryAfterMax must be > 0, not ${retryAfterMax}`);
+  signal?.throwIfAborted();
+
+  const deadline = performance.now() + timeout * 1000;
+  const controller = new AbortController();
+  let attempts = 0;
+  let last = null;
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    controller.abort();
+  }, timeout * 1000);
+  const forward = () => controller.abort(signal.reason);
+  signal?.addEventListener("abort", forward, { once: true });
+  // The reason to reject with once the controller has fired: ours, or the caller's.
+  const stopped = () =>
+    timedOut ? new PendingTimeoutError(String(url), attempts, timeout, last) : signal.reason;
+
+  try {
+    for (;;) {
+      const remaining = (deadline - performance.now()) / 1000;
+      if (remaining <= 0) {
+        timedOut = true;
+        throw stopped();
+      }
+      const requestHeaders = new Headers(headers);
+      // The server may hold the request N seconds: its answer must come before the deadline.
+      const seconds =
+        wait === null || wait === undefined ? 0 : Math.min(Math.floor(wait), Math.ceil(remaining) - 1);
+      if (seconds >= 1) {
+        const previous = requestHeaders.get("prefer");
+        requestHeaders.set("prefer", previous ? `${previous}, wait=${seconds}` : `wait=${seconds}`);
+      }
+      attempts += 1;
+      let response;
+      try {
+        response = await fetch(url, { headers: requestHeaders, signal: controller.signal });
+      } catch (error) {
+        if (controller.signal.aborted) throw stopped();
+        throw error;
+      }
+      if (response.status !== 202) return response;
+      last = response;
+      if (onPending) await onPending(attempts, response);
+      const pause = retryDelay(response.headers.get("retry-after"), retryAfterMax) * 1000;
+      const left = Math.max(0, deadline - performance.now());
+      // If the next request would come too late, wait out the time (the timer fires) and stop.
+      const tooLate = pause >= left;
+      await sleep(tooLate ? left : pause, controller.signal).catch(() => {
+        throw stopped();
+      });
+      if (tooLate) {
+        timedOut = true;
+        throw stopped();
+      }
+    }
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener("abort", forward);
+  }
+}
+
+function sleep(milliseconds, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason);
+    const done = () => {
+      signal.removeEventListener("abort", stop);
+      resolve();
+    };
+    const stop = () => {
+      clearTimeout(id);
+      reject(signal.reason);
+    };
+    const id = setTimeout(done, milliseconds);
+    signal.addEventListener("abort", stop, { once: true });
+  });
+}

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging.config
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
 from arq.logs import default_log_config
 from arq.worker import run_worker
+from redis.exceptions import RedisError
 
 from .config import Config, ConfigurationError
+from .invalidation import Invalidator
 from .worker import worker_settings
 
 
@@ -35,6 +39,29 @@ def import_object(spec: str) -> Any:
     return found
 
 
+def load_config(spec: str | None) -> Config:
+    """The `Config` at `module:attribute`, or from `ASGI_WORKER_*` variables if None."""
+    if spec is None:
+        try:
+            return Config.from_env()
+        except ConfigurationError as error:
+            raise click.UsageError(str(error)) from error
+    config = import_object(spec)
+    if not isinstance(config, Config):
+        raise click.BadParameter(
+            f"{spec!r} is a {type(config).__name__}, not an asgi_worker.Config"
+        )
+    return config
+
+
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_spec",
+    metavar="MODULE:CONFIG",
+    help="A Config object to use; by default one is built from ASGI_WORKER_* variables.",
+)
+
+
 @click.group()
 @click.version_option(package_name="asgi-worker")
 def main() -> None:
@@ -43,12 +70,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("app_spec", metavar="MODULE:APP")
-@click.option(
-    "--config",
-    "config_spec",
-    metavar="MODULE:CONFIG",
-    help="A Config object to use; by default one is built from ASGI_WORKER_* variables.",
-)
+@_CONFIG_OPTION
 @click.option("--burst", is_flag=True, help="Run the queued jobs, then exit.")
 @click.option(
     "-v", "--verbose", is_flag=True, help="Debug logging (jobs are logged at INFO already)."
@@ -56,17 +78,7 @@ def main() -> None:
 def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -> None:
     """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
     app = import_object(app_spec)
-    if config_spec is None:
-        try:
-            config = Config.from_env()
-        except ConfigurationError as error:
-            raise click.UsageError(str(error)) from error
-    else:
-        config = import_object(config_spec)
-        if not isinstance(config, Config):
-            raise click.BadParameter(
-                f"{config_spec!r} is a {type(config).__name__}, not an asgi_worker.Config"
-            )
+    config = load_config(config_spec)
     log_config = default_log_config(verbose)
     log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
     logging.config.dictConfig(log_config)
@@ -101,3 +113,51 @@ def demo(host: str, port: int, redis_url: str | None, seconds: float) -> None:
         "Stop with Ctrl+C."
     )
     uvicorn.run(create_app(config, seconds=seconds), host=host, port=port, log_level="warning")
+
+
+_KINDS = ("path", "prefix", "glob", "query", "tag")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(_KINDS))
+@click.argument("target")
+@click.argument("params", nargs=-1, metavar="[NAME=VALUE]...")
+@click.option("--soft", is_flag=True, help="Mark stale (served while one refresh runs).")
+@_CONFIG_OPTION
+def invalidate(
+    kind: str, target: str, params: tuple[str, ...], soft: bool, config_spec: str | None
+) -> None:
+    r"""Expire stored responses; prints how many.
+
+    \b
+      asgi-worker invalidate path /reports          every query variant of /reports
+      asgi-worker invalidate prefix /reports/       every path under /reports/
+      asgi-worker invalidate glob '/reports/*/pdf'  every path matching the pattern
+      asgi-worker invalidate query /foo a=1 b=2     /foo entries whose query has a=1 and b=2
+      asgi-worker invalidate tag report-42          every response tagged report-42
+    """
+    if (kind == "query") != bool(params):
+        raise click.UsageError("NAME=VALUE pairs go with 'query', and 'query' needs them")
+    pairs = []
+    for param in params:
+        name, equals, value = param.partition("=")
+        if not equals or not name:
+            raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="PARAMS")
+        pairs.append((name, value))
+    config = load_config(config_spec)
+    if config.embedded:
+        raise click.UsageError("memory:// lives inside the web process; nothing to invalidate")
+
+    async def run() -> int:
+        async with Invalidator.connect(config) as invalidator:
+            if kind == "query":
+                return await invalidator.query(target, pairs, soft=soft)
+            method: Callable[..., Awaitable[int]] = getattr(invalidator, kind)
+            return await method(target, soft=soft)
+
+    try:
+        count = asyncio.run(run())
+    except RedisError as error:
+        raise click.ClickException(f"Redis at {config.redis_url}: {error}") from error
+    noun = "entry" if count == 1 else "entries"
+    click.echo(f"{count} {noun} {'marked stale' if soft else 'invalidated'}")

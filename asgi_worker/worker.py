@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
         "poll_delay": config.poll_delay,
         "max_jobs": config.max_jobs,
         "job_timeout": config.job_timeout + _ARQ_TIMEOUT_GRACE,
+        # On SIGTERM/SIGINT take no new job and let the running ones finish (they end by
+        # job_timeout); whatever is still running after that is cancelled and re-queued.
+        "job_completion_wait": math.ceil(config.job_timeout + _ARQ_TIMEOUT_GRACE),
         "job_serializer": serialize,
         "job_deserializer": deserialize,
     }

@@ -94,6 +94,10 @@ class Config:
     """Seconds to wait for Redis (connect and each command) before treating it as down."""
     fail_open: bool = False
     """On a Redis error, pass the request to the app instead of answering 503."""
+    max_wait: float = 10.0
+    """Longest a request may be held for `Prefer: wait=N` (RFC 7240); 0 turns waiting off."""
+    max_waiters: int = 1000
+    """Requests one web process holds at once for `Prefer: wait`; beyond, they get 202."""
     inline_worker: bool = False
     """Run jobs as tasks in the web process instead of an arq worker (implied by memory://)."""
 
@@ -140,6 +144,8 @@ class Config:
         _require(self.retry_after >= 0, "retry_after", "must be 0 or more")
         _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
+        _require(_duration(self.max_wait) >= 0, "max_wait", "must be a finite number >= 0")
+        _require(self.max_waiters >= 0, "max_waiters", "must be 0 or more")
         _require(self.queue_name != "", "queue_name", "must not be empty (use None)")
         vary = tuple(name.strip().lower() for name in self.vary)
         for name in vary:

@@ -31,8 +31,10 @@ class _Entry:
 class MemoryStore:
     """A `Store` in dicts, on the monotonic clock. No method awaits, so each is atomic."""
 
-    def __init__(self, *, claim_ttl: float) -> None:
+    def __init__(self, *, claim_ttl: float, on_stored: Callable[[str], None] | None = None) -> None:
         self._claim_ttl = claim_ttl
+        # Called with each digest a commit stores: wakes `Prefer: wait` requests.
+        self._on_stored = on_stored
         # An invalidation stamp matters only to jobs that began before it (see store.py).
         self._stamp_ttl = claim_ttl + 60.0
         self._entries: dict[str, _Entry] = {}
@@ -85,6 +87,8 @@ class MemoryStore:
         for tag in write.tags:
             self._tags.setdefault(tag, set()).add(digest)
         self._wrote(now)
+        if self._on_stored is not None:
+            self._on_stored(digest)
         return Committed.STORED
 
     async def release(self, digest: str, token: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +23,7 @@ from .policy import Policy
 from .queue import Job
 from .responses import send_accepted, send_stored, send_unavailable
 from .store import Store
+from .waiting import parse_prefer
 
 logger = logging.getLogger("asgi_worker")
 
@@ -64,8 +67,21 @@ class WorkerMiddleware:
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         snapshot = snapshot_from_scope(scope, self.config.vary)
         head = scope["method"] == "HEAD"
+        applied: list[tuple[bytes, bytes]] = []
         try:
             found = await self._lookup(snapshot)
+            if found is None:
+                preference = parse_prefer(_headers(scope, b"prefer"))
+                if preference.respond_async:
+                    applied.append((b"preference-applied", b"respond-async"))
+                elif preference.wait and self.config.max_wait > 0:
+                    seconds = min(preference.wait, self.config.max_wait)
+                    waited = await self._wait_for(snapshot, seconds, receive)
+                    if isinstance(waited, _Gone):
+                        return  # the client went away while waiting: nobody to answer
+                    found = waited
+                    if found is not None:
+                        applied.append((b"preference-applied", b"wait=%d" % preference.wait))
         except _BACKEND_ERRORS as error:
             logger.error("asgi-worker: cache backend unavailable: %r", error)
             if self.config.fail_open:
@@ -74,17 +90,49 @@ class WorkerMiddleware:
                 await send_unavailable(send, retry_after=self.config.retry_after, head=head)
             return
         if found is None:
-            await send_accepted(send, retry_after=self.config.retry_after)
+            await send_accepted(send, retry_after=self.config.retry_after, extra=applied)
         elif found.response.hit_for_pass:
             await self.app(scope, receive, send)  # the app said private: never share it
         else:
+            if_none_match = _headers(scope, b"if-none-match")
             await send_stored(
                 found.response,
                 send,
                 head=head,
                 stale=found.stale,
-                if_none_match=_header(scope, b"if-none-match"),
+                if_none_match=b", ".join(if_none_match) if if_none_match else None,
+                extra=applied,
             )
+
+    async def _wait_for(
+        self, snapshot: RequestSnapshot, seconds: float, receive: Receive
+    ) -> _Found | _Gone | None:
+        """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
+        backend = self._open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        await backend.listen(min(seconds, self.config.redis_timeout))
+        disconnected = asyncio.ensure_future(_disconnect(receive))
+        try:
+            while True:
+                # Register before looking, so a commit between the two still wakes us.
+                woken = backend.waiters.register(snapshot.digest)
+                if woken is None:
+                    return None  # this process holds max_waiters already: plain 202
+                try:
+                    found = await self._lookup(snapshot)
+                    remaining = deadline - loop.time()
+                    if found is not None or remaining <= 0:
+                        return found
+                    await asyncio.wait(
+                        {woken, disconnected}, timeout=remaining, return_when=FIRST_COMPLETED
+                    )
+                    if disconnected.done():
+                        return _GONE
+                finally:
+                    backend.waiters.unregister(snapshot.digest, woken)
+        finally:
+            disconnected.cancel()
 
     async def _lookup(self, snapshot: RequestSnapshot) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant."""
@@ -112,6 +160,11 @@ class WorkerMiddleware:
                     raise
                 logger.error("asgi-worker: could not enqueue a refresh: %r", error)
         return None if response is None else _Found(response, found.stale)
+
+    @property
+    def waiting(self) -> int:
+        """Requests this middleware holds now for `Prefer: wait`."""
+        return 0 if self._backend is None else self._backend.waiters.count
 
     @property
     def store(self) -> Store:
@@ -150,11 +203,21 @@ class _Found:
     stale: bool
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return bytes(value)
-    return None
+class _Gone:
+    """The client disconnected while its request waited."""
+
+
+_GONE = _Gone()
+
+
+def _headers(scope: Scope, name: bytes) -> list[bytes]:
+    return [bytes(value) for key, value in scope["headers"] if key.lower() == name]
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return when the client goes away (a GET has no body to read first)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _quietly(step: Awaitable[object]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from starlette.types import Send
 
@@ -28,6 +29,7 @@ async def send_stored(
     head: bool,
     stale: bool = False,
     if_none_match: bytes | None = None,
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     """Serve a stored response with `Age` and `Cache-Status`; no body for HEAD.
 
@@ -37,6 +39,7 @@ async def send_stored(
     ours = [
         (b"age", str(max(0, int(time.time() - response.stored_at))).encode()),
         (b"cache-status", CACHE_STATUS_STALE if stale else CACHE_STATUS_HIT),
+        *extra,
     ]
     if if_none_match is not None:
         etag = next((value for name, value in response.headers if name == b"etag"), None)
@@ -50,9 +53,16 @@ async def send_stored(
     await send({"type": "http.response.body", "body": b"" if head else response.body})
 
 
-async def send_accepted(send: Send, *, retry_after: int) -> None:
-    """202: the response is being prepared; ask again after `retry_after` seconds."""
-    await _send_plain(send, 202, retry_after, CACHE_STATUS_MISS, b"")
+async def send_accepted(
+    send: Send, *, retry_after: int, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """202: the response is being prepared; ask again after `retry_after` seconds.
+
+    The request's own URL is the status monitor: polling it returns 202 until the
+    response is stored, then the response. No separate status resource is minted, so
+    there is nothing else to expire, secure or clean up.
+    """
+    await _send_plain(send, 202, retry_after, CACHE_STATUS_MISS, b"", extra)
 
 
 async def send_unavailable(send: Send, *, retry_after: int, head: bool) -> None:
@@ -63,9 +73,15 @@ async def send_unavailable(send: Send, *, retry_after: int, head: bool) -> None:
 
 
 async def _send_plain(
-    send: Send, status: int, retry_after: int, cache_status: bytes, body: bytes
+    send: Send,
+    status: int,
+    retry_after: int,
+    cache_status: bytes,
+    body: bytes,
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     headers = [
+        *extra,
         (b"retry-after", str(retry_after).encode()),
         (b"cache-control", b"no-store"),
         (b"cache-status", cache_status),

@@ -178,6 +178,7 @@ for i = 12, #ARGV do
   redis.call('SADD', tag, ARGV[10])
   keep_at_least(tag, ARGV[5])
 end
+redis.call('PUBLISH', ARGV[11] .. ':stored', ARGV[10])
 return 'stored'
 """
 

@@ -15,6 +15,9 @@ event loop, through the same app, until the queue is empty.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from arq.worker import create_worker
@@ -47,6 +50,26 @@ async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
     finally:
         await worker.close()
     return int(worker.jobs_complete + worker.jobs_failed)
+
+
+@asynccontextmanager
+async def worker_running(app: ASGIApp, config: Config) -> AsyncIterator[None]:
+    """Run jobs as they arrive, for the duration of the block.
+
+    With the arq backend a real arq worker polls in this event loop; in-process
+    backends already run their jobs as they arrive, so there is nothing to start.
+    """
+    if config.in_process:
+        yield
+        return
+    worker = create_worker(worker_settings(app, config), handle_signals=False)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()
 
 
 def find_middleware(app: ASGIApp) -> WorkerMiddleware | None:

@@ -1,0 +1,137 @@
+"""`Prefer: wait=N` (RFC 7240): hold a miss briefly instead of making the client poll.
+
+A commit announces the digest it stored; each web process keeps one shared listener and
+a registry of waiting requests, so N waiters on one URL cost one subscription and one
+message, not N polling loops. The registry is bounded: past `max_waiters` a request gets
+the usual 202 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("asgi_worker")
+
+_RECONNECT_DELAY = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Preference:
+    """What a request's `Prefer` header asks of us."""
+
+    wait: float | None = None
+    """Seconds the client is willing to wait for the response."""
+    respond_async: bool = False
+
+
+def parse_prefer(values: list[bytes]) -> Preference:
+    """Read `Prefer` header values (RFC 7240); unknown or malformed preferences are ignored."""
+    wait: float | None = None
+    respond_async = False
+    for value in values:
+        for item in value.decode("latin-1").split(","):
+            name, _, argument = item.split(";", 1)[0].strip().partition("=")
+            name = name.strip().lower()
+            argument = argument.strip().strip('"')
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait" and argument.isdigit() and wait is None:
+                wait = float(min(int(argument), 2**31))
+    return Preference(wait=wait, respond_async=respond_async)
+
+
+class Waiters:
+    """Requests of this process waiting for digests to be stored."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """Requests waiting now."""
+        return self._count
+
+    def register(self, digest: str) -> asyncio.Future[None] | None:
+        """A future that `wake(digest)` completes; None if the process is at its limit."""
+        if self._count >= self._limit:
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(digest, set()).add(future)
+        self._count += 1
+        return future
+
+    def unregister(self, digest: str, future: asyncio.Future[None]) -> None:
+        """Forget a waiter (woken, timed out, or its client went away)."""
+        waiting = self._waiting.get(digest)
+        if waiting is not None and future in waiting:
+            waiting.discard(future)
+            self._count -= 1
+            if not waiting:
+                del self._waiting[digest]
+
+    def wake(self, digest: str) -> None:
+        """Everything waiting for `digest` may look again."""
+        for future in self._waiting.get(digest, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def wake_all(self) -> None:
+        """Let every waiter look again (e.g. notifications may have been missed)."""
+        for digest in list(self._waiting):
+            self.wake(digest)
+
+
+class RedisListener:
+    """One subscription per process to the channel commits publish on; feeds `Waiters`."""
+
+    def __init__(self, redis: Redis, channel: str, waiters: Waiters) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._waiters = waiters
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def ready(self, within: float) -> None:
+        """Start listening if not yet; return once subscribed, or after `within` seconds."""
+        if self._task is None or self._task.done():
+            self._subscribed.clear()
+            self._task = asyncio.create_task(self._listen(), name="asgi-worker listener")
+        if not self._subscribed.is_set():
+            # A waiter that registered before the subscription could miss its message: it
+            # would only wait longer (then 202), but waiting here avoids even that.
+            wait = asyncio.ensure_future(self._subscribed.wait())
+            await asyncio.wait(
+                {wait, self._task}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+            )
+            wait.cancel()
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    self._subscribed.set()
+                    # Anything published while we were not subscribed was missed.
+                    self._waiters.wake_all()
+                    async for message in pubsub.listen():
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            self._waiters.wake(data.decode("ascii", "replace"))
+            except (RedisError, OSError) as error:
+                self._subscribed.clear()
+                logger.warning("asgi-worker: notification listener lost Redis: %r", error)
+                await asyncio.sleep(_RECONNECT_DELAY)

@@ -118,15 +118,16 @@ async def fetch(
       one second) sends no `Prefer`. Servers that do not honour it just answer 202 at once.
     - `headers`: extra request headers. A `Prefer` given here is kept, with `wait=N` added.
     - `max_retry_after`: the longest pause between requests, whatever `Retry-After` says
-      (see `retry_delay`). Pauses never run past the deadline.
+      (see `retry_delay`). Pauses never run past the deadline: when the next request
+      would come after it, `fetch` waits out the time left and raises `PendingTimeout`.
 
     Any status other than 202 (200, 404, a stored 500, a 503 while the cache is down) is
     returned as it is. Transport errors (`httpx.TransportError`) are not retried.
     """
-    if not timeout > 0:
-        raise ValueError(f"timeout must be > 0, not {timeout!r}")
-    if wait is not None and not wait >= 0:
-        raise ValueError(f"wait must be >= 0 or None, not {wait!r}")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a finite number > 0, not {timeout!r}")
+    if wait is not None and not (math.isfinite(wait) and wait >= 0):
+        raise ValueError(f"wait must be a finite number >= 0 or None, not {wait!r}")
     if not max_retry_after > 0:
         raise ValueError(f"max_retry_after must be > 0, not {max_retry_after!r}")
     try:

@@ -6,12 +6,14 @@ and an old or foreign value is refused with `CorruptEntryError` instead of misre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
+from .credentials import CredentialGuard
 from .keys import Headers, RequestSnapshot
 
 _RESPONSE_V1 = 1
@@ -79,18 +81,43 @@ def decode_response(data: bytes) -> StoredResponse:
     )
 
 
-def encode_snapshot(snapshot: RequestSnapshot) -> bytes:
-    """Pack a request snapshot for a job."""
-    return _pack([_SNAPSHOT_V1, *snapshot.canonical()])
+def encode_snapshot(snapshot: RequestSnapshot, guard: CredentialGuard | None = None) -> bytes:
+    """Pack a request snapshot for a job; credentials are sealed with `guard`."""
+    sealed = b""
+    if snapshot.credentials:
+        if guard is None:
+            raise ValueError("a snapshot with credentials is only encoded sealed")
+        sealed = guard.seal(_pack([list(pair) for pair in snapshot.credentials]))
+    return _pack([_SNAPSHOT_V1, *snapshot.canonical(), sealed])
 
 
-def decode_snapshot(data: bytes) -> RequestSnapshot:
+def decode_snapshot(data: bytes, guard: CredentialGuard | None = None) -> RequestSnapshot:
     """Unpack a snapshot; `CorruptEntryError` for anything `encode_snapshot` did not make."""
-    items = _unpack(data, _SNAPSHOT_V1, 8)
+    items = _unpack(data, _SNAPSHOT_V1, 10)
+    sealed = items[-1]
     try:
-        return RequestSnapshot.from_canonical(items[1:])
-    except ValueError as error:
+        snapshot = RequestSnapshot.from_canonical(items[1:-1])
+        if not isinstance(sealed, bytes):
+            raise ValueError("sealed credentials are not bytes")
+        if not sealed:
+            return snapshot
+        if guard is None:
+            raise ValueError("the job carries sealed credentials, and no secret is configured")
+        pairs = _unpack_plain(guard.open(sealed))
+        credentials = tuple((name, value) for name, value in pairs)
+    except (ValueError, TypeError) as error:
         raise CorruptEntryError(str(error)) from None
+    return dataclasses.replace(snapshot, credentials=credentials)
+
+
+def _unpack_plain(data: bytes) -> list[list[bytes]]:
+    pairs = msgpack.unpackb(data, raw=False)
+    if not isinstance(pairs, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, bytes) for p in pair)
+        for pair in pairs
+    ):
+        raise ValueError("sealed credentials have the wrong shape")
+    return pairs
 
 
 def _pack(items: list[Any]) -> bytes:

@@ -10,9 +10,11 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 from urllib.parse import urlsplit
+
+from .credentials import CREDENTIAL_HEADERS, CredentialGuard, sealing_available
 
 ENV_PREFIX = "ASGI_WORKER_"
 MEMORY_URL = "memory://"
@@ -21,7 +23,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # RFC 9110 token, low
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 # Credentials make a response private to one client: a shared cache must not key on them
 # silently (RFC 9111 section 3.5). Such requests bypass the cache instead.
-_PRIVATE_HEADERS = frozenset({"authorization", "cookie"})
+_PRIVATE_HEADERS = frozenset(name.decode() for name in CREDENTIAL_HEADERS)
 
 
 class ConfigurationError(ValueError):
@@ -98,6 +100,11 @@ class Config:
     """Longest a request may be held for `Prefer: wait=N` (RFC 7240); 0 turns waiting off."""
     max_waiters: int = 1000
     """Requests one web process holds at once for `Prefer: wait`; beyond, they get 202."""
+    key_credentials: bool = False
+    """Give requests with `Authorization`/`Cookie` entries of their own (keyed by a MAC of
+    the credentials) instead of passing them to the app. Needs `secret`."""
+    secret: str | None = field(default=None, repr=False)
+    """Keys the credential MAC and seals credentials in jobs (`key_credentials`)."""
     inline_worker: bool = False
     """Run jobs as tasks in the web process instead of an arq worker (implied by memory://)."""
 
@@ -141,6 +148,17 @@ class Config:
                 f"must exceed job_timeout ({self.job_timeout}), or a slow job would be "
                 "enqueued twice",
             )
+        if self.key_credentials:
+            _require(
+                self.secret is not None and len(self.secret) >= 16,
+                "secret",
+                "must be set (16 characters or more) when key_credentials is on",
+            )
+            _require(
+                sealing_available(),
+                "key_credentials",
+                "needs the cryptography package: pip install 'asgi-worker[credentials]'",
+            )
         _require(self.retry_after >= 0, "retry_after", "must be 0 or more")
         _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
@@ -156,6 +174,12 @@ class Config:
                 f"{name!r} carries credentials; requests with it bypass the cache",
             )
         object.__setattr__(self, "vary", tuple(dict.fromkeys(vary)))
+
+    def credential_guard(self) -> CredentialGuard | None:
+        """What keys and seals credentials, if `key_credentials` is on."""
+        if not self.key_credentials or self.secret is None:
+            return None
+        return CredentialGuard(self.secret)
 
     @property
     def embedded(self) -> bool:

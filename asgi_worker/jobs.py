@@ -56,7 +56,7 @@ async def run_job(
 ) -> str:
     """Replay one request and store the result; returns a word for the job log."""
     try:
-        snapshot = decode_snapshot(snapshot_bytes)
+        snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
     except CorruptEntryError as error:
         # Without a snapshot there is no key to release; the claim lease runs out.
         logger.error("asgi-worker: dropping a job with an unreadable snapshot: %s", error)

@@ -14,6 +14,8 @@ from typing import Any
 import msgpack
 from starlette.types import Scope
 
+from .credentials import CREDENTIAL_HEADERS, CredentialGuard
+
 # Bumped when the canonical form changes, so old entries are simply never looked up again.
 _KEY_VERSION = b"aw1"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -33,9 +35,17 @@ class RequestSnapshot:
     query_string: bytes
     headers: Headers
     """Only the configured `vary` headers, names lowercased, sorted by name."""
+    credentials: Headers = ()
+    """`Authorization`/`Cookie`, only with `Config.key_credentials`: replayed, never keyed
+    in clear (the key holds `credential_id`) and sealed whenever encoded."""
+    credential_id: bytes = b""
+    """A keyed MAC of `credentials` (see credentials.py); part of the key."""
 
     def canonical(self) -> list[Any]:
-        """The snapshot as plain msgpack-able values; the same snapshot, the same list."""
+        """The keyed part as plain msgpack-able values: the same request, the same list.
+
+        `credentials` are left out: they are keyed through `credential_id` only.
+        """
         return [
             self.scheme,
             self.host,
@@ -44,14 +54,16 @@ class RequestSnapshot:
             self.raw_path,
             self.query_string,
             [list(pair) for pair in self.headers],
+            self.credential_id,
         ]
 
     @classmethod
     def from_canonical(cls, items: list[Any]) -> RequestSnapshot:
         """Rebuild a snapshot from `canonical()`; `ValueError` if the values do not fit."""
-        scheme, host, root_path, path, raw_path, query_string, headers = items
+        scheme, host, root_path, path, raw_path, query_string, headers, credential_id = items
         if not (
-            isinstance(scheme, str)
+            isinstance(credential_id, bytes)
+            and isinstance(scheme, str)
             and isinstance(host, str)
             and isinstance(root_path, bytes)
             and isinstance(path, bytes)
@@ -74,6 +86,7 @@ class RequestSnapshot:
             raw_path=raw_path,
             query_string=query_string,
             headers=tuple((name, value) for name, value in headers),
+            credential_id=credential_id,
         )
 
     @property
@@ -83,17 +96,26 @@ class RequestSnapshot:
         return hashlib.blake2b(packed, digest_size=16).hexdigest()
 
 
-def snapshot_from_scope(scope: Scope, vary: tuple[str, ...]) -> RequestSnapshot:
-    """Take the keyed parts of an HTTP scope. `vary` holds lowercased header names."""
+def snapshot_from_scope(
+    scope: Scope, vary: tuple[str, ...], guard: CredentialGuard | None = None
+) -> RequestSnapshot:
+    """Take the keyed parts of an HTTP scope. `vary` holds lowercased header names.
+
+    With a `guard` (`Config.key_credentials`) the credential headers are taken too.
+    """
     host = b""
     wanted = {name.encode("latin-1") for name in vary}
     kept: list[tuple[bytes, bytes]] = []
+    credentials: list[tuple[bytes, bytes]] = []
     for name, value in scope.get("headers") or ():
         lowered = bytes(name).lower()
         if lowered == b"host" and not host:
             host = bytes(value)
         elif lowered in wanted:
             kept.append((lowered, bytes(value)))
+        elif guard is not None and lowered in CREDENTIAL_HEADERS:
+            credentials.append((lowered, bytes(value)))
+    credentials.sort(key=lambda pair: pair[0])
     scheme = str(scope.get("scheme") or "http")
     raw_path = scope.get("raw_path")
     return RequestSnapshot(
@@ -105,6 +127,8 @@ def snapshot_from_scope(scope: Scope, vary: tuple[str, ...]) -> RequestSnapshot:
         query_string=bytes(scope.get("query_string") or b""),
         # sorted() is stable: several values of one header keep their order.
         headers=tuple(sorted(kept, key=lambda pair: pair[0])),
+        credentials=tuple(credentials),
+        credential_id=guard.identify(tuple(credentials)) if guard and credentials else b"",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import secrets
 from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Mapping
@@ -45,6 +46,7 @@ class WorkerMiddleware:
         self.config = config
         self._policy = Policy(config)
         self._keys = RedisKeys(config.prefix)
+        self._guard = config.credential_guard()
         # Opened on the first request, inside the server's event loop; closed at shutdown.
         self._backend: Backend | None = None
         # The server's lifespan state, for replays run in this process (inline worker).
@@ -65,23 +67,26 @@ class WorkerMiddleware:
             await self.app(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        snapshot = snapshot_from_scope(scope, self.config.vary)
+        snapshot = snapshot_from_scope(scope, self.config.vary, self._guard)
         head = scope["method"] == "HEAD"
         applied: list[tuple[bytes, bytes]] = []
         try:
             found = await self._lookup(snapshot)
             if found is None:
                 preference = parse_prefer(_headers(scope, b"prefer"))
-                if preference.respond_async:
-                    applied.append((b"preference-applied", b"respond-async"))
-                elif preference.wait and self.config.max_wait > 0:
-                    seconds = min(preference.wait, self.config.max_wait)
+                # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
+                # "respond-async, wait=N") we hold up to N seconds, then answer 202.
+                seconds = min(preference.wait or 0.0, self.config.max_wait)
+                if seconds > 0:
                     waited = await self._wait_for(snapshot, seconds, receive)
                     if isinstance(waited, _Gone):
                         return  # the client went away while waiting: nobody to answer
                     found = waited
                     if found is not None:
-                        applied.append((b"preference-applied", b"wait=%d" % preference.wait))
+                        # The hold we granted: the client's wait, or less if capped.
+                        applied.append((b"preference-applied", b"wait=%d" % math.ceil(seconds)))
+                if found is None and preference.respond_async:
+                    applied.append((b"preference-applied", b"respond-async"))
         except _BACKEND_ERRORS as error:
             logger.error("asgi-worker: cache backend unavailable: %r", error)
             if self.config.fail_open:
@@ -150,7 +155,8 @@ class WorkerMiddleware:
                 if not found.claimed:
                     found = await backend.store.lookup(digest, token)
         if found.claimed:
-            job = Job(self._keys.job_id(digest, token), encode_snapshot(snapshot), token)
+            payload = encode_snapshot(snapshot, self._guard)
+            job = Job(self._keys.job_id(digest, token), payload, token)
             try:
                 await backend.queue.enqueue(job)
             except BaseException as error:
@@ -211,7 +217,7 @@ _GONE = _Gone()
 
 
 def _headers(scope: Scope, name: bytes) -> list[bytes]:
-    return [bytes(value) for key, value in scope["headers"] if key.lower() == name]
+    return [bytes(value) for key, value in scope.get("headers") or () if key.lower() == name]
 
 
 async def _disconnect(receive: Receive) -> None:

@@ -8,11 +8,12 @@ import re
 from starlette.types import Scope
 
 from .config import Config
+from .credentials import CREDENTIAL_HEADERS
 from .replay import REPLAY_EXTENSION
 
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 # A shared cache must not serve what was asked with credentials (RFC 9111 section 3.5).
-_CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie"})
+_CREDENTIAL_HEADERS = frozenset(CREDENTIAL_HEADERS)
 
 
 class Policy:
@@ -21,6 +22,8 @@ class Policy:
     def __init__(self, config: Config) -> None:
         self._include = _compile(config.include)
         self._exclude = _compile(config.exclude)
+        # With key_credentials those requests get entries of their own instead.
+        self._bypassed = frozenset() if config.key_credentials else _CREDENTIAL_HEADERS
 
     def handles(self, scope: Scope) -> bool:
         """True if the request is served from the cache / worker."""
@@ -31,8 +34,8 @@ class Policy:
         path = scope.get("path") or "/"
         if not self._include.match(path) or self._exclude.match(path):
             return False
-        return not any(
-            bytes(name).lower() in _CREDENTIAL_HEADERS for name, _ in scope.get("headers") or ()
+        return not self._bypassed or not any(
+            bytes(name).lower() in self._bypassed for name, _ in scope.get("headers") or ()
         )
 
 

@@ -48,6 +48,7 @@ def build_scope(snapshot: RequestSnapshot, state: Mapping[str, Any] | None) -> S
     """An HTTP scope holding the snapshot and nothing else (no client, no other header)."""
     headers = [(b"host", snapshot.host.encode("latin-1"))] if snapshot.host else []
     headers.extend(snapshot.headers)
+    headers.extend(snapshot.credentials)
     scope: Scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},

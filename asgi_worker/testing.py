@@ -67,8 +67,10 @@ async def worker_running(app: ASGIApp, config: Config) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
+        task.cancel()  # stop polling for new jobs
         await asyncio.gather(task, return_exceptions=True)
+        # Let the jobs already running finish: arq's close() would cancel them.
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         await worker.close()
 
 

@@ -40,7 +40,7 @@ def parse_prefer(values: list[bytes]) -> Preference:
             argument = argument.strip().strip('"')
             if name == "respond-async":
                 respond_async = True
-            elif name == "wait" and argument.isdigit() and wait is None:
+            elif name == "wait" and argument.isascii() and argument.isdigit() and wait is None:
                 wait = float(min(int(argument), 2**31))
     return Preference(wait=wait, respond_async=respond_async)
 

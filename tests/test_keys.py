@@ -243,8 +243,12 @@ snapshots = st.builds(
     headers=header_pairs,
 )
 
-FIELDS = [field.name for field in dataclasses.fields(RequestSnapshot)]
+# `credentials` are keyed only through `credential_id` (a MAC), never directly.
+FIELDS = [
+    field.name for field in dataclasses.fields(RequestSnapshot) if field.name != "credentials"
+]
 FIELD_VALUES = {
+    "credential_id": st.binary(max_size=16),
     "scheme": plain_text,
     "host": plain_text,
     "root_path": any_text,

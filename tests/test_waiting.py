@@ -123,10 +123,24 @@ async def test_a_slow_job_gets_202_after_max_wait(kind: str, config: Config) -> 
 async def test_respond_async_answers_at_once(site: Site) -> None:
     site.slow.delay = 2.0
     started = time.monotonic()
-    response = await site.http.get("/work?d", headers={"prefer": "respond-async, wait=10"})
+    response = await site.http.get("/work?d", headers={"prefer": "respond-async"})
     assert time.monotonic() - started < 1.0
     assert response.status_code == 202
     assert response.headers["preference-applied"] == "respond-async"
+
+
+async def test_respond_async_with_wait_holds_then_answers_202(kind: str, config: Config) -> None:
+    async for site in open_site(kind, config, max_wait=0.3):
+        site.slow.delay = 2.0
+        started = time.monotonic()
+        response = await site.http.get("/work?d2", headers={"prefer": "respond-async, wait=10"})
+        assert 0.3 <= time.monotonic() - started < 1.5
+        assert response.status_code == 202
+        assert response.headers["preference-applied"] == "respond-async"
+        site.slow.delay = 0.0
+        fast = await site.http.get("/work?d3", headers={"prefer": "respond-async, wait=10"})
+        assert fast.status_code == 200
+        assert fast.headers["preference-applied"] == "wait=1"  # max_wait, in whole seconds
 
 
 async def test_the_waiter_cap_holds(kind: str, config: Config) -> None:
@@ -191,6 +205,7 @@ async def test_a_waiting_client_that_disconnects_is_cleaned_up(site: Site) -> No
         ([b"respond-async; foo=bar"], Preference(respond_async=True)),
         ([b"wait=3, wait=9"], Preference(wait=3)),
         ([b"\xff\xfe"], Preference()),
+        ([b"wait=\xb2"], Preference()),  # a superscript two is a digit, but not ASCII
     ],
 )
 def test_parse_prefer(values: list[bytes], expected: Preference) -> None:

@@ -25,7 +25,9 @@ export class PendingTimeoutError extends Error {
    */
   constructor(url, attempts, timeout, response) {
     const status = response ? response.status : "none";
-    super(`${url} still pending after ${attempts} request(s) in ${timeout} s (last status: ${status})`);
+    super(
+      `${url} still pending after ${attempts} request(s) in ${timeout} s (last status: ${status})`,
+    );
     this.name = "PendingTimeoutError";
     this.url = url;
     this.attempts = attempts;
@@ -88,7 +90,9 @@ export function retryDelay(value, retryAfterMax) {
  */
 export async function fetchWhenReady(url, options = {}) {
   const { timeout = 30, wait = 5, retryAfterMax = 10, signal, onPending, headers } = options;
-  if (!(timeout > 0)) throw new RangeError(`timeout must be > 0 seconds, not ${timeout}`);
+  if (!(Number.isFinite(timeout) && timeout > 0)) {
+    throw new RangeError(`timeout must be a finite number of seconds > 0, not ${timeout}`);
+  }
   if (!(retryAfterMax > 0)) throw new RangeError(`retryAfterMax must be > 0, not ${retryAfterMax}`);
   signal?.throwIfAborted();
 
@@ -116,8 +120,9 @@ export async function fetchWhenReady(url, options = {}) {
       }
       const requestHeaders = new Headers(headers);
       // The server may hold the request N seconds: its answer must come before the deadline.
-      const seconds =
-        wait === null || wait === undefined ? 0 : Math.min(Math.floor(wait), Math.ceil(remaining) - 1);
+      const seconds = wait === null || wait === undefined
+        ? 0
+        : Math.min(Math.floor(wait), Math.ceil(remaining) - 1);
       if (seconds >= 1) {
         const previous = requestHeaders.get("prefer");
         requestHeaders.set("prefer", previous ? `${previous}, wait=${seconds}` : `wait=${seconds}`);

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
 from starlette.types import ASGIApp
 
+from .codec import StoredResponse
 from .config import Config
+from .events import INVALIDATED, EventListener
 from .jobs import run_job
 from .keys import RedisKeys
 from .memory import InProcessQueue, MemoryStore
+from .near import NearCache
 from .queue import ArqQueue, Job, JobQueue
 from .store import RedisStore, Store
-from .waiting import RedisListener, Waiters
+from .waiting import Waiters
 
 StateProvider = Callable[[], Mapping[str, Any] | None]
 Closer = Callable[[], Awaitable[None]]
@@ -38,10 +42,26 @@ class Backend:
     store: Store
     queue: JobQueue
     waiters: Waiters
-    listen: Callable[[float], Awaitable[None]]
-    """Make sure stored-digest notifications reach `waiters` (wait at most N seconds)."""
+    events: EventListener | None
+    """Redis backends: the process's one subscription to stored/invalidated events."""
+    near: NearCache[StoredResponse] | None
+    """The near cache for hot keys (`Config.near_cache_ttl`), if on."""
     close: Closer
     """Stops in-process jobs and listeners, and releases the connections."""
+
+    async def listen(self, within: float) -> None:
+        """Make sure stored-digest events reach `waiters` (wait at most `within` s)."""
+        if self.events is not None:
+            await self.events.ready(within)
+
+    def near_cache(self) -> NearCache[StoredResponse] | None:
+        """The near cache, only while the events that evict from it are being heard."""
+        if self.near is None or self.events is None:
+            return None
+        if not self.events.subscribed:
+            self.events.start()
+            return None
+        return self.near
 
 
 def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backend:
@@ -50,15 +70,22 @@ def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backe
     closers: list[Closer] = []
     store: Store
     queue: JobQueue
+    events: EventListener | None = None
+    near: NearCache[StoredResponse] | None = None
     if config.embedded:
         store = MemoryStore(claim_ttl=config.claim_lease, on_stored=waiters.wake)
-        listen = _nothing_to_start
     else:
         cache = redis_client(config.redis_url, config)
         store = RedisStore(cache, prefix=config.prefix, claim_ttl=config.claim_lease)
-        listener = RedisListener(cache, RedisKeys(config.prefix).stored_channel(), waiters)
-        listen = listener.ready
-        closers += [listener.close, lambda: cache.aclose(close_connection_pool=True)]
+        if config.near_cache_ttl > 0:
+            near = NearCache(ttl=config.near_cache_ttl, max_bytes=config.near_cache_bytes)
+        events = EventListener(
+            cache,
+            RedisKeys(config.prefix).events(),
+            on_event=partial(_on_event, waiters, near),
+            on_resync=partial(_on_resync, waiters, near),
+        )
+        closers += [events.close, lambda: cache.aclose(close_connection_pool=True)]
     if config.in_process:
 
         async def run(job: Job) -> None:
@@ -77,7 +104,23 @@ def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backe
         for closer in closers:
             await closer()
 
-    return Backend(store=store, queue=queue, waiters=waiters, listen=listen, close=close)
+    return Backend(store, queue, waiters, events, near, close)
+
+
+def _on_event(waiters: Waiters, near: NearCache[StoredResponse] | None, event: str) -> None:
+    if event == INVALIDATED:
+        if near is not None:
+            near.clear()
+        return
+    waiters.wake(event)
+    if near is not None:
+        near.evict(event)
+
+
+def _on_resync(waiters: Waiters, near: NearCache[StoredResponse] | None) -> None:
+    waiters.wake_all()
+    if near is not None:
+        near.clear()
 
 
 def redis_client(url: str, config: Config) -> ArqRedis:
@@ -88,7 +131,3 @@ def redis_client(url: str, config: Config) -> ArqRedis:
         socket_connect_timeout=config.redis_timeout,
     )
     return ArqRedis(pool_or_conn=pool, default_queue_name=config.queue)
-
-
-async def _nothing_to_start(within: float) -> None:
-    """The memory store wakes waiters itself."""

@@ -100,6 +100,12 @@ class Config:
     """Longest a request may be held for `Prefer: wait=N` (RFC 7240); 0 turns waiting off."""
     max_waiters: int = 1000
     """Requests one web process holds at once for `Prefer: wait`; beyond, they get 202."""
+    near_cache_ttl: float = 0.0
+    """Keep fresh hits in the web process this many seconds (e.g. 0.1) so a hot key costs
+    one Redis round trip per process per interval; 0 turns it off. Commits and
+    invalidations evict at once; nothing older than this is ever served from it."""
+    near_cache_bytes: int = 32 * 1024 * 1024
+    """Memory bound of the near cache (least recently used out first)."""
     key_credentials: bool = False
     """Give requests with `Authorization`/`Cookie` entries of their own (keyed by a MAC of
     the credentials) instead of passing them to the app. Needs `secret`."""
@@ -164,6 +170,10 @@ class Config:
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
         _require(_duration(self.max_wait) >= 0, "max_wait", "must be a finite number >= 0")
         _require(self.max_waiters >= 0, "max_waiters", "must be 0 or more")
+        _require(
+            _duration(self.near_cache_ttl) >= 0, "near_cache_ttl", "must be a finite number >= 0"
+        )
+        _require(self.near_cache_bytes > 0, "near_cache_bytes", "must be greater than 0")
         _require(self.queue_name != "", "queue_name", "must not be empty (use None)")
         vary = tuple(name.strip().lower() for name in self.vary)
         for name in vary:

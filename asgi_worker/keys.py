@@ -167,9 +167,9 @@ class RedisKeys:
         """The lease that says one job for this request exists."""
         return f"{self.prefix}:{{{digest}}}:claim"
 
-    def stored_channel(self) -> str:
-        """Pub/sub channel a commit announces each stored digest on (`Prefer: wait`)."""
-        return f"{self.prefix}:stored"
+    def events(self) -> str:
+        """Pub/sub channel of stored digests and invalidations (see events.py)."""
+        return f"{self.prefix}:events"
 
     # Invalidation indexes. Names hash the path or tag with SHA-1, which the Lua scripts
     # can compute too (redis.sha1hex); it bounds the key length, nothing more.

@@ -143,6 +143,9 @@ class WorkerMiddleware:
         """One round trip in the common case; a job is enqueued only by the claimant."""
         backend = self._open()
         digest = snapshot.digest
+        near = backend.near_cache()
+        if near is not None and (cached := near.get(digest)) is not None:
+            return _Found(cached, stale=False)
         token = f"{self._token_prefix}{next(self._token_counter):x}"
         found = await backend.store.lookup(digest, token)
         response = None
@@ -165,7 +168,11 @@ class WorkerMiddleware:
                 if response is None or not isinstance(error, _BACKEND_ERRORS):
                     raise
                 logger.error("asgi-worker: could not enqueue a refresh: %r", error)
-        return None if response is None else _Found(response, found.stale)
+        if response is None:
+            return None
+        if near is not None and not found.stale:
+            near.put(digest, response, len(response.body))
+        return _Found(response, found.stale)
 
     @property
     def waiting(self) -> int:

@@ -178,7 +178,7 @@ for i = 12, #ARGV do
   redis.call('SADD', tag, ARGV[10])
   keep_at_least(tag, ARGV[5])
 end
-redis.call('PUBLISH', ARGV[11] .. ':stored', ARGV[10])
+redis.call('PUBLISH', ARGV[11] .. ':events', ARGV[10])
 return 'stored'
 """
 
@@ -205,6 +205,7 @@ if not soft then
   redis.call('DEL', KEYS[1])
   if ARGV[4] ~= '' then redis.call('ZREM', KEYS[3], ARGV[4]) end
 end
+if count > 0 then redis.call('PUBLISH', ARGV[1] .. ':events', '!') end
 return count
 """
 
@@ -222,6 +223,7 @@ for i = 3, #ARGV do
   count = count + drop(ARGV[1], ARGV[i], soft)
   if not soft then redis.call('HDEL', KEYS[1], ARGV[i]) end
 end
+if count > 0 then redis.call('PUBLISH', ARGV[1] .. ':events', '!') end
 return count
 """
 

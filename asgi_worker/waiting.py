@@ -1,23 +1,15 @@
 """`Prefer: wait=N` (RFC 7240): hold a miss briefly instead of making the client poll.
 
-A commit announces the digest it stored; each web process keeps one shared listener and
-a registry of waiting requests, so N waiters on one URL cost one subscription and one
-message, not N polling loops. The registry is bounded: past `max_waiters` a request gets
-the usual 202 at once.
+A commit announces the digest it stored (events.py); each web process keeps one shared
+listener and this registry of waiting requests, so N waiters on one URL cost one
+subscription and one message, not N polling loops. The registry is bounded: past
+`max_waiters` a request gets the usual 202 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
-
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
-logger = logging.getLogger("asgi_worker")
-
-_RECONNECT_DELAY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,52 +78,3 @@ class Waiters:
         """Let every waiter look again (e.g. notifications may have been missed)."""
         for digest in list(self._waiting):
             self.wake(digest)
-
-
-class RedisListener:
-    """One subscription per process to the channel commits publish on; feeds `Waiters`."""
-
-    def __init__(self, redis: Redis, channel: str, waiters: Waiters) -> None:
-        self._redis = redis
-        self._channel = channel
-        self._waiters = waiters
-        self._task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
-
-    async def ready(self, within: float) -> None:
-        """Start listening if not yet; return once subscribed, or after `within` seconds."""
-        if self._task is None or self._task.done():
-            self._subscribed.clear()
-            self._task = asyncio.create_task(self._listen(), name="asgi-worker listener")
-        if not self._subscribed.is_set():
-            # A waiter that registered before the subscription could miss its message: it
-            # would only wait longer (then 202), but waiting here avoids even that.
-            wait = asyncio.ensure_future(self._subscribed.wait())
-            await asyncio.wait(
-                {wait, self._task}, timeout=within, return_when=asyncio.FIRST_COMPLETED
-            )
-            wait.cancel()
-
-    async def close(self) -> None:
-        """Stop listening."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    self._subscribed.set()
-                    # Anything published while we were not subscribed was missed.
-                    self._waiters.wake_all()
-                    async for message in pubsub.listen():
-                        data = message.get("data")
-                        if isinstance(data, bytes):
-                            self._waiters.wake(data.decode("ascii", "replace"))
-            except (RedisError, OSError) as error:
-                self._subscribed.clear()
-                logger.warning("asgi-worker: notification listener lost Redis: %r", error)
-                await asyncio.sleep(_RECONNECT_DELAY)

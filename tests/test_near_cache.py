@@ -1,0 +1,90 @@
+"""The optional in-process near cache: bounded by time and bytes, evicted by events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from asgi_worker import Config
+from asgi_worker.invalidation import Invalidator
+from asgi_worker.keys import RedisKeys
+from asgi_worker.near import NearCache
+
+from .test_freshness import Site, open_site
+
+
+@pytest.fixture(params=["arq", "inline"])
+async def site(request: pytest.FixtureRequest, config: Config) -> AsyncIterator[Site]:
+    async for value in open_site(str(request.param), config, near_cache_ttl=0.5):
+        yield value
+
+
+async def remove_behind_its_back(redis: Redis, config: Config, digest: str) -> None:
+    """Delete the entry in Redis without announcing it, as if it had expired there."""
+    keys = RedisKeys(config.prefix)
+    assert await redis.delete(keys.response(digest), keys.fresh(digest)) == 2
+
+
+async def digest_of_counter(redis: Redis, config: Config) -> str:
+    entries = [key async for key in redis.scan_iter(match=f"{config.prefix}:{{*}}:resp")]
+    assert len(entries) == 1
+    return entries[0].decode().split("{")[1].split("}")[0]
+
+
+async def test_hot_hits_are_served_in_process_for_the_micro_ttl(
+    site: Site, config: Config, redis: Redis
+) -> None:
+    await site.ready("/counter")  # that hit started the event listener
+    await asyncio.sleep(0.1)  # subscribed by now: the near cache is in use
+    await site.http.get("/counter")  # puts it in the near cache
+    await remove_behind_its_back(redis, config, await digest_of_counter(redis, config))
+    near_hit = await site.http.get("/counter")
+    assert (near_hit.status_code, near_hit.text) == (200, "run 1")
+    await asyncio.sleep(0.55)
+    assert (await site.http.get("/counter")).status_code == 202  # never older than the ttl
+
+
+async def test_an_invalidation_evicts_at_once(site: Site) -> None:
+    await site.ready("/counter")
+    await asyncio.sleep(0.1)
+    await site.http.get("/counter")
+    assert await Invalidator.for_app(site.app).path("/counter") == 1
+    deadline = time.monotonic() + 0.2  # one pub/sub message, far below the 0.5 s ttl
+    while (await site.http.get("/counter")).status_code != 202:
+        assert time.monotonic() < deadline, "the near cache kept serving an invalidated key"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_new_version_evicts_the_old_one(site: Site) -> None:
+    await site.ready("/counter")
+    await asyncio.sleep(0.1)
+    await site.http.get("/counter")
+    assert await Invalidator.for_app(site.app).path("/counter", soft=True) == 1
+    await asyncio.sleep(0.05)
+    assert (await site.http.get("/counter")).headers["cache-status"].endswith("fwd=stale")
+
+
+def test_near_cache_is_bounded_by_bytes_least_recently_used_first() -> None:
+    near: NearCache[str] = NearCache(ttl=60, max_bytes=3 * (1000 + 256))
+    for name in "abc":
+        near.put(name, name, 1000)
+    assert near.get("a") == "a"  # a is now the most recently used
+    near.put("d", "d", 1000)
+    assert near.get("b") is None
+    assert [near.get(name) for name in "acd"] == ["a", "c", "d"]
+    near.put("huge", "huge", 10_000)  # larger than the whole cache: not kept
+    assert near.get("huge") is None
+    assert len(near) == 3
+
+
+def test_near_cache_entries_expire() -> None:
+    near: NearCache[str] = NearCache(ttl=0.05, max_bytes=10_000)
+    near.put("a", "a", 10)
+    assert near.get("a") == "a"
+    time.sleep(0.06)
+    assert near.get("a") is None
+    assert len(near) == 0

@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 
 from .credentials import CredentialGuard
-from .keys import Headers, RequestSnapshot
+from .keys import Headers, RequestSnapshot, header_pairs
 
 _RESPONSE_V1 = 1
 _SNAPSHOT_V1 = 1
@@ -63,18 +63,15 @@ def decode_response(data: bytes) -> StoredResponse:
         and isinstance(body, bytes)
         and isinstance(stored_at, int | float)
         and math.isfinite(stored_at)
-        and isinstance(headers, list)
-        and all(
-            isinstance(pair, list)
-            and len(pair) == 2
-            and all(isinstance(part, bytes) for part in pair)
-            for pair in headers
-        )
     ):
         raise CorruptEntryError("stored response has fields of the wrong type")
+    try:
+        pairs = header_pairs(headers)
+    except ValueError as error:
+        raise CorruptEntryError(str(error)) from None
     return StoredResponse(
         status=status,
-        headers=tuple((name, value) for name, value in headers),
+        headers=pairs,
         body=body,
         stored_at=float(stored_at),
         hit_for_pass=hit_for_pass,
@@ -103,21 +100,10 @@ def decode_snapshot(data: bytes, guard: CredentialGuard | None = None) -> Reques
             return snapshot
         if guard is None:
             raise ValueError("the job carries sealed credentials, and no secret is configured")
-        pairs = _unpack_plain(guard.open(sealed))
-        credentials = tuple((name, value) for name, value in pairs)
+        credentials = header_pairs(msgpack.unpackb(guard.open(sealed), raw=False))
     except (ValueError, TypeError) as error:
         raise CorruptEntryError(str(error)) from None
     return dataclasses.replace(snapshot, credentials=credentials)
-
-
-def _unpack_plain(data: bytes) -> list[list[bytes]]:
-    pairs = msgpack.unpackb(data, raw=False)
-    if not isinstance(pairs, list) or not all(
-        isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, bytes) for p in pair)
-        for pair in pairs
-    ):
-        raise ValueError("sealed credentials have the wrong shape")
-    return pairs
 
 
 def _pack(items: list[Any]) -> bytes:

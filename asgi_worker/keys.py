@@ -23,6 +23,16 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 Headers = tuple[tuple[bytes, bytes], ...]
 
 
+def header_pairs(value: Any) -> Headers:
+    """Decoded msgpack `[[name, value], ...]` as `Headers`; `ValueError` for anything else."""
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, bytes) for p in pair)
+        for pair in value
+    ):
+        raise ValueError("headers are not a list of [bytes, bytes] pairs")
+    return tuple((name, raw) for name, raw in value)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestSnapshot:
     """The keyed parts of a GET request: all the worker knows of it when it replays."""
@@ -69,13 +79,6 @@ class RequestSnapshot:
             and isinstance(path, bytes)
             and (raw_path is None or isinstance(raw_path, bytes))
             and isinstance(query_string, bytes)
-            and isinstance(headers, list)
-            and all(
-                isinstance(pair, list)
-                and len(pair) == 2
-                and all(isinstance(part, bytes) for part in pair)
-                for pair in headers
-            )
         ):
             raise ValueError("request snapshot has fields of the wrong type")
         return cls(
@@ -85,7 +88,7 @@ class RequestSnapshot:
             path=path.decode("utf-8", "surrogatepass"),
             raw_path=raw_path,
             query_string=query_string,
-            headers=tuple((name, value) for name, value in headers),
+            headers=header_pairs(headers),
             credential_id=credential_id,
         )
 

@@ -18,6 +18,9 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.types import ASGIApp
 
 from .codec import StoredResponse
@@ -129,5 +132,9 @@ def redis_client(url: str, config: Config) -> ArqRedis:
         url,
         socket_timeout=config.redis_timeout,
         socket_connect_timeout=config.redis_timeout,
+        # A pooled connection found dead (Redis restarted) is retried once on a new one,
+        # so a restart costs no request a 503. Every command we send is safe to repeat.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
     )
     return ArqRedis(pool_or_conn=pool, default_queue_name=config.queue)

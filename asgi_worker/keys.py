@@ -119,7 +119,7 @@ def snapshot_from_scope(
         elif guard is not None and lowered in CREDENTIAL_HEADERS:
             credentials.append((lowered, bytes(value)))
     credentials.sort(key=lambda pair: pair[0])
-    scheme = str(scope.get("scheme") or "http")
+    scheme = _latin1(str(scope.get("scheme") or "http"))
     raw_path = scope.get("raw_path")
     return RequestSnapshot(
         scheme=scheme,
@@ -139,8 +139,21 @@ def _server_host(scope: Scope, scheme: str) -> str:
     server = scope.get("server")
     if not server or server[0] is None:
         return ""
-    host, port = str(server[0]).lower(), server[1]
+    host, port = _latin1(str(server[0])).lower(), server[1]
     return host if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
+
+
+def _latin1(value: str) -> str:
+    """`value` as header-safe (Latin-1) text.
+
+    Any character, lone surrogates included, survives as its UTF-8 bytes read as Latin-1,
+    which is what a Host header would carry on the wire.
+    """
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("latin-1")
+    return value
 
 
 def _text(value: str) -> bytes:

@@ -97,7 +97,9 @@ _LOOKUP = """
 local entry = redis.call('GET', KEYS[1])
 if entry and redis.call('EXISTS', KEYS[2]) == 1 then return {entry, 0, 0} end
 local claimed = 0
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then claimed = 1 end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then claimed = 1
+-- Our own claim: this is a retry of a lookup whose reply was lost.
+elseif redis.call('GET', KEYS[3]) == ARGV[1] then claimed = 1 end
 return {entry, entry and 1 or 0, claimed}
 """
 

@@ -12,6 +12,10 @@ from typing import Any
 from arq.connections import RedisSettings
 from arq.worker import func
 from asgi_lifespan import LifespanManager, LifespanNotSupported
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .backend import redis_client
@@ -75,7 +79,7 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
             )
         ],
         "queue_name": config.queue,
-        "redis_settings": RedisSettings.from_dsn(config.queue_redis_url or config.redis_url),
+        "redis_settings": _redis_settings(config),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "keep_result": 0,
@@ -88,6 +92,20 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
         "job_serializer": serialize,
         "job_deserializer": deserialize,
     }
+
+
+def _redis_settings(config: Config) -> RedisSettings:
+    """Arq's connection to the queue, riding out Redis restarts instead of exiting.
+
+    arq's poll loop dies on the first connection error; with these retries (about 25 s
+    in all) a restart or failover is waited out. A longer outage still ends the process:
+    run workers under a supervisor (systemd, Kubernetes) that restarts them.
+    """
+    settings = RedisSettings.from_dsn(config.queue_redis_url or config.redis_url)
+    settings.conn_timeout = max(1, math.ceil(config.redis_timeout))
+    settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
+    settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 30)
+    return settings
 
 
 async def _start(app: ASGIApp, config: Config) -> _Runtime:

@@ -33,6 +33,15 @@ def runs_key(prefix: str, path: str) -> str:
     return f"{prefix}:runs:{path}"
 
 
+def runs_by_url_key(prefix: str) -> str:
+    """The Redis hash of how many times `/hang` ran, per path and query string."""
+    return f"{prefix}:runs-by-url"
+
+
+# The longest `/hang` sleeps, whatever its query asks for.
+MAX_HANG_SECONDS = 30.0
+
+
 async def _count(request: Request) -> int:
     redis: Redis = request.state.redis
     runs: int = await redis.incr(runs_key(request.state.prefix, request.url.path))
@@ -71,6 +80,34 @@ async def create_item(request: Request) -> Response:
     )
 
 
+async def reflect(request: Request) -> Response:
+    """Everything a poisoning attempt could try to smuggle into a shared response."""
+    await _count(request)
+    client = request.client
+    return JSONResponse(
+        {
+            "url": str(request.url),
+            "x-forwarded-host": request.headers.get("x-forwarded-host"),
+            "x-forwarded-proto": request.headers.get("x-forwarded-proto"),
+            "x-original-url": request.headers.get("x-original-url"),
+            "user-agent": request.headers.get("user-agent"),
+            "accept-language": request.headers.get("accept-language"),
+            "client": None if client is None else [client.host, client.port],
+        }
+    )
+
+
+async def hang(request: Request) -> Response:
+    """Counts its run on entry (per path and per URL), then sleeps `?seconds=` (float)."""
+    runs = await _count(request)
+    redis: Redis = request.state.redis
+    url = f"{request.url.path}?{request.url.query}"
+    await redis.hincrby(runs_by_url_key(request.state.prefix), url, 1)
+    seconds = min(float(request.query_params.get("seconds", "0")), MAX_HANG_SECONDS)
+    await asyncio.sleep(seconds)
+    return JSONResponse({"url": url, "pid": os.getpid(), "run": runs})
+
+
 async def health(request: Request) -> Response:
     """Readiness probe; excluded from the worker via ASGI_WORKER_EXCLUDE, counts nothing."""
     return PlainTextResponse("ok")
@@ -91,6 +128,8 @@ app = Starlette(
         Route("/whoami", whoami),
         Route("/items", create_item, methods=["POST"]),
         Route("/health", health),
+        Route("/reflect", reflect),
+        Route("/hang", hang),
     ],
     lifespan=lifespan,
 )

@@ -28,3 +28,15 @@ def test_every_config_field_is_documented() -> None:
     documented = set(re.findall(r"^\| `(\w+)` \|", README, re.M))
     fields = {spec.name for spec in dataclasses.fields(Config)}
     assert fields <= documented, f"missing in README: {sorted(fields - documented)}"
+
+
+def test_every_test_the_failure_table_names_exists() -> None:
+    section = README.split("## Failure modes", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(?:(test_\w+\.py)::)?(?:::)?(test_\w+)(?:\[[^\]]*\])?`", section)
+    assert len(named) >= 19
+    tests = Path(__file__).resolve().parent
+    current = ""
+    for file, name in named:
+        current = file or current  # "`::name`" continues the file named before it
+        source = (tests / current).read_text()
+        assert re.search(rf"def {name}\(", source), f"{current}::{name} is not a test"

@@ -35,6 +35,9 @@ from .store import RedisStore, Store
 from .waiting import Waiters
 
 StateProvider = Callable[[], Mapping[str, Any] | None]
+
+# How long a pooled connection may sit idle before its next use PINGs it first.
+_HEALTH_CHECK_SECONDS = 15
 Closer = Callable[[], Awaitable[None]]
 
 
@@ -78,7 +81,7 @@ def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backe
     if config.embedded:
         store = MemoryStore(claim_ttl=config.claim_lease, on_stored=waiters.wake)
     else:
-        cache = redis_client(config.redis_url, config)
+        cache = redis_client(config.redis_url, config, read_timeout=False)
         store = RedisStore(cache, prefix=config.prefix, claim_ttl=config.claim_lease)
         if config.near_cache_ttl > 0:
             near = NearCache(ttl=config.near_cache_ttl, max_bytes=config.near_cache_bytes)
@@ -126,12 +129,21 @@ def _on_resync(waiters: Waiters, near: NearCache[StoredResponse] | None) -> None
         near.clear()
 
 
-def redis_client(url: str, config: Config) -> ArqRedis:
-    """A client for `url` that gives up after `config.redis_timeout` seconds."""
+def redis_client(url: str, config: Config, *, read_timeout: bool = True) -> ArqRedis:
+    """A client for `url` that gives up connecting after `config.redis_timeout` seconds.
+
+    With `read_timeout` every reply is awaited at most that long too. The web process
+    turns it off: redis-py's per-read timer costs the hit path a third of its time, so
+    the middleware bounds each request with one `asyncio.timeout` instead, and the event
+    subscription must be able to sit idle. Keepalives and health checks still find a
+    dead connection.
+    """
     pool = ConnectionPool.from_url(
         url,
-        socket_timeout=config.redis_timeout,
+        socket_timeout=config.redis_timeout if read_timeout else None,
         socket_connect_timeout=config.redis_timeout,
+        socket_keepalive=True,
+        health_check_interval=_HEALTH_CHECK_SECONDS,
         # A pooled connection found dead (Redis restarted) is retried once on a new one,
         # so a restart costs no request a 503. Every command we send is safe to repeat.
         retry=Retry(NoBackoff(), 1),

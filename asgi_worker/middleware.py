@@ -29,7 +29,7 @@ from .waiting import parse_prefer
 logger = logging.getLogger("asgi_worker")
 
 # Errors that mean "the backend cannot answer now", as opposed to bugs.
-_BACKEND_ERRORS = (RedisError, OSError)
+_BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class WorkerMiddleware:
@@ -141,6 +141,11 @@ class WorkerMiddleware:
 
     async def _lookup(self, snapshot: RequestSnapshot) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant."""
+        # One timer for the whole lookup (the web client has no per-read timeout).
+        async with asyncio.timeout(self.config.redis_timeout):
+            return await self._lookup_now(snapshot)
+
+    async def _lookup_now(self, snapshot: RequestSnapshot) -> _Found | None:
         backend = self._open()
         digest = snapshot.digest
         near = backend.near_cache()

@@ -100,6 +100,9 @@ class Config:
     """Longest a request may be held for `Prefer: wait=N` (RFC 7240); 0 turns waiting off."""
     max_waiters: int = 1000
     """Requests one web process holds at once for `Prefer: wait`; beyond, they get 202."""
+    coalesce: bool = True
+    """Requests for a key whose lookup is already on its way in this process share it
+    (single-flight) instead of each sending their own."""
     near_cache_ttl: float = 0.0
     """Keep fresh hits in the web process this many seconds (e.g. 0.1) so a hot key costs
     one Redis round trip per process per interval; 0 turns it off. Commits and

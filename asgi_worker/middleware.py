@@ -55,6 +55,8 @@ class WorkerMiddleware:
         # they go unused. The random part tells processes and restarts apart.
         self._token_prefix = secrets.token_hex(6)
         self._token_counter = itertools.count()
+        # Lookups on their way, by digest: None until a second request wants the result.
+        self._inflight: dict[str, asyncio.Future[_Found | _Retry | None] | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -140,14 +142,46 @@ class WorkerMiddleware:
             disconnected.cancel()
 
     async def _lookup(self, snapshot: RequestSnapshot) -> _Found | None:
-        """One round trip in the common case; a job is enqueued only by the claimant."""
+        """One round trip in the common case; a job is enqueued only by the claimant.
+
+        With `Config.coalesce`, a request arriving while a lookup of the same key is on its
+        way in this process waits for that one instead of sending its own (single-flight):
+        a hot key costs one round trip per round-trip time, not one per request.
+        """
+        digest = snapshot.digest
+        if not self.config.coalesce:
+            return await self._timed_lookup(snapshot, digest)
+        if digest in self._inflight:
+            shared = self._inflight[digest]
+            if shared is None:
+                shared = self._inflight[digest] = asyncio.get_running_loop().create_future()
+            result = await asyncio.shield(shared)
+            if not isinstance(result, _Retry):
+                return result
+            return await self._timed_lookup(snapshot, digest)  # its lookup was cancelled
+        self._inflight[digest] = None  # followers make the future only when they come
+        outcome: _Found | _Retry | None = _RETRY
+        try:
+            outcome = await self._timed_lookup(snapshot, digest)
+            return outcome
+        except Exception as error:
+            shared = self._inflight.get(digest)
+            if shared is not None:
+                shared.set_exception(error)
+                outcome = None
+            raise
+        finally:
+            shared = self._inflight.pop(digest, None)
+            if shared is not None and not shared.done():
+                shared.set_result(outcome)
+
+    async def _timed_lookup(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
         # One timer for the whole lookup (the web client has no per-read timeout).
         async with asyncio.timeout(self.config.redis_timeout):
-            return await self._lookup_now(snapshot)
+            return await self._lookup_now(snapshot, digest)
 
-    async def _lookup_now(self, snapshot: RequestSnapshot) -> _Found | None:
+    async def _lookup_now(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
         backend = self._open()
-        digest = snapshot.digest
         near = backend.near_cache()
         if near is not None and (cached := near.get(digest)) is not None:
             return _Found(cached, stale=False)
@@ -219,6 +253,13 @@ class WorkerMiddleware:
 class _Found:
     response: StoredResponse
     stale: bool
+
+
+class _Retry:
+    """The shared lookup was cancelled (its client left): look up yourself."""
+
+
+_RETRY = _Retry()
 
 
 class _Gone:

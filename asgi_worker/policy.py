@@ -22,6 +22,8 @@ class Policy:
     def __init__(self, config: Config) -> None:
         self._include = _compile(config.include)
         self._exclude = _compile(config.exclude)
+        # The default (every path, none excluded) needs no pattern matching at all.
+        self._every_path = "*" in config.include and not config.exclude
         # With key_credentials those requests get entries of their own instead.
         self._bypassed = frozenset() if config.key_credentials else _CREDENTIAL_HEADERS
 
@@ -31,9 +33,10 @@ class Policy:
             return False
         if REPLAY_EXTENSION in (scope.get("extensions") or {}):
             return False  # the worker's own replay: let it reach the app
-        path = scope.get("path") or "/"
-        if not self._include.match(path) or self._exclude.match(path):
-            return False
+        if not self._every_path:
+            path = scope.get("path") or "/"
+            if not self._include.match(path) or self._exclude.match(path):
+                return False
         return not self._bypassed or not any(
             bytes(name).lower() in self._bypassed for name, _ in scope.get("headers") or ()
         )

@@ -62,12 +62,15 @@ async def run_job(
         logger.error("asgi-worker: dropping a job with an unreadable snapshot: %s", error)
         return "corrupt-job"
     digest = snapshot.digest
-    started = await store.begin(digest, token, snapshot.path)
+    # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
+    async with asyncio.timeout(config.redis_timeout):
+        started = await store.begin(digest, token, snapshot.path)
     if started is None:
         return "superseded"  # its lease ran out and a newer job holds the claim
     replayed, outcome = await _replay_or_error(app, snapshot, config, state)
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
-    committed = await store.commit(digest, token, started, write)
+    async with asyncio.timeout(config.redis_timeout):
+        committed = await store.commit(digest, token, started, write)
     if committed is not Committed.STORED:
         logger.info("asgi-worker: %s: %s, %s", _where(snapshot), outcome, committed.value)
     return outcome if committed is Committed.STORED else committed.value

@@ -122,7 +122,7 @@ async def _start(app: ASGIApp, config: Config) -> _Runtime:
             await stack.enter_async_context(manager)
         except LifespanNotSupported:
             logger.info("asgi-worker: the app does not support lifespan; running without it")
-        client = redis_client(config.redis_url, config)
+        client = redis_client(config.redis_url, config, read_timeout=False)  # see run_job
         stack.push_async_callback(client.aclose, close_connection_pool=True)
         store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
         return _Runtime(stack, store, captured.get("state"))

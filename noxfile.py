@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typing`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typing`; `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -28,3 +28,15 @@ def typing(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[test]")
     session.run("mypy", "--strict")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Benchmarks, not part of CI: `nox -s bench` (~6 min) or `nox -s bench -- --quick`.
+
+    Needs Redis on 127.0.0.1:6379 (or `-- --redis-url ...`) and, for the load, `wrk`
+    (`apt-get install -y wrk`). Its own virtualenv: the peers it measures against pin
+    other redis versions than the dev environment's. Results: benchmarks/results/.
+    """
+    session.install("-e", ".", "-r", "benchmarks/requirements.txt")
+    session.run("python", "-m", "benchmarks.run", *session.posargs)

@@ -1,0 +1,1 @@
+"""Benchmarks of asgi-worker: `nox -s bench` or `python -m benchmarks.run`."""

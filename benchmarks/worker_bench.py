@@ -1,0 +1,271 @@
+"""Worker throughput: asgi-worker replays/s against raw arq no-op jobs/s, same settings.
+
+Run by `benchmarks.run` in a fresh interpreter: `python -m benchmarks.worker_bench
+--jobs N --rounds R --prefix P`. Prints one JSON object on stdout.
+
+Per round, interleaved (the order alternates between rounds):
+
+- asgi-worker: N distinct cold URLs of a trivial endpoint are requested through the real
+  middleware (each a `202` that claims and enqueues one job), then a real arq worker built
+  by `asgi_worker.worker_settings()` drains the backlog in burst mode.
+- raw arq: N no-op jobs enqueued with `enqueue_job`, drained by a plain `arq.Worker`.
+
+Both workers use the same queue settings (`poll_delay`, `max_jobs` from asgi-worker's
+defaults, `keep_result=0`). The clock runs from the end of the worker's startup (after
+`on_startup`: connections, the app's lifespan) to the moment the burst run returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from arq import create_pool
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+from asgi_lifespan import LifespanManager
+from redis.asyncio import Redis
+
+from asgi_worker import Config, worker_settings
+from benchmarks import profiling
+from benchmarks.apps import create_asgi_worker_app
+from benchmarks.servers import cpu_seconds
+
+BACKLOG_CONCURRENCY = 32
+PROFILE_JOBS = 5000  # enough seconds of draining for a few thousand samples
+
+
+async def _asgi_get(app: Any, path: str, query: str) -> int:
+    """One GET through the ASGI app, in process; returns the status."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(b"host", b"bench.local")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("bench.local", 80),
+    }
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+@contextlib.asynccontextmanager
+async def _profiled(out: Path | None) -> AsyncIterator[None]:
+    """Sample this very process with py-spy while the block runs (if `out` is given)."""
+    if out is None:
+        yield
+        return
+    spy = profiling.record(os.getpid(), 600, out)
+    await asyncio.sleep(0.5)  # let py-spy attach before the clock starts
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        await asyncio.to_thread(spy.wait, 30)
+
+
+async def asgi_worker_round(
+    redis_url: str, prefix: str, jobs: int, profile: Path | None = None
+) -> dict[str, float]:
+    redis_pid = await _redis_pid(redis_url)
+    config = Config(redis_url=redis_url, prefix=prefix)  # defaults otherwise
+    app = create_asgi_worker_app(config)
+    statuses: dict[int, int] = {}
+    queue = iter(range(jobs))
+
+    async def client() -> None:
+        for i in queue:
+            status = await _asgi_get(app, "/trivial", f"k={i}")
+            statuses[status] = statuses.get(status, 0) + 1
+
+    async with LifespanManager(app):
+        await asyncio.gather(*(client() for _ in range(BACKLOG_CONCURRENCY)))
+    if statuses != {202: jobs}:
+        raise RuntimeError(f"backlog: expected {jobs} x 202, got {statuses}")
+
+    settings = worker_settings(app, config)
+    started: list[float] = []
+    startup = settings["on_startup"]
+
+    async def timed_startup(ctx: dict[Any, Any]) -> None:
+        await startup(ctx)
+        started.extend(_clocks(redis_pid))
+
+    settings["on_startup"] = timed_startup
+    worker = Worker(**settings, burst=True, handle_signals=False)
+    try:
+        async with _profiled(profile):
+            await worker.main()
+        finished = _clocks(redis_pid)
+    finally:
+        await worker.close()
+    return _rate("asgi-worker", worker, jobs, started, finished)
+
+
+def _clocks(redis_pid: int | None) -> list[float]:
+    """Wall clock, this process's CPU time (user + system), Redis's CPU time (or NaN)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    redis_cpu = cpu_seconds(redis_pid) if redis_pid is not None else None
+    return [
+        time.perf_counter(),
+        usage.ru_utime + usage.ru_stime,
+        float("nan") if redis_cpu is None else redis_cpu,
+    ]
+
+
+def _rate(
+    name: str, worker: Worker, jobs: int, started: list[float], finished: list[float]
+) -> dict[str, float]:
+    if worker.jobs_complete != jobs or worker.jobs_failed:
+        raise RuntimeError(
+            f"{name}: {worker.jobs_complete} of {jobs} complete, {worker.jobs_failed} failed"
+        )
+    seconds = finished[0] - started[0]
+    return {
+        "jobs": jobs,
+        "seconds": seconds,
+        "per_second": jobs / seconds,
+        "worker_cpu_us_per_job": (finished[1] - started[1]) / jobs * 1e6,
+        "redis_cpu_us_per_job": (finished[2] - started[2]) / jobs * 1e6,
+    }
+
+
+async def _noop(ctx: dict[Any, Any]) -> None:
+    return None
+
+
+async def arq_round(
+    redis_url: str, prefix: str, jobs: int, profile: Path | None = None
+) -> dict[str, float]:
+    redis_pid = await _redis_pid(redis_url)
+    defaults = Config()
+    queue_name = f"{prefix}:queue"
+    settings = RedisSettings.from_dsn(redis_url)
+    pool = await create_pool(settings, default_queue_name=queue_name)
+    try:
+        ids = iter(range(jobs))
+
+        async def client() -> None:
+            for i in ids:
+                await pool.enqueue_job("noop", _job_id=f"{prefix}:{i}", _queue_name=queue_name)
+
+        await asyncio.gather(*(client() for _ in range(BACKLOG_CONCURRENCY)))
+    finally:
+        await pool.aclose()
+    started: list[float] = []
+
+    async def startup(ctx: dict[Any, Any]) -> None:
+        started.extend(_clocks(redis_pid))
+
+    worker = Worker(
+        functions=[func(_noop, name="noop", keep_result=0)],
+        queue_name=queue_name,
+        redis_settings=settings,
+        burst=True,
+        handle_signals=False,
+        poll_delay=defaults.poll_delay,
+        max_jobs=defaults.max_jobs,
+        keep_result=0,
+        on_startup=startup,
+    )
+    try:
+        async with _profiled(profile):
+            await worker.main()
+        finished = _clocks(redis_pid)
+    finally:
+        await worker.close()
+    return _rate("arq", worker, jobs, started, finished)
+
+
+async def _redis_pid(redis_url: str) -> int | None:
+    """The Redis server's pid, if it runs on this machine (for its CPU time)."""
+    client = Redis.from_url(redis_url)
+    try:
+        pid = int((await client.info("server"))["process_id"])
+    finally:
+        await client.aclose()
+    return pid if cpu_seconds(pid) is not None else None
+
+
+async def cleanup(redis_url: str, prefix: str) -> int:
+    """Delete this benchmark's keys (ours start with the prefix; arq's hold it in the id)."""
+    client = Redis.from_url(redis_url)
+    deleted = 0
+    try:
+        for pattern in (f"{prefix}*", f"arq:*{prefix}*"):
+            async for key in client.scan_iter(match=pattern, count=1000):
+                deleted += await client.delete(key)
+    finally:
+        await client.aclose()
+    return deleted
+
+
+async def main(
+    redis_url: str, prefix: str, jobs: int, rounds: int, profile_dir: Path | None
+) -> dict[str, Any]:
+    results: dict[str, list[dict[str, float]]] = {"asgi-worker": [], "arq": []}
+    runners = {"asgi-worker": asgi_worker_round, "arq": arq_round}
+    try:
+        for r in range(rounds):
+            order = ["asgi-worker", "arq"] if r % 2 == 0 else ["arq", "asgi-worker"]
+            for name in order:
+                round_prefix = f"{prefix}-{name}-{r}"
+                results[name].append(await runners[name](redis_url, round_prefix, jobs))
+                await cleanup(redis_url, round_prefix)
+        if profile_dir is not None:
+            # Extra rounds under py-spy, after the timed ones (sampling costs a little).
+            for name, runner in runners.items():
+                out = profile_dir / f"worker-{name}.txt"
+                results[f"{name} (profiled)"] = [
+                    await runner(redis_url, f"{prefix}-{name}-profiled", PROFILE_JOBS, out)
+                ]
+                await cleanup(redis_url, f"{prefix}-{name}-profiled")
+    finally:
+        await cleanup(redis_url, prefix)
+    defaults = Config()
+    return {
+        "jobs": jobs,
+        "rounds": rounds,
+        "poll_delay": defaults.poll_delay,
+        "max_jobs": defaults.max_jobs,
+        **results,
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile-dir", type=Path, help="also profile one round of each")
+    args = parser.parse_args()
+    result = asyncio.run(
+        main(args.redis_url, args.prefix, args.jobs, args.rounds, args.profile_dir)
+    )
+    print(json.dumps(result))

@@ -78,6 +78,11 @@ class Config:
     + 30 s, see `claim_lease`)."""
     retry_after: int = 1
     """Seconds sent in `Retry-After` on a 202 or 503."""
+    adaptive_retry_after: bool = False
+    """On a 202, send the recent typical job duration of the path (whole seconds, from
+    `retry_after` up to `max_retry_after`) instead; costs misses one more round trip."""
+    max_retry_after: int = 60
+    """Cap on the adaptive `Retry-After`."""
     vary: tuple[str, ...] = ()
     """Request header names that are part of the cache key (and replayed to the app)."""
     include: tuple[str, ...] = ("*",)
@@ -169,6 +174,11 @@ class Config:
                 "needs the cryptography package: pip install 'asgi-worker[credentials]'",
             )
         _require(self.retry_after >= 0, "retry_after", "must be 0 or more")
+        _require(
+            self.max_retry_after >= self.retry_after,
+            "max_retry_after",
+            f"must be at least retry_after ({self.retry_after})",
+        )
         _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
         _require(_duration(self.max_wait) >= 0, "max_wait", "must be a finite number >= 0")

@@ -9,6 +9,7 @@ that has ended (DESIGN.md principle 4).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -67,8 +68,11 @@ async def run_job(
         started = await store.begin(digest, token, snapshot.path)
     if started is None:
         return "superseded"  # its lease ran out and a newer job holds the claim
+    began = time.monotonic()
     replayed, outcome = await _replay_or_error(app, snapshot, config, state)
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
+    if outcome == "stored":
+        write = dataclasses.replace(write, duration=time.monotonic() - began)
     async with asyncio.timeout(config.redis_timeout):
         committed = await store.commit(digest, token, started, write)
     if committed is not Committed.STORED:

@@ -206,6 +206,10 @@ class RedisKeys:
         """When the path was last invalidated (store clock, ms)."""
         return f"{self.prefix}:inv:path:{_sha1(path)}"
 
+    def durations(self) -> str:
+        """Hash of path -> moving average of its job durations in ms (adaptive Retry-After)."""
+        return f"{self.prefix}:durations"
+
     def tag_hash(self, tag: str) -> str:
         """The part of a tag's key names that stands for the tag."""
         return _sha1(tag)

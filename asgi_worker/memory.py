@@ -43,6 +43,7 @@ class MemoryStore:
         self._tags: dict[str, set[str]] = {}  # tag -> digests
         self._path_stamps: dict[str, float] = {}
         self._tag_stamps: dict[str, float] = {}
+        self._durations: dict[str, float] = {}  # path -> moving average, seconds
         self._writes_since_sweep = 0
 
     async def lookup(self, digest: str, token: str) -> Lookup:
@@ -86,6 +87,11 @@ class MemoryStore:
         self._paths.setdefault(write.path, {})[digest] = write.query
         for tag in write.tags:
             self._tags.setdefault(tag, set()).add(digest)
+        if write.duration is not None:
+            before = self._durations.get(write.path)
+            self._durations[write.path] = (
+                write.duration if before is None else before * 0.7 + write.duration * 0.3
+            )
         self._wrote(now)
         if self._on_stored is not None:
             self._on_stored(digest)
@@ -99,6 +105,10 @@ class MemoryStore:
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""
         self._entries.pop(digest, None)
+
+    async def typical_duration(self, path: str) -> float | None:
+        """See `Store.typical_duration`."""
+        return self._durations.get(path)
 
     async def invalidate(self, target: Target, *, soft: bool = False) -> int:
         """See `Store.invalidate`."""

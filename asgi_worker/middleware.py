@@ -97,7 +97,7 @@ class WorkerMiddleware:
                 await send_unavailable(send, retry_after=self.config.retry_after, head=head)
             return
         if found is None:
-            await send_accepted(send, retry_after=self.config.retry_after, extra=applied)
+            await send_accepted(send, retry_after=await self._retry_after(snapshot), extra=applied)
         elif found.response.hit_for_pass:
             await self.app(scope, receive, send)  # the app said private: never share it
         else:
@@ -110,6 +110,20 @@ class WorkerMiddleware:
                 if_none_match=b", ".join(if_none_match) if if_none_match else None,
                 extra=applied,
             )
+
+    async def _retry_after(self, snapshot: RequestSnapshot) -> int:
+        """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive."""
+        config = self.config
+        if not config.adaptive_retry_after:
+            return config.retry_after
+        try:
+            async with asyncio.timeout(config.redis_timeout):
+                typical = await self._open().store.typical_duration(snapshot.path)
+        except _BACKEND_ERRORS:
+            return config.retry_after  # the 202 matters more than its hint
+        if typical is None:
+            return config.retry_after
+        return min(max(math.ceil(typical), config.retry_after), config.max_retry_after)
 
     async def _wait_for(
         self, snapshot: RequestSnapshot, seconds: float, receive: Receive

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
@@ -50,6 +50,8 @@ class Write:
     """An error response: if a stale copy exists, keep serving it instead (RFC 5861
     stale-if-error) and try again after `retry_after` seconds."""
     retry_after: float = 1.0
+    duration: float | None = None
+    """Seconds the app took; folded into the path's typical duration (adaptive Retry-After)."""
 
 
 class Committed(enum.Enum):
@@ -83,6 +85,10 @@ class Store(Protocol):
 
     async def discard(self, digest: str) -> None:
         """Delete the stored entry (e.g. it could not be decoded)."""
+        ...
+
+    async def typical_duration(self, path: str) -> float | None:
+        """Seconds jobs for `path` have recently taken (a moving average), if known."""
         ...
 
     async def invalidate(self, target: Target, *, soft: bool = False) -> int:
@@ -144,9 +150,9 @@ redis.call('ZADD', KEYS[3], 'GT', now + tonumber(ARGV[2]), ARGV[3])
 return now
 """
 
-# KEYS: resp, fresh, claim, path index, paths, path stamp, paths by expiry.
+# KEYS: resp, fresh, claim, path index, paths, path stamp, paths by expiry, durations.
 # ARGV: token, started, entry, fresh ms, keep ms, path, query, failed, retry ms, digest,
-#       prefix, then one tag hash per tag.
+#       prefix, duration ms or '', then one tag hash per tag.
 _COMMIT = """
 prune_paths(ARGV[11], KEYS[5], KEYS[7])
 local holder = redis.call('GET', KEYS[3])
@@ -157,7 +163,7 @@ local function stamped_since(key)
   return at and tonumber(at) >= started
 end
 local refused = stamped_since(KEYS[6])
-for i = 12, #ARGV do
+for i = 13, #ARGV do
   refused = refused or stamped_since(ARGV[11] .. ':inv:tag:' .. ARGV[i])
 end
 if refused then
@@ -175,7 +181,14 @@ redis.call('HSET', KEYS[4], ARGV[10], ARGV[7])
 keep_at_least(KEYS[4], ARGV[5])
 redis.call('ZADD', KEYS[5], 0, ARGV[6])
 redis.call('ZADD', KEYS[7], 'GT', now_ms() + tonumber(ARGV[5]), ARGV[6])
-for i = 12, #ARGV do
+if ARGV[12] ~= '' then
+  local typical = tonumber(ARGV[12])
+  local before = redis.call('HGET', KEYS[8], ARGV[6])
+  if before then typical = math.floor(tonumber(before) * 0.7 + typical * 0.3) end
+  redis.call('HSET', KEYS[8], ARGV[6], typical)
+  redis.call('PEXPIRE', KEYS[8], 86400000)
+end
+for i = 13, #ARGV do
   local tag = ARGV[11] .. ':tag:' .. ARGV[i]
   redis.call('SADD', tag, ARGV[10])
   keep_at_least(tag, ARGV[5])
@@ -283,6 +296,7 @@ class RedisStore:
                 keys.paths(),
                 keys.path_stamp(write.path),
                 keys.paths_by_expiry(),
+                keys.durations(),
             ],
             args=[
                 token,
@@ -296,6 +310,7 @@ class RedisStore:
                 _milliseconds(write.retry_after),
                 digest,
                 keys.prefix,
+                "" if write.duration is None else _milliseconds(write.duration),
                 *(keys.tag_hash(tag) for tag in write.tags),
             ],
         )
@@ -308,6 +323,13 @@ class RedisStore:
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""
         await self._redis.delete(self._keys.response(digest), self._keys.fresh(digest))
+
+    async def typical_duration(self, path: str) -> float | None:
+        """See `Store.typical_duration`."""
+        # redis-py's stubs want a str field; ours is bytes so that any path round-trips.
+        redis: Any = self._redis
+        found = await redis.hget(self._keys.durations(), _text(path))
+        return None if found is None else int(found) / 1000
 
     async def invalidate(self, target: Target, *, soft: bool = False) -> int:
         """See `Store.invalidate`."""

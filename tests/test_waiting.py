@@ -210,3 +210,16 @@ async def test_a_waiting_client_that_disconnects_is_cleaned_up(site: Site) -> No
 )
 def test_parse_prefer(values: list[bytes], expected: Preference) -> None:
     assert parse_prefer(values) == expected
+
+
+async def test_adaptive_retry_after_follows_the_paths_job_duration(
+    kind: str, config: Config
+) -> None:
+    async for site in open_site(kind, config, adaptive_retry_after=True, max_retry_after=30):
+        site.slow.delay = 1.2
+        first = await site.http.get("/work?g1")
+        assert first.headers["retry-after"] == "1"  # nothing known of /work yet
+        await site.http.get("/work?g1", headers={"prefer": "wait=10"})  # job done
+        second = await site.http.get("/work?g2")  # same path, another URL
+        assert second.status_code == 202
+        assert second.headers["retry-after"] == "2"  # ceil(1.2 s)

@@ -37,3 +37,9 @@ async def redis(prefix: str) -> AsyncIterator[Redis]:
 def config(prefix: str, redis: Redis) -> Config:
     """A Config on the test Redis under this test's prefix (its own arq queue too)."""
     return Config(redis_url=REDIS_URL, prefix=prefix, ttl=60, retry_after=1)
+
+
+@pytest.fixture(params=["arq", "inline", "memory"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn (see helpers.BACKENDS and helpers.backend_config)."""
+    return str(request.param)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.keys import RedisKeys, snapshot_from_scope
+from asgi_worker.testing import worker_running
 
 from .conftest import REDIS_URL
 
@@ -132,15 +134,33 @@ def build_app(
 
 
 @asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client on `app`, with the app's lifespan run around it (closes the backend)."""
+async def serve(app: ASGIApp, *, worker: Config | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on `app`, with the app's lifespan run around it (closes the backend).
+
+    The server's part: in-process replays get the lifespan state, as under uvicorn. With
+    `worker`, jobs also run as they arrive (a real arq worker in this loop for arq).
+    """
     async with (
         LifespanManager(app) as manager,
+        worker_running(app, worker) if worker is not None else nullcontext(),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url=BASE_URL
+            transport=httpx.ASGITransport(app=manager.app), base_url=BASE_URL, timeout=30
         ) as http,
     ):
         yield http
+
+
+BACKENDS = ["arq", "inline", "memory"]
+"""arq: Redis store, real arq worker. inline: Redis store, jobs in process. memory: memory://."""
+
+
+def backend_config(kind: str, base: Config, **changes: Any) -> Config:
+    """`base` moved onto the backend `kind`, with `changes` applied."""
+    if kind == "memory":
+        changes.setdefault("redis_url", "memory://")
+    elif kind == "inline":
+        changes.setdefault("inline_worker", True)
+    return dataclasses.replace(base, **changes)
 
 
 async def digest_of(

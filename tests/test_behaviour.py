@@ -8,22 +8,19 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
 from asgi_worker import Config
 from asgi_worker.testing import run_pending
 
 from .apps import make_app
-
-BACKENDS = ["arq", "inline", "memory"]
+from .helpers import backend_config, serve
 
 
 @dataclass
@@ -36,29 +33,10 @@ class Harness:
         return await run_pending(self.app)
 
 
-def backend_config(kind: str, base: Config, **changes: object) -> Config:
-    if kind == "memory":
-        changes.setdefault("redis_url", "memory://")
-    elif kind == "inline":
-        changes.setdefault("inline_worker", True)
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
-
-
-@pytest.fixture(params=BACKENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 async def harness_for(config: Config) -> AsyncIterator[Harness]:
     calls: Counter[str] = Counter()
     app = make_app(config, calls)
-    # The server's part: run the lifespan, so in-process replays get its state too.
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver"
-        ) as http,
-    ):
+    async with serve(app) as http:
         yield Harness(app, http, calls)
 
 

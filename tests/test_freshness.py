@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -19,7 +18,7 @@ from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.testing import run_pending
 
-from .test_behaviour import BACKENDS, backend_config
+from .helpers import backend_config, serve
 
 HIT = "asgi-worker; hit"
 STALE = "asgi-worker; hit; fwd=stale"
@@ -73,20 +72,10 @@ class Site:
         return response
 
 
-@pytest.fixture(params=BACKENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 async def open_site(kind: str, config: Config, **changes: object) -> AsyncIterator[Site]:
     control = Control()
     app = control_app(backend_config(kind, config, **changes), control)
-    async with (
-        LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver"
-        ) as http,
-    ):
+    async with serve(app) as http:
         yield Site(app, http, control)
 
 

@@ -32,8 +32,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.testing import run_pending
 
+from .helpers import backend_config
 from .stack import HIT, MISS, Stack, get_until_ready, running_stack
-from .test_behaviour import BACKENDS, backend_config
 
 # Headers a poisoner sends with the cold request. None of them is keyed by default.
 EVIL = {
@@ -201,11 +201,6 @@ def cached(config: Config, *, rewrite: str | None = None) -> tuple[ASGIApp, ASGI
         app = HonourOriginalUrl(app)
     proxy = ProxyHeadersMiddleware(cast(Any, app), trusted_hosts="127.0.0.1")
     return cast(ASGIApp, proxy), app
-
-
-@pytest.fixture(params=BACKENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 async def open_client(server_app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -17,10 +16,10 @@ from starlette.routing import Route
 from starlette.types import Message
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.testing import find_middleware, worker_running
+from asgi_worker.testing import find_middleware
 from asgi_worker.waiting import Preference, parse_prefer
 
-from .test_behaviour import BACKENDS, backend_config
+from .helpers import backend_config, serve
 
 
 @dataclass
@@ -48,24 +47,11 @@ class Site:
     config: Config
 
 
-@pytest.fixture(params=BACKENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 async def open_site(kind: str, config: Config, **changes: object) -> AsyncIterator[Site]:
     slow = Slow()
     site_config = backend_config(kind, config, **changes)
     app = slow_app(site_config, slow)
-    async with (
-        LifespanManager(app) as manager,
-        worker_running(app, site_config),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app),
-            base_url="http://testserver",
-            timeout=30,
-        ) as http,
-    ):
+    async with serve(app, worker=site_config) as http:
         yield Site(app, http, slow, site_config)
 
 

@@ -7,7 +7,6 @@ import itertools
 import logging
 import math
 import secrets
-from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +22,9 @@ from .memory import InProcessQueue
 from .policy import Policy
 from .queue import Job
 from .responses import send_accepted, send_stored, send_unavailable
+from .singleflight import SingleFlight
 from .store import Store
-from .waiting import parse_prefer
+from .waiting import Gone, hold, parse_prefer
 
 logger = logging.getLogger("asgi_worker")
 
@@ -55,8 +55,7 @@ class WorkerMiddleware:
         # they go unused. The random part tells processes and restarts apart.
         self._token_prefix = secrets.token_hex(6)
         self._token_counter = itertools.count()
-        # Lookups on their way, by digest: None until a second request wants the result.
-        self._inflight: dict[str, asyncio.Future[_Found | _Retry | None] | None] = {}
+        self._inflight: SingleFlight[_Found | None] = SingleFlight()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -81,7 +80,7 @@ class WorkerMiddleware:
                 seconds = min(preference.wait or 0.0, self.config.max_wait)
                 if seconds > 0:
                     waited = await self._wait_for(snapshot, seconds, receive)
-                    if isinstance(waited, _Gone):
+                    if isinstance(waited, Gone):
                         return  # the client went away while waiting: nobody to answer
                     found = waited
                     if found is not None:
@@ -127,33 +126,13 @@ class WorkerMiddleware:
 
     async def _wait_for(
         self, snapshot: RequestSnapshot, seconds: float, receive: Receive
-    ) -> _Found | _Gone | None:
+    ) -> _Found | Gone | None:
         """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
         backend = self._open()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
         await backend.listen(min(seconds, self.config.redis_timeout))
-        disconnected = asyncio.ensure_future(_disconnect(receive))
-        try:
-            while True:
-                # Register before looking, so a commit between the two still wakes us.
-                woken = backend.waiters.register(snapshot.digest)
-                if woken is None:
-                    return None  # this process holds max_waiters already: plain 202
-                try:
-                    found = await self._lookup(snapshot)
-                    remaining = deadline - loop.time()
-                    if found is not None or remaining <= 0:
-                        return found
-                    await asyncio.wait(
-                        {woken, disconnected}, timeout=remaining, return_when=FIRST_COMPLETED
-                    )
-                    if disconnected.done():
-                        return _GONE
-                finally:
-                    backend.waiters.unregister(snapshot.digest, woken)
-        finally:
-            disconnected.cancel()
+        return await hold(
+            backend.waiters, snapshot.digest, lambda: self._lookup(snapshot), seconds, receive
+        )
 
     async def _lookup(self, snapshot: RequestSnapshot) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant.
@@ -165,29 +144,7 @@ class WorkerMiddleware:
         digest = snapshot.digest
         if not self.config.coalesce:
             return await self._timed_lookup(snapshot, digest)
-        if digest in self._inflight:
-            shared = self._inflight[digest]
-            if shared is None:
-                shared = self._inflight[digest] = asyncio.get_running_loop().create_future()
-            result = await asyncio.shield(shared)
-            if not isinstance(result, _Retry):
-                return result
-            return await self._timed_lookup(snapshot, digest)  # its lookup was cancelled
-        self._inflight[digest] = None  # followers make the future only when they come
-        outcome: _Found | _Retry | None = _RETRY
-        try:
-            outcome = await self._timed_lookup(snapshot, digest)
-            return outcome
-        except Exception as error:
-            shared = self._inflight.get(digest)
-            if shared is not None:
-                shared.set_exception(error)
-                outcome = None
-            raise
-        finally:
-            shared = self._inflight.pop(digest, None)
-            if shared is not None and not shared.done():
-                shared.set_result(outcome)
+        return await self._inflight.run(digest, lambda: self._timed_lookup(snapshot, digest))
 
     async def _timed_lookup(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
         # One timer for the whole lookup (the web client has no per-read timeout).
@@ -269,28 +226,8 @@ class _Found:
     stale: bool
 
 
-class _Retry:
-    """The shared lookup was cancelled (its client left): look up yourself."""
-
-
-_RETRY = _Retry()
-
-
-class _Gone:
-    """The client disconnected while its request waited."""
-
-
-_GONE = _Gone()
-
-
 def _headers(scope: Scope, name: bytes) -> list[bytes]:
     return [bytes(value) for key, value in scope.get("headers") or () if key.lower() == name]
-
-
-async def _disconnect(receive: Receive) -> None:
-    """Return when the client goes away (a GET has no body to read first)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _quietly(step: Awaitable[object]) -> None:

@@ -9,7 +9,11 @@ subscription and one message, not N polling loops. The registry is bounded: past
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from starlette.types import Receive
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,3 +82,53 @@ class Waiters:
         """Let every waiter look again (e.g. notifications may have been missed)."""
         for digest in list(self._waiting):
             self.wake(digest)
+
+
+class Gone:
+    """The client disconnected while its request was held."""
+
+
+Found = TypeVar("Found")
+
+
+async def hold(
+    waiters: Waiters,
+    digest: str,
+    look: Callable[[], Awaitable[Found | None]],
+    seconds: float,
+    receive: Receive,
+) -> Found | Gone | None:
+    """Look until `look()` finds something, `seconds` pass, or the client goes away.
+
+    Sleeps between looks until `waiters.wake(digest)`; registers before each look, so a
+    commit landing between the look and the sleep still wakes it. None: not found in
+    time (or this process already holds its limit of waiters).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    disconnected = asyncio.ensure_future(_disconnect(receive))
+    try:
+        while True:
+            woken = waiters.register(digest)
+            if woken is None:
+                return None
+            try:
+                found = await look()
+                remaining = deadline - loop.time()
+                if found is not None or remaining <= 0:
+                    return found
+                await asyncio.wait(
+                    {woken, disconnected}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                if disconnected.done():
+                    return Gone()
+            finally:
+                waiters.unregister(digest, woken)
+    finally:
+        disconnected.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Return when the client goes away (a GET has no body to read first)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

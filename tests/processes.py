@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -104,3 +105,17 @@ def processes(directory: Path, env: dict[str, str]) -> Iterator[Processes]:
         codes = group.stop_all()
         # Printed always; pytest shows it only for a failing test.
         print(f"exit codes: {codes}\n{group.logs()}")
+
+
+@contextmanager
+def demo(directory: Path, seconds: float) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`asgi-worker demo --seconds N` on a free port, without ASGI_* from the environment."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ASGI_")}
+    base = f"http://127.0.0.1:{port}"
+    with processes(directory, env) as group:
+        process = group.start(
+            "demo", asgi_worker_command("demo", "--port", str(port), "--seconds", f"{seconds}")
+        )
+        group.wait_for("demo", lambda: httpx.get(f"{base}/", timeout=1).status_code == 200)
+        yield base, process

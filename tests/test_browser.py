@@ -32,7 +32,7 @@ from playwright.sync_api import (
 
 from asgi_worker.demo import client_js
 
-from .processes import PROJECT, asgi_worker_command, free_port, processes
+from .processes import PROJECT, demo
 
 pytestmark = pytest.mark.e2e
 
@@ -59,12 +59,7 @@ def test_chromium_is_installed() -> None:
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`asgi-worker demo --seconds 1.5` as a subprocess; its base URL."""
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ASGI_")}
-    base = f"http://127.0.0.1:{port}"
-    with processes(tmp_path_factory.mktemp("demo"), env) as group:
-        group.start("demo", asgi_worker_command("demo", "--port", str(port), "--seconds", "1.5"))
-        group.wait_for("demo", lambda: httpx.get(f"{base}/", timeout=1).status_code == 200)
+    with demo(tmp_path_factory.mktemp("demo"), seconds=1.5) as (base, _):
         yield base
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from asgi_worker.client import (
 )
 from asgi_worker.demo import client_js
 
-from .processes import PROJECT, asgi_worker_command, free_port, processes
+from .processes import PROJECT, demo
 from .test_readme import README, readme_block
 
 MISS = "asgi-worker; fwd=uri-miss"
@@ -276,12 +275,7 @@ def test_package_imports_without_httpx() -> None:
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`asgi-worker demo --seconds 1` as a subprocess (Retry-After: 1); its base URL."""
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ASGI_")}
-    base = f"http://127.0.0.1:{port}"
-    with processes(tmp_path_factory.mktemp("demo"), env) as group:
-        group.start("demo", asgi_worker_command("demo", "--port", str(port), "--seconds", "1"))
-        group.wait_for("demo", lambda: httpx.get(f"{base}/", timeout=1).status_code == 200)
+    with demo(tmp_path_factory.mktemp("demo"), seconds=1) as (base, _):
         yield base
 
 

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .processes import asgi_worker_command, free_port, processes
+from .processes import demo
 
 pytestmark = pytest.mark.e2e
 
 
 def test_demo_serves_202_then_the_result(tmp_path: Path) -> None:
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ASGI_")}
-    base = f"http://127.0.0.1:{port}"
-    with processes(tmp_path, env) as group:
-        demo = group.start(
-            "demo", asgi_worker_command("demo", "--port", str(port), "--seconds", "0.5")
-        )
-        group.wait_for("demo", lambda: httpx.get(f"{base}/", timeout=1).status_code == 200)
-
+    with demo(tmp_path, seconds=0.5) as (base, process):
         page = httpx.get(f"{base}/")
         assert "processing" in page.text
         assert "cache-status" not in page.headers  # the page itself is not cached
@@ -43,4 +34,4 @@ def test_demo_serves_202_then_the_result(tmp_path: Path) -> None:
         output = (tmp_path / "demo.log").read_text()
         assert "memory://" in output
         assert f"{base}/" in output
-    assert demo.returncode is not None  # stopped by SIGTERM, not left running
+    assert process.returncode is not None  # stopped by SIGTERM, not left running

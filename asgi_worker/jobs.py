@@ -71,7 +71,7 @@ async def run_job(
     began = time.monotonic()
     replayed, outcome = await _replay_or_error(app, snapshot, config, state)
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
-    if outcome == "stored":
+    if outcome == "stored" and config.adaptive_retry_after:  # the only reader of it
         write = dataclasses.replace(write, duration=time.monotonic() - began)
     async with asyncio.timeout(config.redis_timeout):
         committed = await store.commit(digest, token, started, write)

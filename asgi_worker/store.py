@@ -118,8 +118,8 @@ end
 local function keep_at_least(key, ms)
   if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
 end
--- The path list for prefix invalidation would only grow: each commit forgets a few
--- paths whose entries have all expired (bounded work per call).
+-- The path list for prefix invalidation would only grow: each new path forgets a few
+-- whose entries have all expired (bounded work per call).
 local function prune_paths(prefix, paths, by_expiry)
   local expired = redis.call('ZRANGEBYSCORE', by_expiry, '-inf', now_ms(), 'LIMIT', 0, 8)
   for _, path in ipairs(expired) do
@@ -138,14 +138,17 @@ local function drop(prefix, digest, soft)
 end
 """
 
-# KEYS: claim, paths, paths by expiry. ARGV: token, claim ms, path.
+# KEYS: claim, paths, paths by expiry. ARGV: token, claim ms, path, prefix.
 # Registers the path first, so a prefix invalidation during the job finds and stamps it.
 _BEGIN = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local now = now_ms()
-redis.call('ZADD', KEYS[2], 0, ARGV[3])
+if redis.call('ZADD', KEYS[2], 0, ARGV[3]) == 1 then
+  -- A new path: forget up to 8 whose entries have all expired, so the list stays bounded.
+  prune_paths(ARGV[4], KEYS[2], KEYS[3])
+end
 redis.call('ZADD', KEYS[3], 'GT', now + tonumber(ARGV[2]), ARGV[3])
 return now
 """
@@ -154,7 +157,6 @@ return now
 # ARGV: token, started, entry, fresh ms, keep ms, path, query, failed, retry ms, digest,
 #       prefix, duration ms or '', then one tag hash per tag.
 _COMMIT = """
-prune_paths(ARGV[11], KEYS[5], KEYS[7])
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then return 'refused' end
 local started = tonumber(ARGV[2])
@@ -280,7 +282,7 @@ class RedisStore:
         """See `Store.begin`."""
         started = await self._begin(
             keys=[self._keys.claim(digest), self._keys.paths(), self._keys.paths_by_expiry()],
-            args=[token, self._claim_ms, _text(path)],
+            args=[token, self._claim_ms, _text(path), self._keys.prefix],
         )
         return None if started is None else float(started)
 

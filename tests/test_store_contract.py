@@ -213,3 +213,14 @@ async def test_a_job_that_began_after_an_invalidation_stores(store: Store) -> No
     await asyncio.sleep(0.002)
     await store_one(store, tags=("report-42",))
     assert (await store.lookup(DIGEST, "x")).entry == b"entry"
+
+
+async def test_expired_paths_leave_the_prefix_index(redis: Redis, prefix: str) -> None:
+    store = RedisStore(redis, prefix=prefix, claim_ttl=0.2)
+    for n in range(3):
+        await store_one(store, digest(n), path=f"/old/{n}", fresh=0.1, keep=0.1)
+    paths = f"{prefix}:paths"
+    assert await redis.zcard(paths) == 3
+    await asyncio.sleep(0.45)  # entries and claims (whose leases the paths were kept for) gone
+    await store_one(store, digest(9), path="/new")  # a new path prunes expired ones
+    assert await redis.zrange(paths, 0, -1) == [b"/new"]

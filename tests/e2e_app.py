@@ -23,6 +23,8 @@ from starlette.routing import Route
 
 from asgi_worker import Config, WorkerMiddleware
 
+from .helpers import reflection
+
 config = Config.from_env()
 
 SLOW_SECONDS = 0.3
@@ -83,18 +85,7 @@ async def create_item(request: Request) -> Response:
 async def reflect(request: Request) -> Response:
     """Everything a poisoning attempt could try to smuggle into a shared response."""
     await _count(request)
-    client = request.client
-    return JSONResponse(
-        {
-            "url": str(request.url),
-            "x-forwarded-host": request.headers.get("x-forwarded-host"),
-            "x-forwarded-proto": request.headers.get("x-forwarded-proto"),
-            "x-original-url": request.headers.get("x-original-url"),
-            "user-agent": request.headers.get("user-agent"),
-            "accept-language": request.headers.get("accept-language"),
-            "client": None if client is None else [client.host, client.port],
-        }
-    )
+    return JSONResponse(reflection(request))
 
 
 async def hang(request: Request) -> Response:

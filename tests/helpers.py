@@ -208,3 +208,17 @@ def fresh_key(config: Config, digest: str) -> str:
 
 def claim_key(config: Config, digest: str) -> str:
     return RedisKeys(config.prefix).claim(digest)
+
+
+def reflection(request: Request) -> dict[str, Any]:
+    """Everything a poisoning attempt could try to smuggle into a shared response."""
+    client = request.client
+    return {
+        "url": str(request.url),
+        "x-forwarded-host": request.headers.get("x-forwarded-host"),
+        "x-forwarded-proto": request.headers.get("x-forwarded-proto"),
+        "x-original-url": request.headers.get("x-original-url"),
+        "user-agent": request.headers.get("user-agent"),
+        "accept-language": request.headers.get("accept-language"),
+        "client": None if client is None else [client.host, client.port],
+    }

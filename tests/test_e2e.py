@@ -8,7 +8,6 @@ Redis, so "the endpoint ran exactly once" is checked across both processes.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ import pytest
 from redis import Redis
 
 from .processes import asgi_worker_command, free_port, processes
+from .stack import APP, HIT, MISS, REDIS_URL, environment
 
 pytestmark = pytest.mark.e2e
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-APP = "tests.e2e_app:app"
 READY_SECONDS = 15.0
-
-HIT = "asgi-worker; hit"
-MISS = "asgi-worker; fwd=uri-miss"
 
 
 @dataclass
@@ -53,19 +48,6 @@ class Server:
         return httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=30.0)
 
 
-def _environment(prefix: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ASGI_")}
-    env.update(
-        ASGI_WORKER_REDIS_URL=REDIS_URL,
-        ASGI_WORKER_PREFIX=prefix,
-        ASGI_WORKER_TTL="60",
-        ASGI_WORKER_RETRY_AFTER="1",
-        ASGI_WORKER_EXCLUDE="/health",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
 @pytest.fixture
 def server(prefix: str, tmp_path: Path) -> Iterator[Server]:
     """uvicorn and the worker for this test; both stopped and the keys deleted afterwards."""
@@ -73,7 +55,7 @@ def server(prefix: str, tmp_path: Path) -> Iterator[Server]:
     redis = Redis.from_url(REDIS_URL)
     redis.ping()
     try:
-        with processes(tmp_path, _environment(prefix)) as group:
+        with processes(tmp_path, environment(prefix)) as group:
             web = group.start(
                 "uvicorn",
                 [sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--port", str(port)],

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from asgi_lifespan import LifespanManager
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -532,9 +533,17 @@ async def test_scope_without_headers_is_served() -> None:
     assert (second.status, second.body) == (200, inner.replays[0])
 
 
-async def test_server_host_with_undecodable_bytes_is_served() -> None:
-    # A unix socket whose path has bytes that are not UTF-8: os.fsdecode gives a lone
-    # surrogate, and an HTTP/1.0 request without Host leaves the key to `server`.
+@pytest.mark.parametrize(
+    "server_host",
+    [
+        # A unix socket whose path has bytes that are not UTF-8: os.fsdecode gives a lone
+        # surrogate, and an HTTP/1.0 request without Host leaves the key to `server`.
+        "/tmp/\udcff.sock",
+        "/run/\u65e5\u672c.sock",  # outside Latin-1
+    ],
+    ids=["undecodable-bytes", "outside-latin1"],
+)
+async def test_an_odd_server_host_is_served(server_host: str) -> None:
     scope = {
         "type": "http",
         "http_version": "1.0",
@@ -542,22 +551,7 @@ async def test_server_host_with_undecodable_bytes_is_served() -> None:
         "path": "/x",
         "query_string": b"",
         "headers": [],
-        "server": ("/tmp/\udcff.sock", None),
-    }
-    first, second, inner = await answer_twice(scope)
-    assert first.status == 202
-    assert (second.status, second.body) == (200, inner.replays[0])
-
-
-async def test_server_host_outside_latin1_is_served() -> None:
-    scope = {
-        "type": "http",
-        "http_version": "1.0",
-        "method": "GET",
-        "path": "/x",
-        "query_string": b"",
-        "headers": [],
-        "server": ("/run/\u65e5\u672c.sock", None),
+        "server": (server_host, None),
     }
     first, second, inner = await answer_twice(scope)
     assert first.status == 202

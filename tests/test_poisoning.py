@@ -32,7 +32,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.testing import run_pending
 
-from .helpers import backend_config
+from .helpers import backend_config, reflection
 from .stack import HIT, MISS, Stack, get_until_ready, running_stack
 
 # Headers a poisoner sends with the cold request. None of them is keyed by default.
@@ -148,18 +148,7 @@ BASE = "http://testserver"
 
 
 async def reflect(request: Request) -> Response:
-    client = request.client
-    return JSONResponse(
-        {
-            "url": str(request.url),
-            "x-forwarded-host": request.headers.get("x-forwarded-host"),
-            "x-forwarded-proto": request.headers.get("x-forwarded-proto"),
-            "x-original-url": request.headers.get("x-original-url"),
-            "user-agent": request.headers.get("user-agent"),
-            "accept-language": request.headers.get("accept-language"),
-            "client": None if client is None else [client.host, client.port],
-        }
-    )
+    return JSONResponse(reflection(request))
 
 
 async def admin(request: Request) -> Response:

@@ -95,7 +95,9 @@ def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backe
     if config.in_process:
 
         async def run(job: Job) -> None:
-            await run_job(app, store, config, job.snapshot, job.token, state=state())
+            await run_job(
+                app, store, config, job.snapshot, job.token, job.claimed_at, state=state()
+            )
 
         queue = InProcessQueue(run, max_jobs=config.max_jobs)
         closers.insert(0, queue.close)  # stop the jobs before their connections go

@@ -1,4 +1,4 @@
-"""Run one replay job: begin, replay the snapshot, turn the outcome into an entry, commit.
+"""Run one replay job: replay the snapshot, turn the outcome into an entry, commit.
 
 Independent of the queue: the arq worker and the in-process queue both call `run_job`.
 Every path ends in a commit (the app's response, a hit-for-pass marker, or a short-lived
@@ -52,10 +52,17 @@ async def run_job(
     config: Config,
     snapshot_bytes: bytes,
     token: str,
+    claimed_at: float | None = None,
     *,
     state: Mapping[str, Any] | None = None,
 ) -> str:
-    """Replay one request and store the result; returns a word for the job log."""
+    """Replay one request and store the result; returns a word for the job log.
+
+    `claimed_at` is `Lookup.claimed_at` of the claim the job runs under. It is the job's
+    start time for `Store.commit` unless the job waited so long in the queue that the lease
+    might run out before it ends; then (and for jobs that do not carry it) `Store.begin`
+    renews the lease and takes a new start time first: one more round trip.
+    """
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
     except CorruptEntryError as error:
@@ -63,11 +70,15 @@ async def run_job(
         logger.error("asgi-worker: dropping a job with an unreadable snapshot: %s", error)
         return "corrupt-job"
     digest = snapshot.digest
-    # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
-    async with asyncio.timeout(config.redis_timeout):
-        started = await store.begin(digest, token, snapshot.path)
-    if started is None:
-        return "superseded"  # its lease ran out and a newer job holds the claim
+    started = claimed_at
+    # Long enough for the app and the commit after it.
+    needed = config.job_timeout + config.redis_timeout
+    if started is None or store.lease_left(started) < needed:
+        # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
+        async with asyncio.timeout(config.redis_timeout):
+            started = await store.begin(digest, token, snapshot.path)
+        if started is None:
+            return "superseded"  # its lease ran out and a newer job holds the claim
     began = time.monotonic()
     replayed, outcome = await _replay_or_error(app, snapshot, config, state)
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)

@@ -28,6 +28,13 @@ class _Entry:
     keep_until: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    token: str
+    until: float
+    path: str  # kept in the path index while the claim lives (see `lookup`)
+
+
 class MemoryStore:
     """A `Store` in dicts, on the monotonic clock. No method awaits, so each is atomic."""
 
@@ -38,7 +45,7 @@ class MemoryStore:
         # An invalidation stamp matters only to jobs that began before it (see store.py).
         self._stamp_ttl = claim_ttl + 60.0
         self._entries: dict[str, _Entry] = {}
-        self._claims: dict[str, tuple[str, float]] = {}
+        self._claims: dict[str, _Claim] = {}
         self._paths: dict[str, dict[str, bytes]] = {}  # path -> digest -> query
         self._tags: dict[str, set[str]] = {}  # tag -> digests
         self._path_stamps: dict[str, float] = {}
@@ -46,26 +53,29 @@ class MemoryStore:
         self._durations: dict[str, float] = {}  # path -> moving average, seconds
         self._writes_since_sweep = 0
 
-    async def lookup(self, digest: str, token: str) -> Lookup:
+    async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         now = time.monotonic()
         entry = self._live(digest, now)
         if entry is not None and entry.fresh_until > now:
             return Lookup(entry.value)
-        claim = self._claims.get(digest)
-        claimed = claim is None or claim[1] <= now
-        if claimed:
-            self._claims[digest] = (token, now + self._claim_ttl)
-            self._wrote(now)
-        return Lookup(entry.value if entry else None, stale=entry is not None, claimed=claimed)
+        value = entry.value if entry else None
+        if self._holder(digest, now) is not None:
+            return Lookup(value, stale=entry is not None)
+        self._claim(digest, token, path, now)
+        self._wrote(now)
+        return Lookup(value, stale=entry is not None, claimed=True, claimed_at=now)
+
+    def lease_left(self, claimed_at: float) -> float:
+        """See `Store.lease_left`."""
+        return claimed_at + self._claim_ttl - time.monotonic()
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
         """See `Store.begin`."""
         now = time.monotonic()
         if self._holder(digest, now) not in (None, token):
             return None
-        self._claims[digest] = (token, now + self._claim_ttl)
-        self._paths.setdefault(path, {})  # so a glob invalidation during the job stamps it
+        self._claim(digest, token, path, now)
         return now
 
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
@@ -80,7 +90,7 @@ class MemoryStore:
             self._claims.pop(digest, None)
             return Committed.REFUSED
         if write.failed and self._live(digest, now) is not None:
-            self._claims[digest] = (token, now + write.retry_after)
+            self._claims[digest] = _Claim(token, now + write.retry_after, write.path)
             return Committed.KEPT_STALE
         self._entries[digest] = _Entry(write.entry, now + write.fresh, now + write.keep)
         self._claims.pop(digest, None)
@@ -161,7 +171,11 @@ class MemoryStore:
 
     def _holder(self, digest: str, now: float) -> str | None:
         claim = self._claims.get(digest)
-        return claim[0] if claim is not None and claim[1] > now else None
+        return claim.token if claim is not None and claim.until > now else None
+
+    def _claim(self, digest: str, token: str, path: str, now: float) -> None:
+        self._claims[digest] = _Claim(token, now + self._claim_ttl, path)
+        self._paths.setdefault(path, {})  # so a glob invalidation during the job stamps it
 
     def _wrote(self, now: float) -> None:
         # Expired items are dropped lazily: a full sweep once writes reach half the size,
@@ -171,11 +185,12 @@ class MemoryStore:
             return
         self._writes_since_sweep = 0
         self._entries = {key: e for key, e in self._entries.items() if e.keep_until > now}
-        self._claims = {key: c for key, c in self._claims.items() if c[1] > now}
+        self._claims = {key: c for key, c in self._claims.items() if c.until > now}
         for index in self._paths.values():
             for digest in [d for d in index if d not in self._entries]:
                 del index[digest]
-        self._paths = {path: index for path, index in self._paths.items() if index}
+        running = {claim.path for claim in self._claims.values()}
+        self._paths = {p: index for p, index in self._paths.items() if index or p in running}
         for digests in self._tags.values():
             digests &= self._entries.keys()
         self._tags = {tag: digests for tag, digests in self._tags.items() if digests}

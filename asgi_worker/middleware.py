@@ -157,7 +157,7 @@ class WorkerMiddleware:
         if near is not None and (cached := near.get(digest)) is not None:
             return _Found(cached, stale=False)
         token = f"{self._token_prefix}{next(self._token_counter):x}"
-        found = await backend.store.lookup(digest, token)
+        found = await backend.store.lookup(digest, token, snapshot.path)
         response = None
         if found.entry is not None:
             try:
@@ -166,10 +166,10 @@ class WorkerMiddleware:
                 logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
                 await backend.store.discard(digest)
                 if not found.claimed:
-                    found = await backend.store.lookup(digest, token)
-        if found.claimed:
+                    found = await backend.store.lookup(digest, token, snapshot.path)
+        if found.claimed_at is not None:
             payload = encode_snapshot(snapshot, self._guard)
-            job = Job(self._keys.job_id(digest, token), payload, token)
+            job = Job(self._keys.job_id(digest, token), payload, token, found.claimed_at)
             try:
                 await backend.queue.enqueue(job)
             except BaseException as error:

@@ -21,11 +21,13 @@ JOB_FUNCTION = "asgi_worker.replay"
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One replay to run: the encoded request snapshot and the claim token it runs under."""
+    """One replay to run: the encoded request snapshot and the claim it runs under."""
 
     job_id: str
     snapshot: bytes
     token: str
+    claimed_at: float
+    """`Lookup.claimed_at` of the claim: the job's start time (see `jobs.run_job`)."""
 
 
 class JobQueue(Protocol):
@@ -67,7 +69,12 @@ class ArqQueue:
         """See `JobQueue.enqueue`."""
         now_ms = round(time.time() * 1000)
         payload = serialize_job(
-            JOB_FUNCTION, (job.snapshot, job.token), {}, None, now_ms, serializer=serialize
+            JOB_FUNCTION,
+            (job.snapshot, job.token, job.claimed_at),
+            {},
+            None,
+            now_ms,
+            serializer=serialize,
         )
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.psetex(job_key_prefix + job.job_id, self._expires_ms, payload)

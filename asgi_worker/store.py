@@ -4,16 +4,20 @@ A store holds encoded entries, their freshness, the claims that dedup jobs, and 
 indexes that invalidation needs. Each method is atomic: in Redis one Lua script, one
 round trip (the query form of invalidation takes two).
 
-Invalidation races are settled with times, not locks: `begin` stamps a job with the store's
-clock before the app runs, every invalidation stamps the paths and tags it touches, and
-`commit` refuses a result whose job began no later than an invalidation of its path or of
-one of its tags. So a job never stores what it computed before an invalidation.
+Invalidation races are settled with times, not locks. The claim that starts a job is
+taken at a time on the store's clock (`Lookup.claimed_at`), and registers the job's path
+for prefix invalidation in the same step; every invalidation stamps the paths and tags it
+touches; and `commit` refuses a result whose claim was taken no later than an invalidation
+of its path or of one of its tags. The app runs only after its job was claimed, so a job
+never stores what it computed before an invalidation. A job that waited in the queue for
+most of its lease first calls `begin`, which renews the lease and takes a new start time.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -32,6 +36,9 @@ class Lookup:
     """The entry is past its freshness (served while one refresh runs)."""
     claimed: bool = False
     """This lookup took the claim: the caller must enqueue the job."""
+    claimed_at: float | None = field(default=None, compare=False)
+    """When the claim was taken, on the store's clock: the job's start time for `commit`
+    (and `Store.lease_left`). Set exactly when `claimed` is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +74,23 @@ class Committed(enum.Enum):
 class Store(Protocol):
     """Where entries, claims and indexes live. Implementations keep each method atomic."""
 
-    async def lookup(self, digest: str, token: str) -> Lookup:
-        """Return the entry; claim the key for `token` if it is missing or stale and free."""
+    async def lookup(self, digest: str, token: str, path: str) -> Lookup:
+        """Return the entry; claim the key for `token` if it is missing or stale and free.
+
+        A claim also registers `path` (the request's), so that a prefix or glob
+        invalidation while its job runs finds the path and refuses the job's commit.
+        """
+        ...
+
+    def lease_left(self, claimed_at: float) -> float:
+        """Seconds left of a lease taken at `claimed_at`, by this process's clock (no I/O)."""
         ...
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
-        """Start a job: renew the claim and return the store's time; None if it was lost."""
+        """Renew the claim of a job about to run; return the store's time, None if lost.
+
+        Needed only when the lease may run out before the job ends (see `lease_left`).
+        """
         ...
 
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
@@ -99,21 +117,17 @@ class Store(Protocol):
         ...
 
 
-_LOOKUP = """
-local entry = redis.call('GET', KEYS[1])
-if entry and redis.call('EXISTS', KEYS[2]) == 1 then return {entry, 0, 0} end
-local claimed = 0
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then claimed = 1
--- Our own claim: this is a retry of a lookup whose reply was lost.
-elseif redis.call('GET', KEYS[3]) == ARGV[1] then claimed = 1 end
-return {entry, entry and 1 or 0, claimed}
-"""
-
 # Shared by the scripts below.
 _LIBRARY = """
-local function now_ms()
+-- Claims and invalidation stamps are ordered in microseconds: at millisecond resolution a
+-- request arriving just after an invalidation would often share its tick, and its job's
+-- result be refused. (An integer below 2^53, so exact in Lua and in the reply.)
+local function now_us()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function now_ms()
+  return math.floor(now_us() / 1000)
 end
 local function keep_at_least(key, ms)
   if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
@@ -138,19 +152,47 @@ local function drop(prefix, digest, soft)
 end
 """
 
+# Registers the path of a job being claimed or begun, so that a prefix invalidation while
+# the job runs finds the path and stamps it; returns the time of the claim (µs).
+_REGISTER = """
+local function register_path(paths, by_expiry, path, claim_ms, prefix)
+  local now = now_us()
+  if redis.call('ZADD', paths, 0, path) == 1 then
+    -- A new path: forget up to 8 whose entries have all expired, so the list stays bounded.
+    prune_paths(prefix, paths, by_expiry)
+  end
+  redis.call('ZADD', by_expiry, 'GT', math.floor(now / 1000) + tonumber(claim_ms), path)
+  return now
+end
+"""
+
+# KEYS: resp, fresh, claim, paths, paths by expiry. ARGV: token, claim ms, path, prefix.
+# Returns {entry or false, stale 0/1, claim time in µs or 0}. A fresh hit returns before the
+# shared functions are even defined: the hit path runs three lines.
+_LOOKUP = (
+    """
+local entry = redis.call('GET', KEYS[1])
+if entry and redis.call('EXISTS', KEYS[2]) == 1 then return {entry, 0, 0} end
+"""
+    + _LIBRARY
+    + _REGISTER
+    + """
+local stale = entry and 1 or 0
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2])
+  -- Our own claim: this is a retry of a lookup whose reply was lost.
+  or redis.call('GET', KEYS[3]) == ARGV[1] then
+  return {entry, stale, register_path(KEYS[4], KEYS[5], ARGV[3], ARGV[2], ARGV[4])}
+end
+return {entry, stale, 0}
+"""
+)
+
 # KEYS: claim, paths, paths by expiry. ARGV: token, claim ms, path, prefix.
-# Registers the path first, so a prefix invalidation during the job finds and stamps it.
 _BEGIN = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local now = now_ms()
-if redis.call('ZADD', KEYS[2], 0, ARGV[3]) == 1 then
-  -- A new path: forget up to 8 whose entries have all expired, so the list stays bounded.
-  prune_paths(ARGV[4], KEYS[2], KEYS[3])
-end
-redis.call('ZADD', KEYS[3], 'GT', now + tonumber(ARGV[2]), ARGV[3])
-return now
+return register_path(KEYS[2], KEYS[3], ARGV[3], ARGV[2], ARGV[4])
 """
 
 # KEYS: resp, fresh, claim, path index, paths, path stamp, paths by expiry, durations.
@@ -208,7 +250,7 @@ return 0
 # KEYS: index (hash of path or set of tag), its stamp, paths. ARGV: prefix, soft, stamp ms,
 # path or ''. Stamps, then drops every entry the index names.
 _INVALIDATE_INDEX = """
-redis.call('SET', KEYS[2], now_ms(), 'PX', ARGV[3])
+redis.call('SET', KEYS[2], now_us(), 'PX', ARGV[3])
 local soft = ARGV[2] == '1'
 local digests
 if redis.call('TYPE', KEYS[1]).ok == 'hash' then
@@ -228,7 +270,7 @@ return count
 
 # KEYS: path index, path stamp. ARGV: stamp ms. Stamps the path, returns its index.
 _STAMP_PATH = """
-redis.call('SET', KEYS[2], now_ms(), 'PX', ARGV[1])
+redis.call('SET', KEYS[2], now_us(), 'PX', ARGV[1])
 return redis.call('HGETALL', KEYS[1])
 """
 
@@ -262,21 +304,37 @@ class RedisStore:
         # longer than its claim lease: keep the stamp that long, plus a margin.
         self._stamp_ms = self._claim_ms + 60_000
         self._lookup = redis.register_script(_LOOKUP)
-        self._begin = redis.register_script(_LIBRARY + _BEGIN)
+        self._begin = redis.register_script(_LIBRARY + _REGISTER + _BEGIN)
         self._commit = redis.register_script(_LIBRARY + _COMMIT)
         self._release = redis.register_script(_RELEASE)
         self._invalidate_index = redis.register_script(_LIBRARY + _INVALIDATE_INDEX)
         self._stamp_path = redis.register_script(_LIBRARY + _STAMP_PATH)
         self._drop = redis.register_script(_LIBRARY + _DROP)
 
-    async def lookup(self, digest: str, token: str) -> Lookup:
+    async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         keys = self._keys
-        entry, stale, claimed = await self._lookup(
-            keys=[keys.response(digest), keys.fresh(digest), keys.claim(digest)],
-            args=[token, self._claim_ms],
+        entry, stale, claimed_at = await self._lookup(
+            keys=[
+                keys.response(digest),
+                keys.fresh(digest),
+                keys.claim(digest),
+                keys.paths(),
+                keys.paths_by_expiry(),
+            ],
+            args=[token, self._claim_ms, _text(path), keys.prefix],
         )
-        return Lookup(entry, stale == 1, claimed == 1)
+        if claimed_at == 0:
+            return Lookup(entry, stale == 1)
+        return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
+
+    def lease_left(self, claimed_at: float) -> float:
+        """See `Store.lease_left`.
+
+        Compares Redis's clock with ours, as arq does with its enqueuers' clocks. If they
+        disagree, the cost is a needless renewal, or at worst a job run twice.
+        """
+        return claimed_at / 1e6 + self._claim_ms / 1000 - time.time()
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
         """See `Store.begin`."""

@@ -63,9 +63,14 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
         if runtime is not None:
             await runtime.exit_stack.aclose()
 
-    async def replay_job(ctx: dict[Any, Any], snapshot: bytes, token: str) -> str:
+    async def replay_job(
+        ctx: dict[Any, Any], snapshot: bytes, token: str, claimed_at: float | None = None
+    ) -> str:
+        # A job enqueued by an earlier version has no claim time: run_job renews the claim.
         runtime: _Runtime = ctx[_CONTEXT_KEY]
-        return await run_job(app, runtime.store, config, snapshot, token, state=runtime.state)
+        return await run_job(
+            app, runtime.store, config, snapshot, token, claimed_at, state=runtime.state
+        )
 
     return {
         "functions": [

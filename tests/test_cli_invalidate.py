@@ -19,8 +19,7 @@ async def stored(
     redis: Redis, config: Config, digest: str, path: str, query: bytes, tags: tuple[str, ...] = ()
 ) -> None:
     store = RedisStore(redis, prefix=config.prefix, claim_ttl=config.claim_lease)
-    assert (await store.lookup(digest, "t")).claimed
-    started = await store.begin(digest, "t", path)
+    started = (await store.lookup(digest, "t", path)).claimed_at
     assert started is not None
     await store.commit(
         digest, "t", started, Write(b"x", fresh=60, keep=60, path=path, query=query, tags=tags)

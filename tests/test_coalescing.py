@@ -22,12 +22,12 @@ class SlowCountingStore:
         self.lookups = 0
         self.fail = False
 
-    async def lookup(self, digest: str, token: str) -> Lookup:
+    async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         self.lookups += 1
         await asyncio.sleep(0.05)
         if self.fail:
             raise ConnectionError("redis went away")
-        return await self.store.lookup(digest, token)
+        return await self.store.lookup(digest, token, path)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from asgi_worker.invalidation import ByGlob, ByPath, ByQuery, ByTag
+from asgi_worker.invalidation import ByGlob, ByPath, ByQuery, ByTag, Target
 from asgi_worker.memory import MemoryStore
 from asgi_worker.store import Committed, Lookup, RedisStore, Store, Write
 
@@ -35,83 +35,103 @@ def write(entry: bytes = b"entry", **changes: object) -> Write:
     return Write(entry, **values)  # type: ignore[arg-type]
 
 
+async def claim(
+    store: Store, digest: str = DIGEST, token: str = "job", path: str = "/report"
+) -> float:
+    """Claim `digest` for `token`; returns the claim time, the job's start for `commit`."""
+    claimed_at = (await store.lookup(digest, token, path)).claimed_at
+    assert claimed_at is not None
+    return claimed_at
+
+
 async def store_one(
     store: Store, digest: str = DIGEST, token: str = "t", entry: bytes = b"entry", **changes: object
 ) -> None:
-    assert (await store.lookup(digest, token)).claimed
-    started = await store.begin(digest, token, str(changes.get("path", "/report")))
-    assert started is not None
+    started = await claim(store, digest, token, str(changes.get("path", "/report")))
     assert await store.commit(digest, token, started, write(entry, **changes)) is Committed.STORED
 
 
 async def test_first_lookup_claims_others_wait(store: Store) -> None:
-    assert await store.lookup(DIGEST, "a") == Lookup(None, stale=False, claimed=True)
-    assert await store.lookup(DIGEST, "b") == Lookup(None, stale=False, claimed=False)
+    first = await store.lookup(DIGEST, "a", "/report")
+    assert first == Lookup(None, stale=False, claimed=True)
+    assert first.claimed_at is not None
+    second = await store.lookup(DIGEST, "b", "/report")
+    assert second == Lookup(None, stale=False, claimed=False)
+    assert second.claimed_at is None
+
+
+async def test_lease_left_counts_down_from_the_claim_and_begin_renews_it(store: Store) -> None:
+    claimed_at = await claim(store)
+    assert LEASE - 0.1 < store.lease_left(claimed_at) <= LEASE + 0.05
+    await asyncio.sleep(0.2)
+    assert store.lease_left(claimed_at) < LEASE - 0.15
+    renewed = await store.begin(DIGEST, "job", "/report")
+    assert renewed is not None
+    assert renewed > claimed_at
+    assert LEASE - 0.1 < store.lease_left(renewed) <= LEASE + 0.05
+    await asyncio.sleep(0.2)  # past the first lease, within the renewed one
+    assert not (await store.lookup(DIGEST, "other", "/report")).claimed
 
 
 async def test_lease_runs_out_and_the_next_request_claims_again(store: Store) -> None:
-    assert (await store.lookup(DIGEST, "dead-worker")).claimed
+    assert (await store.lookup(DIGEST, "dead-worker", "/report")).claimed
     await asyncio.sleep(LEASE + 0.1)
-    assert (await store.lookup(DIGEST, "next")).claimed
+    assert (await store.lookup(DIGEST, "next", "/report")).claimed
 
 
 async def test_commit_stores_and_releases_its_own_claim(store: Store) -> None:
     await store_one(store)
-    assert await store.lookup(DIGEST, "b") == Lookup(b"entry")
+    assert await store.lookup(DIGEST, "b", "/report") == Lookup(b"entry")
     await store.discard(DIGEST)
-    assert (await store.lookup(DIGEST, "c")).claimed
+    assert (await store.lookup(DIGEST, "c", "/report")).claimed
 
 
 async def test_a_stale_token_does_not_release_a_newer_claim(store: Store) -> None:
-    await store.lookup(DIGEST, "old")
+    await store.lookup(DIGEST, "old", "/report")
     await asyncio.sleep(LEASE + 0.1)
-    await store.lookup(DIGEST, "new")
+    await store.lookup(DIGEST, "new", "/report")
     await store.release(DIGEST, "old")
-    assert not (await store.lookup(DIGEST, "third")).claimed
+    assert not (await store.lookup(DIGEST, "third", "/report")).claimed
 
 
 async def test_a_superseded_job_neither_begins_nor_commits(store: Store) -> None:
-    await store.lookup(DIGEST, "old")
-    started = await store.begin(DIGEST, "old", "/report")
-    assert started is not None
+    started = await claim(store, token="old")
     await asyncio.sleep(LEASE + 0.1)
-    assert (await store.lookup(DIGEST, "new")).claimed
+    assert (await store.lookup(DIGEST, "new", "/report")).claimed
     assert await store.begin(DIGEST, "old", "/report") is None
     assert await store.commit(DIGEST, "old", started, write(b"late")) is Committed.REFUSED
-    assert (await store.lookup(DIGEST, "x")).entry is None
+    assert (await store.lookup(DIGEST, "x", "/report")).entry is None
 
 
 async def test_entries_go_stale_then_expire(store: Store) -> None:
     await store_one(store, fresh=0.2, keep=0.5)
-    assert await store.lookup(DIGEST, "a") == Lookup(b"entry")
+    assert await store.lookup(DIGEST, "a", "/report") == Lookup(b"entry")
     await asyncio.sleep(0.3)
     # Stale: served, and exactly one lookup claims the refresh.
-    assert await store.lookup(DIGEST, "b") == Lookup(b"entry", stale=True, claimed=True)
-    assert await store.lookup(DIGEST, "c") == Lookup(b"entry", stale=True, claimed=False)
+    assert await store.lookup(DIGEST, "b", "/report") == Lookup(b"entry", stale=True, claimed=True)
+    assert await store.lookup(DIGEST, "c", "/report") == Lookup(b"entry", stale=True, claimed=False)
     await asyncio.sleep(0.3)
-    assert (await store.lookup(DIGEST, "d")).entry is None
+    assert (await store.lookup(DIGEST, "d", "/report")).entry is None
 
 
 async def test_a_failed_refresh_keeps_the_stale_copy_and_backs_off(store: Store) -> None:
     await store_one(store, fresh=0.1, keep=5.0)
     await asyncio.sleep(0.15)
-    assert (await store.lookup(DIGEST, "refresh")).claimed
-    started = await store.begin(DIGEST, "refresh", "/report")
-    assert started is not None
+    started = await claim(store, token="refresh")
     failed = write(b"error", failed=True, retry_after=0.3)
     assert await store.commit(DIGEST, "refresh", started, failed) is Committed.KEPT_STALE
-    assert await store.lookup(DIGEST, "a") == Lookup(b"entry", stale=True, claimed=False)
+    assert await store.lookup(DIGEST, "a", "/report") == Lookup(b"entry", stale=True, claimed=False)
     await asyncio.sleep(0.35)
-    assert (await store.lookup(DIGEST, "b")).claimed  # back-off over: try again
+    assert (await store.lookup(DIGEST, "b", "/report")).claimed  # back-off over: try again
 
 
 async def test_a_failure_without_a_stale_copy_is_stored(store: Store) -> None:
     await store_one(store, entry=b"error", failed=True)
-    assert (await store.lookup(DIGEST, "a")).entry == b"error"
+    assert (await store.lookup(DIGEST, "a", "/report")).entry == b"error"
 
 
 async def test_concurrent_lookups_claim_exactly_once(store: Store) -> None:
-    found = await asyncio.gather(*(store.lookup(DIGEST, f"t{i}") for i in range(200)))
+    found = await asyncio.gather(*(store.lookup(DIGEST, f"t{i}", "/report") for i in range(200)))
     assert sum(lookup.claimed for lookup in found) == 1
 
 
@@ -124,9 +144,9 @@ async def test_invalidate_by_path_takes_every_query_variant(store: Store) -> Non
     await store_one(store, digest(2), path="/report", query=b"year=2026")
     await store_one(store, digest(3), path="/other", query=b"")
     assert await store.invalidate(ByPath("/report")) == 2
-    assert (await store.lookup(digest(1), "x")).entry is None
-    assert (await store.lookup(digest(2), "x")).entry is None
-    assert (await store.lookup(digest(3), "x")).entry == b"entry"
+    assert (await store.lookup(digest(1), "x", "/report")).entry is None
+    assert (await store.lookup(digest(2), "x", "/report")).entry is None
+    assert (await store.lookup(digest(3), "x", "/report")).entry == b"entry"
     assert await store.invalidate(ByPath("/report")) == 0
 
 
@@ -136,8 +156,8 @@ async def test_invalidate_by_glob(store: Store) -> None:
     await store_one(store, digest(3), path="/reportsX")
     await store_one(store, digest(4), path="/users/1")
     assert await store.invalidate(ByGlob("/reports/*")) == 2
-    assert (await store.lookup(digest(3), "x")).entry == b"entry"
-    assert (await store.lookup(digest(4), "x")).entry == b"entry"
+    assert (await store.lookup(digest(3), "x", "/report")).entry == b"entry"
+    assert (await store.lookup(digest(4), "x", "/report")).entry == b"entry"
     assert await store.invalidate(ByGlob("*")) == 2
 
 
@@ -163,8 +183,8 @@ async def test_invalidate_by_query(
     await store_one(store, digest(1), path="/foo", query=query)
     await store_one(store, digest(2), path="/foo", query=b"other=1")
     assert await store.invalidate(ByQuery("/foo", params)) == int(matches)
-    assert ((await store.lookup(digest(1), "x")).entry is None) is matches
-    assert (await store.lookup(digest(2), "x")).entry == b"entry"
+    assert ((await store.lookup(digest(1), "x", "/report")).entry is None) is matches
+    assert (await store.lookup(digest(2), "x", "/report")).entry == b"entry"
 
 
 async def test_invalidate_by_tag(store: Store) -> None:
@@ -172,35 +192,52 @@ async def test_invalidate_by_tag(store: Store) -> None:
     await store_one(store, digest(2), path="/b", tags=("user-7",))
     await store_one(store, digest(3), path="/c", tags=("report-43",))
     assert await store.invalidate(ByTag("user-7")) == 2
-    assert (await store.lookup(digest(3), "x")).entry == b"entry"
+    assert (await store.lookup(digest(3), "x", "/report")).entry == b"entry"
     assert await store.invalidate(ByTag("report-42")) == 0  # already gone
 
 
 async def test_soft_invalidation_marks_stale_and_one_refresh_runs(store: Store) -> None:
     await store_one(store, fresh=60, keep=60)
     assert await store.invalidate(ByPath("/report"), soft=True) == 1
-    assert await store.lookup(DIGEST, "a") == Lookup(b"entry", stale=True, claimed=True)
-    assert await store.lookup(DIGEST, "b") == Lookup(b"entry", stale=True, claimed=False)
+    assert await store.lookup(DIGEST, "a", "/report") == Lookup(b"entry", stale=True, claimed=True)
+    assert await store.lookup(DIGEST, "b", "/report") == Lookup(b"entry", stale=True, claimed=False)
 
 
-async def test_a_job_that_began_before_an_invalidation_does_not_store(store: Store) -> None:
-    for target in (ByPath("/report"), ByGlob("/rep*"), ByQuery("/report", (("year", "2026"),))):
-        assert (await store.lookup(DIGEST, "job")).claimed
-        started = await store.begin(DIGEST, "job", "/report")
-        assert started is not None
-        await asyncio.sleep(0.002)  # the app runs; data changes; someone invalidates
-        await store.invalidate(target)
-        outcome = await store.commit(DIGEST, "job", started, write(b"old"))
-        assert outcome is Committed.REFUSED, target
-        # The claim is released: the next request starts a job that sees the new data.
-        assert (await store.lookup(DIGEST, "next")).claimed, target
-        await store.release(DIGEST, "next")
+async def start_job(store: Store, renewed: bool) -> float:
+    """A job's start time: its claim's, or the one `begin` took after a long queue wait."""
+    started = await claim(store)
+    if renewed:
+        await asyncio.sleep(0.002)
+        begun = await store.begin(DIGEST, "job", "/report")
+        assert begun is not None
+        started = begun
+    return started
 
 
-async def test_a_job_that_began_before_a_tag_invalidation_does_not_store(store: Store) -> None:
-    assert (await store.lookup(DIGEST, "job")).claimed
-    started = await store.begin(DIGEST, "job", "/report")
-    assert started is not None
+@pytest.mark.parametrize("renewed", [False, True], ids=["claimed", "renewed"])
+@pytest.mark.parametrize(
+    "target",
+    [ByPath("/report"), ByGlob("/rep*"), ByQuery("/report", (("year", "2026"),))],
+    ids=["path", "glob", "query"],
+)
+async def test_a_job_that_began_before_an_invalidation_does_not_store(
+    store: Store, target: Target, renewed: bool
+) -> None:
+    # The path is brand new: only the claim registered it, yet the glob finds it.
+    started = await start_job(store, renewed)
+    await asyncio.sleep(0.002)  # the app runs; data changes; someone invalidates
+    await store.invalidate(target)
+    outcome = await store.commit(DIGEST, "job", started, write(b"old"))
+    assert outcome is Committed.REFUSED
+    # The claim is released: the next request starts a job that sees the new data.
+    assert (await store.lookup(DIGEST, "next", "/report")).claimed
+
+
+@pytest.mark.parametrize("renewed", [False, True], ids=["claimed", "renewed"])
+async def test_a_job_that_began_before_a_tag_invalidation_does_not_store(
+    store: Store, renewed: bool
+) -> None:
+    started = await start_job(store, renewed)
     await asyncio.sleep(0.002)
     await store.invalidate(ByTag("report-42"))
     tagged = write(b"old", tags=("report-42",))
@@ -212,7 +249,7 @@ async def test_a_job_that_began_after_an_invalidation_stores(store: Store) -> No
     await store.invalidate(ByTag("report-42"))
     await asyncio.sleep(0.002)
     await store_one(store, tags=("report-42",))
-    assert (await store.lookup(DIGEST, "x")).entry == b"entry"
+    assert (await store.lookup(DIGEST, "x", "/report")).entry == b"entry"
 
 
 async def test_expired_paths_leave_the_prefix_index(redis: Redis, prefix: str) -> None:

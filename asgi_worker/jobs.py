@@ -116,26 +116,27 @@ def to_write(
             path=snapshot.path,
             query=snapshot.query_string,
         )
+    # One pass: take the tags out of the headers, and see whether the app sent an ETag.
     tag_header = config.tag_header.encode()
-    tags = tuple(
-        dict.fromkeys(
-            tag
-            for name, value in replayed.headers
-            if name == tag_header
-            for tag in value.decode("latin-1").split()
-        )
-    )[:_MAX_TAGS]
-    headers = tuple(pair for pair in replayed.headers if pair[0] != tag_header)
-    if not any(name == b"etag" for name, _ in headers):
-        headers += ((b"etag", entity_tag(headers, replayed.body)),)
-    response = stored(ReplayedResponse(replayed.status, headers, replayed.body))
+    tags: dict[str, None] = {}
+    headers: list[tuple[bytes, bytes]] = []
+    has_etag = False
+    for name, value in replayed.headers:
+        if name == tag_header:
+            tags.update(dict.fromkeys(value.decode("latin-1").split()))
+        else:
+            headers.append((name, value))
+            has_etag = has_etag or name == b"etag"
+    if not has_etag:
+        headers.append((b"etag", entity_tag((), replayed.body)))
+    response = stored(ReplayedResponse(replayed.status, tuple(headers), replayed.body))
     return Write(
         encode_response(response),
         fresh=life.fresh,
         keep=life.fresh + life.stale,
         path=snapshot.path,
         query=snapshot.query_string,
-        tags=tags,
+        tags=tuple(tags)[:_MAX_TAGS],
         failed=replayed.status >= 500,
         retry_after=config.error_ttl,
     )

@@ -188,7 +188,8 @@ class RedisKeys:
         return f"{self.prefix}:events"
 
     # Invalidation indexes. Names hash the path or tag with SHA-1, which the Lua scripts
-    # can compute too (redis.sha1hex); it bounds the key length, nothing more.
+    # can compute too (redis.sha1hex); it bounds the key length, nothing more. The commit
+    # script names these keys itself (store.py); a store test checks that the two agree.
 
     def paths(self) -> str:
         """Sorted set (all scores 0, so ordered by bytes) of stored paths: prefix queries."""
@@ -203,7 +204,7 @@ class RedisKeys:
         return f"{self.prefix}:path:{_sha1(path)}"
 
     def path_stamp(self, path: str) -> str:
-        """When the path was last invalidated (store clock, ms)."""
+        """When the path was last invalidated (store clock, µs)."""
         return f"{self.prefix}:inv:path:{_sha1(path)}"
 
     def durations(self) -> str:
@@ -219,7 +220,7 @@ class RedisKeys:
         return f"{self.prefix}:tag:{_sha1(tag)}"
 
     def tag_stamp(self, tag: str) -> str:
-        """When the tag was last invalidated (store clock, ms)."""
+        """When the tag was last invalidated (store clock, µs)."""
         return f"{self.prefix}:inv:tag:{_sha1(tag)}"
 
     def job_id(self, digest: str, token: str) -> str:

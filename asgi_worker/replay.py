@@ -165,15 +165,16 @@ def _status(value: Any) -> int:
 
 
 def _headers(value: Any) -> Headers:
-    problem = InvalidResponseError("headers must be an iterable of (bytes, bytes) pairs")
+    """Checked, with names lowercased, in one pass (it runs once per replay)."""
+    headers: list[tuple[bytes, bytes]] = []
     try:
-        pairs = [tuple(pair) for pair in value]
-    except TypeError:
-        raise problem from None
-    for pair in pairs:
-        if len(pair) != 2 or not all(isinstance(part, bytes | bytearray) for part in pair):
-            raise problem
-    return tuple((bytes(name).lower(), bytes(raw)) for name, raw in pairs)
+        for name, raw in value:
+            if not (isinstance(name, bytes | bytearray) and isinstance(raw, bytes | bytearray)):
+                raise TypeError
+            headers.append((bytes(name).lower(), bytes(raw)))
+    except (TypeError, ValueError):  # not iterable, not pairs, or not bytes
+        raise InvalidResponseError("headers must be an iterable of (bytes, bytes) pairs") from None
+    return tuple(headers)
 
 
 def _server(host: str, scheme: str) -> tuple[str, int | None] | None:

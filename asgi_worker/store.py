@@ -195,49 +195,57 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return register_path(KEYS[2], KEYS[3], ARGV[3], ARGV[2], ARGV[4])
 """
 
-# KEYS: resp, fresh, claim, path index, paths, path stamp, paths by expiry, durations.
-# ARGV: token, started, entry, fresh ms, keep ms, path, query, failed, retry ms, digest,
-#       prefix, duration ms or '', then one tag hash per tag.
+# KEYS: resp, fresh, claim (the request's own keys).
+# ARGV: prefix, token, started, entry, fresh ms, keep ms, path, query, failed, retry ms,
+#       digest, duration ms or '', then one tag hash per tag.
+# The shared keys are named here from the prefix and the path, as `RedisKeys` names them:
+# fewer arguments to send per job, and no hashing in the worker.
 _COMMIT = """
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[1] then return 'refused' end
-local started = tonumber(ARGV[2])
+local prefix, token, started, entry, fresh_ms, keep_ms, path, query, failed, retry_ms, digest,
+  duration = unpack(ARGV, 1, 12)
+local resp, fresh, claim = KEYS[1], KEYS[2], KEYS[3]
+local holder = redis.call('GET', claim)
+if holder and holder ~= token then return 'refused' end
+started = tonumber(started)
 local function stamped_since(key)
   local at = redis.call('GET', key)
   return at and tonumber(at) >= started
 end
-local refused = stamped_since(KEYS[6])
+local path_hash = redis.sha1hex(path)
+local refused = stamped_since(prefix .. ':inv:path:' .. path_hash)
 for i = 13, #ARGV do
-  refused = refused or stamped_since(ARGV[11] .. ':inv:tag:' .. ARGV[i])
+  refused = refused or stamped_since(prefix .. ':inv:tag:' .. ARGV[i])
 end
 if refused then
-  if holder then redis.call('DEL', KEYS[3]) end
+  if holder then redis.call('DEL', claim) end
   return 'refused'
 end
-if ARGV[8] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[9])
+if failed == '1' and redis.call('EXISTS', resp) == 1 then
+  redis.call('SET', claim, token, 'PX', retry_ms)
   return 'kept-stale'
 end
-redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[5])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
-redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[4], ARGV[10], ARGV[7])
-keep_at_least(KEYS[4], ARGV[5])
-redis.call('ZADD', KEYS[5], 0, ARGV[6])
-redis.call('ZADD', KEYS[7], 'GT', now_ms() + tonumber(ARGV[5]), ARGV[6])
-if ARGV[12] ~= '' then
-  local typical = tonumber(ARGV[12])
-  local before = redis.call('HGET', KEYS[8], ARGV[6])
+redis.call('SET', resp, entry, 'PX', keep_ms)
+redis.call('SET', fresh, '1', 'PX', fresh_ms)
+redis.call('DEL', claim)
+local index = prefix .. ':path:' .. path_hash
+redis.call('HSET', index, digest, query)
+keep_at_least(index, keep_ms)
+redis.call('ZADD', prefix .. ':paths', 0, path)
+redis.call('ZADD', prefix .. ':paths:expiry', 'GT', now_ms() + tonumber(keep_ms), path)
+if duration ~= '' then
+  local durations = prefix .. ':durations'
+  local typical = tonumber(duration)
+  local before = redis.call('HGET', durations, path)
   if before then typical = math.floor(tonumber(before) * 0.7 + typical * 0.3) end
-  redis.call('HSET', KEYS[8], ARGV[6], typical)
-  redis.call('PEXPIRE', KEYS[8], 86400000)
+  redis.call('HSET', durations, path, typical)
+  redis.call('PEXPIRE', durations, 86400000)
 end
 for i = 13, #ARGV do
-  local tag = ARGV[11] .. ':tag:' .. ARGV[i]
-  redis.call('SADD', tag, ARGV[10])
-  keep_at_least(tag, ARGV[5])
+  local tag = prefix .. ':tag:' .. ARGV[i]
+  redis.call('SADD', tag, digest)
+  keep_at_least(tag, keep_ms)
 end
-redis.call('PUBLISH', ARGV[11] .. ':events', ARGV[10])
+redis.call('PUBLISH', prefix .. ':events', digest)
 return 'stored'
 """
 
@@ -348,17 +356,9 @@ class RedisStore:
         """See `Store.commit`."""
         keys = self._keys
         outcome = await self._commit(
-            keys=[
-                keys.response(digest),
-                keys.fresh(digest),
-                keys.claim(digest),
-                keys.path_index(write.path),
-                keys.paths(),
-                keys.path_stamp(write.path),
-                keys.paths_by_expiry(),
-                keys.durations(),
-            ],
+            keys=[keys.response(digest), keys.fresh(digest), keys.claim(digest)],
             args=[
+                keys.prefix,
                 token,
                 int(started),
                 write.entry,
@@ -369,7 +369,6 @@ class RedisStore:
                 "1" if write.failed else "0",
                 _milliseconds(write.retry_after),
                 digest,
-                keys.prefix,
                 "" if write.duration is None else _milliseconds(write.duration),
                 *(keys.tag_hash(tag) for tag in write.tags),
             ],

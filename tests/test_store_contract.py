@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from asgi_worker.invalidation import ByGlob, ByPath, ByQuery, ByTag, Target
+from asgi_worker.keys import RedisKeys
 from asgi_worker.memory import MemoryStore
 from asgi_worker.store import Committed, Lookup, RedisStore, Store, Write
 
@@ -250,6 +251,19 @@ async def test_a_job_that_began_after_an_invalidation_stores(store: Store) -> No
     await asyncio.sleep(0.002)
     await store_one(store, tags=("report-42",))
     assert (await store.lookup(DIGEST, "x", "/report")).entry == b"entry"
+
+
+async def test_the_commit_script_names_shared_keys_as_redis_keys_does(
+    redis: Redis, prefix: str
+) -> None:
+    store = RedisStore(redis, prefix=prefix, claim_ttl=LEASE)
+    path = "/caf\u00e9/r\u00e9sum\u00e9 \udcff"  # non-ASCII, and a lone surrogate
+    await store_one(store, path=path, tags=("report-42",), duration=0.25)
+    keys = RedisKeys(prefix)
+    named = [keys.path_index(path), keys.paths(), keys.paths_by_expiry(), keys.durations()]
+    named.append(keys.tag("report-42"))
+    assert await redis.exists(*named) == len(named)
+    assert await store.typical_duration(path) == 0.25
 
 
 async def test_expired_paths_leave_the_prefix_index(redis: Redis, prefix: str) -> None:

@@ -437,8 +437,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
     parser.add_argument("--ttr-urls", type=int, help="time-to-ready URLs (default 300; 100)")
     parser.add_argument("--poll-interval", type=float, default=0.001, help="ttr client poll (s)")
-    parser.add_argument("--jobs", type=int, help="worker backlog N (default 2000; 500)")
-    parser.add_argument("--worker-rounds", type=int, help="worker rounds (default 3; 2)")
+    parser.add_argument("--jobs", type=int, help="worker backlog N (default 1500; 500)")
+    parser.add_argument("--worker-rounds", type=int, help="worker rounds (default 6; 2)")
     parser.add_argument("--keys", type=int, help="distinct keys for memory (default 10000; 2000)")
     parser.add_argument(
         "--profile",
@@ -464,8 +464,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "duration": (8.0, 3.0),
         "warmup": (2.0, 1.0),
         "ttr_urls": (300, 100),
-        "jobs": (2000, 500),
-        "worker_rounds": (3, 2),
+        "jobs": (1500, 500),
+        "worker_rounds": (6, 2),
         "keys": (10_000, 2000),
     }
     for name, (full, quick) in defaults.items():

@@ -9,6 +9,11 @@ Per round, interleaved (the order alternates between rounds):
   middleware (each a `202` that claims and enqueues one job), then a real arq worker built
   by `asgi_worker.worker_settings()` drains the backlog in burst mode.
 - raw arq: N no-op jobs enqueued with `enqueue_job`, drained by a plain `arq.Worker`.
+- two references, raw arq jobs that each do one part of a replay job, to show where its
+  cost goes: `arq + SET` stores a value the size of the trivial endpoint's entry with one
+  Redis round trip (what any job that keeps its result in Redis must do at least), and
+  `arq + replay` runs the trivial endpoint through the same app with asgi-worker's replay
+  and encodes the entry, but stores nothing.
 
 Both workers use the same queue settings (`poll_delay`, `max_jobs` from asgi-worker's
 defaults, `keep_result=0`). The clock runs from the end of the worker's startup (after
@@ -20,12 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import resource
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +42,15 @@ from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
 from asgi_worker import Config, worker_settings
+from asgi_worker.jobs import to_write
+from asgi_worker.keys import RequestSnapshot
+from asgi_worker.replay import replay
 from benchmarks import profiling
 from benchmarks.apps import create_asgi_worker_app
 from benchmarks.servers import cpu_seconds
 
 BACKLOG_CONCURRENCY = 32
+Runner = Callable[..., Awaitable[dict[str, float]]]
 PROFILE_JOBS = 5000  # enough seconds of draining for a few thousand samples
 
 
@@ -159,8 +169,30 @@ async def _noop(ctx: dict[Any, Any]) -> None:
     return None
 
 
+# About the size of the trivial endpoint's stored entry (status, 4 headers, "ok").
+_REFERENCE_ENTRY = b"x" * 160
+
+
+async def _store_one(ctx: dict[Any, Any]) -> None:
+    """Reference: one Redis round trip that stores an entry-sized value."""
+    await ctx["bench_redis"].set(f"{ctx['bench_prefix']}:ref:{ctx['job_id']}", _REFERENCE_ENTRY)
+
+
+async def _replay_only(ctx: dict[Any, Any]) -> None:
+    """Reference: the replay and encoding of a replay job, without the store."""
+    config: Config = ctx["bench_config"]
+    query = ctx["job_id"].rpartition(":")[2].encode()
+    snapshot = RequestSnapshot("http", "bench.local", "", "/trivial", None, b"k=" + query, ())
+    replayed = await replay(ctx["bench_app"], snapshot, max_body_bytes=config.max_body_bytes)
+    to_write(replayed, ok=True, snapshot=snapshot, config=config)
+
+
+REFERENCE_JOBS = {"arq": _noop, "arq + SET": _store_one, "arq + replay": _replay_only}
+"""Raw arq runs: the no-op baseline and the two references (see the module doc)."""
+
+
 async def arq_round(
-    redis_url: str, prefix: str, jobs: int, profile: Path | None = None
+    redis_url: str, prefix: str, jobs: int, profile: Path | None = None, *, kind: str = "arq"
 ) -> dict[str, float]:
     redis_pid = await _redis_pid(redis_url)
     defaults = Config()
@@ -178,12 +210,20 @@ async def arq_round(
     finally:
         await pool.aclose()
     started: list[float] = []
+    client = Redis.from_url(redis_url)
+    config = Config(redis_url=redis_url, prefix=prefix)
 
     async def startup(ctx: dict[Any, Any]) -> None:
+        ctx.update(
+            bench_redis=client,
+            bench_prefix=prefix,
+            bench_config=config,
+            bench_app=create_asgi_worker_app(config),
+        )
         started.extend(_clocks(redis_pid))
 
     worker = Worker(
-        functions=[func(_noop, name="noop", keep_result=0)],
+        functions=[func(REFERENCE_JOBS[kind], name="noop", keep_result=0)],
         queue_name=queue_name,
         redis_settings=settings,
         burst=True,
@@ -199,7 +239,8 @@ async def arq_round(
         finished = _clocks(redis_pid)
     finally:
         await worker.close()
-    return _rate("arq", worker, jobs, started, finished)
+        await client.aclose()
+    return _rate(kind, worker, jobs, started, finished)
 
 
 async def _redis_pid(redis_url: str) -> int | None:
@@ -228,21 +269,24 @@ async def cleanup(redis_url: str, prefix: str) -> int:
 async def main(
     redis_url: str, prefix: str, jobs: int, rounds: int, profile_dir: Path | None
 ) -> dict[str, Any]:
-    results: dict[str, list[dict[str, float]]] = {"asgi-worker": [], "arq": []}
-    runners = {"asgi-worker": asgi_worker_round, "arq": arq_round}
+    runners: dict[str, Runner] = {"asgi-worker": asgi_worker_round}
+    for kind in REFERENCE_JOBS:
+        runners[kind] = functools.partial(arq_round, kind=kind)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
     try:
         for r in range(rounds):
-            order = ["asgi-worker", "arq"] if r % 2 == 0 else ["arq", "asgi-worker"]
+            # asgi-worker and its baseline back to back, in alternating order.
+            order = list(runners) if r % 2 == 0 else list(reversed(runners))
             for name in order:
-                round_prefix = f"{prefix}-{name}-{r}"
+                round_prefix = f"{prefix}-{r}-{name.replace(' ', '')}"
                 results[name].append(await runners[name](redis_url, round_prefix, jobs))
                 await cleanup(redis_url, round_prefix)
         if profile_dir is not None:
             # Extra rounds under py-spy, after the timed ones (sampling costs a little).
-            for name, runner in runners.items():
+            for name in ("asgi-worker", "arq"):
                 out = profile_dir / f"worker-{name}.txt"
                 results[f"{name} (profiled)"] = [
-                    await runner(redis_url, f"{prefix}-{name}-profiled", PROFILE_JOBS, out)
+                    await runners[name](redis_url, f"{prefix}-{name}-profiled", PROFILE_JOBS, out)
                 ]
                 await cleanup(redis_url, f"{prefix}-{name}-profiled")
     finally:
@@ -261,8 +305,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--profile-dir", type=Path, help="also profile one round of each")
     args = parser.parse_args()
     result = asyncio.run(

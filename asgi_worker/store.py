@@ -298,9 +298,10 @@ return count
 class RedisStore:
     """A `Store` on one Redis.
 
-    The lookup script touches only the request's own keys (one Cluster hash tag); the
-    commit and invalidation scripts also maintain shared indexes, so they need a single
-    Redis (or a Cluster where those keys are co-located), not a sharded Cluster.
+    A hit touches only the request's own keys (one Cluster hash tag). A claim also
+    registers the path in a shared index, and the commit and invalidation scripts
+    maintain shared indexes, so they need a single Redis (or a Cluster where those keys
+    are co-located), not a sharded Cluster.
     """
 
     def __init__(self, redis: Redis, *, prefix: str, claim_ttl: float) -> None:

@@ -166,9 +166,11 @@ local function register_path(paths, by_expiry, path, claim_ms, prefix)
 end
 """
 
-# KEYS: resp, fresh, claim, paths, paths by expiry. ARGV: token, claim ms, path, prefix.
+# KEYS: resp, fresh, claim. ARGV: token, claim ms, path, prefix.
 # Returns {entry or false, stale 0/1, claim time in µs or 0}. A fresh hit returns before the
-# shared functions are even defined: the hit path runs three lines.
+# shared functions are even defined: the hit path runs three lines. The shared path index
+# keys are named here from the prefix (as the commit names them), so a hit sends no more
+# than it needs.
 _LOOKUP = (
     """
 local entry = redis.call('GET', KEYS[1])
@@ -181,7 +183,8 @@ local stale = entry and 1 or 0
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2])
   -- Our own claim: this is a retry of a lookup whose reply was lost.
   or redis.call('GET', KEYS[3]) == ARGV[1] then
-  return {entry, stale, register_path(KEYS[4], KEYS[5], ARGV[3], ARGV[2], ARGV[4])}
+  local paths = ARGV[4] .. ':paths'
+  return {entry, stale, register_path(paths, paths .. ':expiry', ARGV[3], ARGV[2], ARGV[4])}
 end
 return {entry, stale, 0}
 """
@@ -324,13 +327,7 @@ class RedisStore:
         """See `Store.lookup`."""
         keys = self._keys
         entry, stale, claimed_at = await self._lookup(
-            keys=[
-                keys.response(digest),
-                keys.fresh(digest),
-                keys.claim(digest),
-                keys.paths(),
-                keys.paths_by_expiry(),
-            ],
+            keys=[keys.response(digest), keys.fresh(digest), keys.claim(digest)],
             args=[token, self._claim_ms, _text(path), keys.prefix],
         )
         if claimed_at == 0:

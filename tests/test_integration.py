@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import Counter
 
 import httpx
+from arq.constants import job_key_prefix
 from arq.worker import create_worker
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 
 from asgi_worker import Config, worker_settings
+from asgi_worker.queue import deserialize, serialize
 
 from .apps import make_app
 
@@ -55,3 +57,22 @@ async def test_miss_then_job_then_hit(config: Config, redis: Redis) -> None:
         "startup": True,
     }
     assert calls["/echo"] == 1
+
+
+async def test_a_job_queued_in_the_earlier_format_still_runs(config: Config, redis: Redis) -> None:
+    # Jobs queued by a web process of an earlier version carry (snapshot, token) only; a
+    # worker of this version renews the claim itself before it runs them.
+    calls: Counter[str] = Counter()
+    app = make_app(config, calls)
+    async with client(app) as http:
+        assert (await http.get("/echo?old=1")).status_code == 202
+        [job_id] = await redis.zrange(config.queue, 0, -1)
+        job_key = job_key_prefix + job_id.decode()
+        job = deserialize(await redis.get(job_key))
+        assert len(job["a"]) == 3  # snapshot, token, claim time
+        job["a"] = job["a"][:2]
+        await redis.set(job_key, serialize(job), px=60_000)
+
+        assert await run_worker(app, config) == 1
+        assert calls["/echo"] == 1
+        assert (await http.get("/echo?old=1")).status_code == 200

@@ -142,6 +142,10 @@ class WorkerMiddleware:
         a hot key costs one round trip per round-trip time, not one per request.
         """
         digest = snapshot.digest
+        # The near cache is a dict read: no round trip to share, nothing to time out.
+        near = self._open().near_cache()
+        if near is not None and (cached := near.get(digest)) is not None:
+            return _Found(cached, stale=False)
         if not self.config.coalesce:
             return await self._timed_lookup(snapshot, digest)
         return await self._inflight.run(digest, lambda: self._timed_lookup(snapshot, digest))
@@ -154,8 +158,6 @@ class WorkerMiddleware:
     async def _lookup_now(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
         backend = self._open()
         near = backend.near_cache()
-        if near is not None and (cached := near.get(digest)) is not None:
-            return _Found(cached, stale=False)
         token = f"{self._token_prefix}{next(self._token_counter):x}"
         found = await backend.store.lookup(digest, token, snapshot.path)
         response = None

@@ -128,13 +128,25 @@ async def asgi_worker_round(
 
     settings["on_startup"] = timed_startup
     worker = Worker(**settings, burst=True, handle_signals=False)
+    return await _drain(worker, "asgi-worker", jobs, started, redis_pid, profile)
+
+
+async def _drain(
+    worker: Worker,
+    name: str,
+    jobs: int,
+    started: list[float],
+    redis_pid: int | None,
+    profile: Path | None,
+) -> dict[str, float]:
+    """Run a burst worker until its backlog is gone; its rate from `started` (see `_rate`)."""
     try:
         async with _profiled(profile):
             await worker.main()
         finished = _clocks(redis_pid)
     finally:
         await worker.close()
-    return _rate("asgi-worker", worker, jobs, started, finished)
+    return _rate(name, worker, jobs, started, finished)
 
 
 def _clocks(redis_pid: int | None) -> list[float]:
@@ -234,13 +246,9 @@ async def arq_round(
         on_startup=startup,
     )
     try:
-        async with _profiled(profile):
-            await worker.main()
-        finished = _clocks(redis_pid)
+        return await _drain(worker, kind, jobs, started, redis_pid, profile)
     finally:
-        await worker.close()
         await client.aclose()
-    return _rate(kind, worker, jobs, started, finished)
 
 
 async def _redis_pid(redis_url: str) -> int | None:

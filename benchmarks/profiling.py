@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +70,25 @@ def _package(frame: str) -> str:
     return "other"
 
 
+def _stacks(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """(frames, outermost first; sample count) for each line of a collapsed-stacks file.
+
+    A frame name can hold newlines (py-spy once named one after a Lua script's source),
+    which splits its stack over lines that do not end in a count: those are skipped.
+    """
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack.split(";"), int(count_text)
+
+
 def summarise(raw: Path, *, top: int = 15) -> Profile:
     """Self and inclusive shares per function, and self share per package."""
     self_counts: Counter[str] = Counter()
     inclusive_counts: Counter[str] = Counter()
     package_counts: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
-        frames = stack.split(";")
+    for frames, count in _stacks(raw):
         total += count
         self_counts[frames[-1]] += count
         package_counts[_package(frames[-1])] += count
@@ -105,13 +113,9 @@ def inclusive_of(raw: Path, needle: str) -> list[tuple[str, float]]:
     """Inclusive shares of the frames whose text contains `needle` (e.g. `asgi_worker/`)."""
     counts: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
+    for frames, count in _stacks(raw):
         total += count
-        for frame in set(stack.split(";")):
+        for frame in set(frames):
             if needle in frame:
                 counts[frame] += count
     return [(name, count / total) for name, count in counts.most_common()] if total else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Mapping
@@ -57,6 +58,13 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
 
     async def startup(ctx: dict[Any, Any]) -> None:
         ctx[_CONTEXT_KEY] = await _start(app, config)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # The worker was told to stop while the app's lifespan started, and the
+            # cancellation was lost: asgi-lifespan awaits the startup in asyncio.wait_for,
+            # which on Python 3.11 can swallow one (CPython gh-86296), and the worker
+            # would poll on. Honour it; arq's close() still runs `shutdown`.
+            raise asyncio.CancelledError
 
     async def shutdown(ctx: dict[Any, Any]) -> None:
         runtime: _Runtime | None = ctx.pop(_CONTEXT_KEY, None)

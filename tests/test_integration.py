@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import Counter
 
 import httpx
+import pytest
 from arq.constants import job_key_prefix
 from arq.worker import create_worker
 from redis.asyncio import Redis
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from asgi_worker import Config, worker_settings
+from asgi_worker import worker as worker_module
 from asgi_worker.queue import deserialize, serialize
 
 from .apps import make_app
@@ -76,3 +81,34 @@ async def test_a_job_queued_in_the_earlier_format_still_runs(config: Config, red
         assert await run_worker(app, config) == 1
         assert calls["/echo"] == 1
         assert (await http.get("/echo?old=1")).status_code == 200
+
+
+async def test_a_stop_lost_while_the_app_starts_still_stops_the_worker(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asgi-lifespan awaits the app's startup in asyncio.wait_for, which on Python 3.11 can
+    # swallow a cancellation landing as the startup completes (CPython gh-86296). Here the
+    # startup loses one on purpose: the worker must still stop, not poll on.
+    entered = asyncio.Event()
+    real_start = worker_module._start
+
+    async def start_losing_a_cancellation(app: ASGIApp, config: Config) -> object:
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        return await real_start(app, config)
+
+    monkeypatch.setattr(worker_module, "_start", start_losing_a_cancellation)
+    settings = worker_settings(make_app(config, Counter()), config)
+    worker = create_worker(settings, handle_signals=False)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        await entered.wait()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done, "the worker polled on after it was told to stop"
+        assert task.cancelled()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()  # runs the shutdown: the app's lifespan and the store close

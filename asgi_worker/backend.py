@@ -17,7 +17,6 @@ from functools import partial
 from typing import Any
 
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,6 +24,7 @@ from starlette.types import ASGIApp
 
 from .codec import StoredResponse
 from .config import Config
+from .connections import BufferCheckingPool
 from .events import INVALIDATED, EventListener
 from .jobs import run_job
 from .keys import RedisKeys
@@ -140,7 +140,7 @@ def redis_client(url: str, config: Config, *, read_timeout: bool = True) -> ArqR
     subscription must be able to sit idle. Keepalives and health checks still find a
     dead connection.
     """
-    pool = ConnectionPool.from_url(
+    pool = BufferCheckingPool.from_url(
         url,
         socket_timeout=config.redis_timeout if read_timeout else None,
         socket_connect_timeout=config.redis_timeout,

@@ -151,7 +151,6 @@ async def _replay_or_error(
     app: ASGIApp, snapshot: RequestSnapshot, config: Config, state: Mapping[str, Any] | None
 ) -> tuple[ReplayedResponse, str]:
     """The app's response, or the error response that stands for its failure."""
-    where = _where(snapshot)
     deadline = asyncio.timeout(config.job_timeout)
     try:
         async with deadline:
@@ -161,18 +160,22 @@ async def _replay_or_error(
         return response, "stored"
     except TimeoutError:
         if not deadline.expired():
-            logger.exception("asgi-worker: %s raised", where)
+            logger.exception("asgi-worker: %s raised", _where(snapshot))
             return _error(500, "Internal Server Error"), "error"
-        logger.error("asgi-worker: %s took longer than job_timeout=%ss", where, config.job_timeout)
+        logger.error(
+            "asgi-worker: %s took longer than job_timeout=%ss",
+            _where(snapshot),
+            config.job_timeout,
+        )
         return _error(504, "Gateway Timeout"), "timeout"
     except BodyTooLargeError as error:
-        logger.error("asgi-worker: %s not stored: %s", where, error)
+        logger.error("asgi-worker: %s not stored: %s", _where(snapshot), error)
         return _error(502, "Response Too Large"), "too-large"
     except ReplayError as error:
-        logger.error("asgi-worker: %s gave an invalid response: %s", where, error)
+        logger.error("asgi-worker: %s gave an invalid response: %s", _where(snapshot), error)
         return _error(502, "Bad Gateway"), "invalid"
     except Exception:
-        logger.exception("asgi-worker: %s raised", where)
+        logger.exception("asgi-worker: %s raised", _where(snapshot))
         return _error(500, "Internal Server Error"), "error"
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgpack
 from redis.asyncio import Redis
 
 from .invalidation import ByGlob, ByPath, ByQuery, ByTag, Target, glob_range, query_matches
@@ -199,31 +200,33 @@ return register_path(KEYS[2], KEYS[3], ARGV[3], ARGV[2], ARGV[4])
 """
 
 # KEYS: resp, fresh, claim (the request's own keys).
-# ARGV: prefix, token, started, entry, fresh ms, keep ms, path, query, failed, retry ms,
-#       digest, duration ms or '', then one tag hash per tag.
+# ARGV: entry, then the rest packed by `_commit_meta` (msgpack, read with Redis's
+# cmsgpack): prefix, token, started, fresh ms, keep ms, path, query, failed, retry ms,
+# digest, duration ms or false, the tag hashes. One packed argument instead of a dozen
+# saves the worker most of redis-py's per-argument encoding.
 # The shared keys are named here from the prefix and the path, as `RedisKeys` names them:
 # fewer arguments to send per job, and no hashing in the worker.
 _COMMIT = """
-local prefix, token, started, entry, fresh_ms, keep_ms, path, query, failed, retry_ms, digest,
-  duration = unpack(ARGV, 1, 12)
+local entry = ARGV[1]
+local prefix, token, started, fresh_ms, keep_ms, path, query, failed, retry_ms, digest,
+  duration, tags = unpack(cmsgpack.unpack(ARGV[2]), 1, 12)
 local resp, fresh, claim = KEYS[1], KEYS[2], KEYS[3]
 local holder = redis.call('GET', claim)
 if holder and holder ~= token then return 'refused' end
-started = tonumber(started)
 local function stamped_since(key)
   local at = redis.call('GET', key)
   return at and tonumber(at) >= started
 end
 local path_hash = redis.sha1hex(path)
 local refused = stamped_since(prefix .. ':inv:path:' .. path_hash)
-for i = 13, #ARGV do
-  refused = refused or stamped_since(prefix .. ':inv:tag:' .. ARGV[i])
+for _, tag_hash in ipairs(tags) do
+  refused = refused or stamped_since(prefix .. ':inv:tag:' .. tag_hash)
 end
 if refused then
   if holder then redis.call('DEL', claim) end
   return 'refused'
 end
-if failed == '1' and redis.call('EXISTS', resp) == 1 then
+if failed and redis.call('EXISTS', resp) == 1 then
   redis.call('SET', claim, token, 'PX', retry_ms)
   return 'kept-stale'
 end
@@ -234,17 +237,17 @@ local index = prefix .. ':path:' .. path_hash
 redis.call('HSET', index, digest, query)
 keep_at_least(index, keep_ms)
 redis.call('ZADD', prefix .. ':paths', 0, path)
-redis.call('ZADD', prefix .. ':paths:expiry', 'GT', now_ms() + tonumber(keep_ms), path)
-if duration ~= '' then
+redis.call('ZADD', prefix .. ':paths:expiry', 'GT', now_ms() + keep_ms, path)
+if duration then
   local durations = prefix .. ':durations'
-  local typical = tonumber(duration)
+  local typical = duration
   local before = redis.call('HGET', durations, path)
   if before then typical = math.floor(tonumber(before) * 0.7 + typical * 0.3) end
   redis.call('HSET', durations, path, typical)
   redis.call('PEXPIRE', durations, 86400000)
 end
-for i = 13, #ARGV do
-  local tag = prefix .. ':tag:' .. ARGV[i]
+for _, tag_hash in ipairs(tags) do
+  local tag = prefix .. ':tag:' .. tag_hash
   redis.call('SADD', tag, digest)
   keep_at_least(tag, keep_ms)
 end
@@ -355,21 +358,7 @@ class RedisStore:
         keys = self._keys
         outcome = await self._commit(
             keys=[keys.response(digest), keys.fresh(digest), keys.claim(digest)],
-            args=[
-                keys.prefix,
-                token,
-                int(started),
-                write.entry,
-                _milliseconds(write.fresh),
-                _milliseconds(write.keep),
-                _text(write.path),
-                write.query,
-                "1" if write.failed else "0",
-                _milliseconds(write.retry_after),
-                digest,
-                "" if write.duration is None else _milliseconds(write.duration),
-                *(keys.tag_hash(tag) for tag in write.tags),
-            ],
+            args=[write.entry, _commit_meta(keys, digest, token, started, write)],
         )
         return Committed(outcome.decode() if isinstance(outcome, bytes) else outcome)
 
@@ -436,6 +425,27 @@ class RedisStore:
                 args=[keys.prefix, "1" if soft else "0", self._stamp_ms, _text(path)],
             )
         )
+
+
+def _commit_meta(keys: RedisKeys, digest: str, token: str, started: float, write: Write) -> bytes:
+    """The commit script's arguments after the entry, packed in the order it unpacks them."""
+    meta = [
+        keys.prefix,
+        token,
+        int(started),
+        _milliseconds(write.fresh),
+        _milliseconds(write.keep),
+        _text(write.path),
+        write.query,
+        write.failed,
+        _milliseconds(write.retry_after),
+        digest,
+        False if write.duration is None else _milliseconds(write.duration),
+        [keys.tag_hash(tag) for tag in write.tags],
+    ]
+    # Redis's cmsgpack predates msgpack's bin type: bytes go as (binary-safe) raw strings.
+    packed: bytes = msgpack.packb(meta, use_bin_type=False)
+    return packed
 
 
 def _text(value: str) -> bytes:

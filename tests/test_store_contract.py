@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -264,6 +265,24 @@ async def test_the_commit_script_names_shared_keys_as_redis_keys_does(
     named.append(keys.tag("report-42"))
     assert await redis.exists(*named) == len(named)
     assert await store.typical_duration(path) == 0.25
+
+
+async def test_the_commit_script_stores_lifetimes_and_query_exactly(
+    redis: Redis, prefix: str
+) -> None:
+    # The commit's arguments travel msgpack-packed and come out as Lua numbers and
+    # strings: lifetimes must stay whole milliseconds (even at the 2^31 s cap), and the
+    # query bytes intact.
+    store = RedisStore(redis, prefix=prefix, claim_ttl=LEASE)
+    keep = float(2**31)
+    await store_one(store, fresh=1.5, keep=keep, query=b"q=\xff\x00&x=%20")
+    keys = RedisKeys(prefix)
+    assert 1_400 < await redis.pttl(keys.fresh(DIGEST)) <= 1_500
+    assert keep * 1000 - 5_000 < await redis.pttl(keys.response(DIGEST)) <= keep * 1000
+    assert await redis.hget(keys.path_index("/report"), DIGEST) == b"q=\xff\x00&x=%20"
+    expiry = await redis.zscore(keys.paths_by_expiry(), "/report")
+    assert expiry is not None
+    assert abs(expiry - (time.time() + keep) * 1000) < 5_000
 
 
 async def test_expired_paths_leave_the_prefix_index(redis: Redis, prefix: str) -> None:

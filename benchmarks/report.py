@@ -274,6 +274,12 @@ def _targets(results: dict[str, Any]) -> list[str]:
                     f"| reference: {name} jobs/s / arq no-op jobs/s "
                     f"| {_spread(_worker_ratios(w, name))} | (where the cost goes) | |"
                 )
+        counted = w.get("instructions", {}).get("ratio_to_arq")
+        if counted:
+            rows.append(
+                "| worker, by instructions per job (callgrind: arq no-op / asgi-worker) "
+                f"| {counted['asgi-worker']:.3f} | (noise-free guide, see below) | |"
+            )
     if "storage" in results:
         for label, e in results["storage"]["entries"].items():
             rows.append(
@@ -407,6 +413,26 @@ def _worker(w: dict[str, Any]) -> list[str]:
         f"{_spread(cpu)}: the worker process is CPU-bound, so this is the ratio a quiet "
         "machine would show.",
     ]
+    return [*rows, "", *_instructions(w.get("instructions", {}))]
+
+
+def _instructions(counted: dict[str, Any]) -> list[str]:
+    if "skipped" in counted:
+        return [f"Instructions per job: not measured ({counted['skipped']}).", ""]
+    if not counted:
+        return []
+    rows = [
+        f"Instructions per job (`python -m benchmarks.instructions`, {counted['jobs']} jobs "
+        "per drain under valgrind's callgrind, minus an empty drain): exact and repeatable "
+        "whatever the machine is doing, unlike jobs/s. Time in the kernel (socket calls) "
+        "and memory stalls are not counted, so a job with one more round trip fares worse "
+        "in jobs/s than here.",
+        "",
+        "| job | instructions per job | arq no-op / this job |",
+        "| --- | --- | --- |",
+    ]
+    for name, value in counted["instructions_per_job"].items():
+        rows.append(f"| {name} | {value:,.0f} | {counted['ratio_to_arq'][name]:.3f} |")
     return [*rows, ""]
 
 

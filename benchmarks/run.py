@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -354,6 +355,18 @@ def worker_throughput(
     return result
 
 
+def worker_instructions(args: argparse.Namespace) -> dict[str, Any]:
+    """Instructions per job under callgrind (benchmarks.instructions), if valgrind is here."""
+    if shutil.which("valgrind") is None:
+        return {"skipped": "valgrind is not installed (apt-get install -y valgrind)"}
+    command = [sys.executable, "-m", "benchmarks.instructions", "--redis-url", args.redis_url]
+    command += ["measure", "--jobs", str(args.instruction_jobs)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    require(done.returncode == 0, f"benchmarks.instructions failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
 # ------------------------------------------------------------------ 7 storage and memory
 
 
@@ -439,6 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=float, default=0.001, help="ttr client poll (s)")
     parser.add_argument("--jobs", type=int, help="worker backlog N (default 1500; 500)")
     parser.add_argument("--worker-rounds", type=int, help="worker rounds (default 6; 2)")
+    parser.add_argument(
+        "--instruction-jobs", type=int, help="jobs per callgrind drain (default 300; 100)"
+    )
     parser.add_argument("--keys", type=int, help="distinct keys for memory (default 10000; 2000)")
     parser.add_argument(
         "--profile",
@@ -466,6 +482,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ttr_urls": (300, 100),
         "jobs": (1500, 500),
         "worker_rounds": (6, 2),
+        "instruction_jobs": (300, 100),
         "keys": (10_000, 2000),
     }
     for name, (full, quick) in defaults.items():
@@ -498,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         (
             "worker",
             "6 worker throughput",
-            lambda: worker_throughput(args, prefix, rounds=args.worker_rounds),
+            lambda: {
+                **worker_throughput(args, prefix, rounds=args.worker_rounds),
+                "instructions": worker_instructions(args),
+            },
         ),
         ("storage", "7 storage and memory", lambda: storage_and_memory(args, prefix, redis, logs)),
     ]

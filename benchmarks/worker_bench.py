@@ -37,6 +37,7 @@ from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings
+from arq.typing import StartupShutdown
 from arq.worker import Worker, func
 from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
@@ -105,6 +106,22 @@ async def asgi_worker_round(
     redis_pid = await _redis_pid(redis_url)
     config = Config(redis_url=redis_url, prefix=prefix)  # defaults otherwise
     app = create_asgi_worker_app(config)
+    await fill_asgi_worker(app, jobs)
+    settings = worker_settings(app, config)
+    started: list[float] = []
+    startup = settings["on_startup"]
+
+    async def timed_startup(ctx: dict[Any, Any]) -> None:
+        await startup(ctx)
+        started.extend(_clocks(redis_pid))
+
+    settings["on_startup"] = timed_startup
+    worker = Worker(**settings, burst=True, handle_signals=False)
+    return await _drain(worker, "asgi-worker", jobs, started, redis_pid, profile)
+
+
+async def fill_asgi_worker(app: Any, jobs: int) -> None:
+    """Queue `jobs` replay jobs: cold GETs through the middleware, 32 at a time."""
     statuses: dict[int, int] = {}
     queue = iter(range(jobs))
 
@@ -117,18 +134,6 @@ async def asgi_worker_round(
         await asyncio.gather(*(client() for _ in range(BACKLOG_CONCURRENCY)))
     if statuses != {202: jobs}:
         raise RuntimeError(f"backlog: expected {jobs} x 202, got {statuses}")
-
-    settings = worker_settings(app, config)
-    started: list[float] = []
-    startup = settings["on_startup"]
-
-    async def timed_startup(ctx: dict[Any, Any]) -> None:
-        await startup(ctx)
-        started.extend(_clocks(redis_pid))
-
-    settings["on_startup"] = timed_startup
-    worker = Worker(**settings, burst=True, handle_signals=False)
-    return await _drain(worker, "asgi-worker", jobs, started, redis_pid, profile)
 
 
 async def _drain(
@@ -207,10 +212,25 @@ async def arq_round(
     redis_url: str, prefix: str, jobs: int, profile: Path | None = None, *, kind: str = "arq"
 ) -> dict[str, float]:
     redis_pid = await _redis_pid(redis_url)
-    defaults = Config()
+    await fill_arq(redis_url, prefix, jobs)
+    started: list[float] = []
+    client = Redis.from_url(redis_url)
+
+    async def startup(ctx: dict[Any, Any]) -> None:
+        prepare_reference(ctx, client, redis_url, prefix)
+        started.extend(_clocks(redis_pid))
+
+    worker = reference_worker(kind, redis_url, prefix, startup)
+    try:
+        return await _drain(worker, kind, jobs, started, redis_pid, profile)
+    finally:
+        await client.aclose()
+
+
+async def fill_arq(redis_url: str, prefix: str, jobs: int) -> None:
+    """Queue `jobs` no-op arq jobs (the reference runs' backlog), 32 enqueues at a time."""
     queue_name = f"{prefix}:queue"
-    settings = RedisSettings.from_dsn(redis_url)
-    pool = await create_pool(settings, default_queue_name=queue_name)
+    pool = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=queue_name)
     try:
         ids = iter(range(jobs))
 
@@ -221,23 +241,26 @@ async def arq_round(
         await asyncio.gather(*(client() for _ in range(BACKLOG_CONCURRENCY)))
     finally:
         await pool.aclose()
-    started: list[float] = []
-    client = Redis.from_url(redis_url)
+
+
+def prepare_reference(ctx: dict[Any, Any], client: Redis, redis_url: str, prefix: str) -> None:
+    """What the reference jobs find in arq's ctx: a Redis client, the app, its config."""
     config = Config(redis_url=redis_url, prefix=prefix)
+    ctx.update(
+        bench_redis=client,
+        bench_prefix=prefix,
+        bench_config=config,
+        bench_app=create_asgi_worker_app(config),
+    )
 
-    async def startup(ctx: dict[Any, Any]) -> None:
-        ctx.update(
-            bench_redis=client,
-            bench_prefix=prefix,
-            bench_config=config,
-            bench_app=create_asgi_worker_app(config),
-        )
-        started.extend(_clocks(redis_pid))
 
-    worker = Worker(
+def reference_worker(kind: str, redis_url: str, prefix: str, startup: StartupShutdown) -> Worker:
+    """A burst arq worker for `REFERENCE_JOBS[kind]`, with asgi-worker's queue settings."""
+    defaults = Config()
+    return Worker(
         functions=[func(REFERENCE_JOBS[kind], name="noop", keep_result=0)],
-        queue_name=queue_name,
-        redis_settings=settings,
+        queue_name=f"{prefix}:queue",
+        redis_settings=RedisSettings.from_dsn(redis_url),
         burst=True,
         handle_signals=False,
         poll_delay=defaults.poll_delay,
@@ -245,10 +268,6 @@ async def arq_round(
         keep_result=0,
         on_startup=startup,
     )
-    try:
-        return await _drain(worker, kind, jobs, started, redis_pid, profile)
-    finally:
-        await client.aclose()
 
 
 async def _redis_pid(redis_url: str) -> int | None:

@@ -32,7 +32,7 @@ def typing(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
-    """Benchmarks, not part of CI: `nox -s bench` (~6 min) or `nox -s bench -- --quick`.
+    """Benchmarks, not part of CI: `nox -s bench` (~9 min) or `nox -s bench -- --quick`.
 
     Needs Redis on 127.0.0.1:6379 (or `-- --redis-url ...`) and, for the load, `wrk`
     (`apt-get install -y wrk`). Its own virtualenv: the peers it measures against pin

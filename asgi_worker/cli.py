@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 from arq.logs import default_log_config
-from arq.worker import run_worker
 from redis.exceptions import RedisError
 
+from .completion import ReplayWorker
 from .config import Config, ConfigurationError
 from .invalidation import Invalidator
 from .worker import worker_settings
@@ -82,7 +82,7 @@ def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -
     log_config = default_log_config(verbose)
     log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
     logging.config.dictConfig(log_config)
-    run_worker(worker_settings(app, config), burst=burst)
+    ReplayWorker(**worker_settings(app, config), burst=burst).run()
 
 
 @main.command()

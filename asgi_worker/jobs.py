@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.types import ASGIApp
@@ -46,6 +46,43 @@ _NOT_STORED = frozenset(
 )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Commit:
+    """A replay job's result, ready for `Store.commit`, and what to log about it."""
+
+    digest: str
+    token: str
+    started: float
+    write: Write
+    outcome: str
+    """The replay's word for the job log: "stored", "timeout", "error", ..."""
+    snapshot: RequestSnapshot
+
+    def report(self, committed: Committed) -> str:
+        """Log a commit that stored nothing; return the job's word for the log."""
+        if committed is Committed.STORED:
+            return self.outcome
+        logger.info("asgi-worker: %s: %s, %s", _where(self.snapshot), self.outcome, committed.value)
+        return str(committed.value)
+
+    def report_lost(self, error: BaseException) -> None:
+        """Log a commit that failed: nothing stored, the claim held until its lease ends.
+
+        The next request after the lease enqueues a new job.
+        """
+        logger.error(
+            "asgi-worker: %s: %s, but the commit failed (%s: %s)",
+            _where(self.snapshot),
+            self.outcome,
+            type(error).__name__,
+            error,
+        )
+
+
+HandOff = Callable[[Commit], bool]
+"""Takes a job's `Commit` to send later (see `completion.ReplayWorker`), or returns False."""
+
+
 async def run_job(
     app: ASGIApp,
     store: Store,
@@ -55,6 +92,7 @@ async def run_job(
     claimed_at: float | None = None,
     *,
     state: Mapping[str, Any] | None = None,
+    hand_off: HandOff | None = None,
 ) -> str:
     """Replay one request and store the result; returns a word for the job log.
 
@@ -62,6 +100,9 @@ async def run_job(
     start time for `Store.commit` unless the job waited so long in the queue that the lease
     might run out before it ends; then (and for jobs that do not carry it) `Store.begin`
     renews the lease and takes a new start time first: one more round trip.
+
+    `hand_off`, if given, may take the finished job's `Commit` to send in a transaction of
+    its own; the job then returns its outcome without committing.
     """
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
@@ -84,11 +125,12 @@ async def run_job(
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
     if outcome == "stored" and config.adaptive_retry_after:  # the only reader of it
         write = dataclasses.replace(write, duration=time.monotonic() - began)
+    commit = Commit(digest, token, started, write, outcome, snapshot)
+    if hand_off is not None and hand_off(commit):
+        return outcome  # the worker commits it as it marks the job done
     async with asyncio.timeout(config.redis_timeout):
         committed = await store.commit(digest, token, started, write)
-    if committed is not Committed.STORED:
-        logger.info("asgi-worker: %s: %s, %s", _where(snapshot), outcome, committed.value)
-    return outcome if committed is Committed.STORED else committed.value
+    return commit.report(committed)
 
 
 def to_write(

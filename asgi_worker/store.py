@@ -355,12 +355,29 @@ class RedisStore:
 
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """See `Store.commit`."""
+        keys, args = self._commit_arguments(digest, token, started, write)
+        return commit_outcome(await self._commit(keys=keys, args=args))
+
+    def commit_command(
+        self, digest: str, token: str, started: float, write: Write
+    ) -> tuple[bytes | str | int, ...]:
+        """`commit` as one EVALSHA command, to send in a caller's own transaction.
+
+        `commit_outcome` reads its reply. It assumes the script is loaded: if Redis answers
+        `NoScriptError` instead (a first commit, or Redis restarted), call `commit`, which
+        loads it.
+        """
+        keys, args = self._commit_arguments(digest, token, started, write)
+        return ("EVALSHA", self._commit.sha, len(keys), *keys, *args)
+
+    def _commit_arguments(
+        self, digest: str, token: str, started: float, write: Write
+    ) -> tuple[list[str], list[bytes]]:
         keys = self._keys
-        outcome = await self._commit(
-            keys=[keys.response(digest), keys.fresh(digest), keys.claim(digest)],
-            args=[write.entry, _commit_meta(keys, digest, token, started, write)],
+        return (
+            [keys.response(digest), keys.fresh(digest), keys.claim(digest)],
+            [write.entry, _commit_meta(keys, digest, token, started, write)],
         )
-        return Committed(outcome.decode() if isinstance(outcome, bytes) else outcome)
 
     async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
@@ -425,6 +442,11 @@ class RedisStore:
                 args=[keys.prefix, "1" if soft else "0", self._stamp_ms, _text(path)],
             )
         )
+
+
+def commit_outcome(reply: bytes | str) -> Committed:
+    """The `Committed` a commit script's reply stands for."""
+    return Committed(reply.decode() if isinstance(reply, bytes) else reply)
 
 
 def _commit_meta(keys: RedisKeys, digest: str, token: str, started: float, write: Write) -> bytes:

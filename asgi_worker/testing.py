@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from arq.worker import create_worker
 from starlette.types import ASGIApp
 
+from .completion import ReplayWorker
 from .config import Config
 from .middleware import WorkerMiddleware
 from .worker import worker_settings
@@ -44,7 +44,7 @@ async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
         config = middleware.config
     if config.in_process:
         return await middleware.drain() if middleware is not None else 0
-    worker = create_worker(worker_settings(app, config), burst=True, handle_signals=False)
+    worker = ReplayWorker(**worker_settings(app, config), burst=True, handle_signals=False)
     try:
         await worker.main()
     finally:
@@ -62,7 +62,7 @@ async def worker_running(app: ASGIApp, config: Config) -> AsyncIterator[None]:
     if config.in_process:
         yield
         return
-    worker = create_worker(worker_settings(app, config), handle_signals=False)
+    worker = ReplayWorker(**worker_settings(app, config), handle_signals=False)
     task = asyncio.create_task(worker.async_run())
     try:
         yield

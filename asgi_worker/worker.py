@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from arq.connections import RedisSettings
@@ -20,8 +21,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .backend import redis_client
+from .completion import hand_off
 from .config import Config, ConfigurationError
-from .jobs import run_job
+from .jobs import HandOff, run_job
 from .queue import JOB_FUNCTION, deserialize, serialize
 from .store import RedisStore
 
@@ -41,14 +43,20 @@ class _Runtime:
     exit_stack: AsyncExitStack
     store: RedisStore
     state: Mapping[str, Any] | None
+    hand_off: HandOff | None
+    """Set when the queue is on the store's Redis: a `ReplayWorker` may then send a
+    job's commit in the transaction that ends the job."""
 
 
 def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
     """Settings for an arq worker that replays requests through `app`.
 
-    Accepted by the `arq` command (`WorkerSettings = worker_settings(app, config)`, then
-    `arq module.WorkerSettings`) and by `arq.worker.create_worker(settings, burst=True)`.
-    Pass the very app object you serve, so your other middlewares run in replays too.
+    Run them with `ReplayWorker(**worker_settings(app, config))` (what `asgi-worker
+    worker` does), which commits each replay in the transaction that ends its job. Also
+    accepted by the `arq` command (`WorkerSettings = worker_settings(app, config)`, then
+    `arq module.WorkerSettings`) and by `arq.worker.create_worker`: then each job commits
+    on its own, one round trip more per job. Pass the very app object you serve, so your
+    other middlewares run in replays too.
     """
     if config.embedded:
         raise ConfigurationError(
@@ -77,7 +85,14 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
         # A job enqueued by an earlier version has no claim time: run_job renews the claim.
         runtime: _Runtime = ctx[_CONTEXT_KEY]
         return await run_job(
-            app, runtime.store, config, snapshot, token, claimed_at, state=runtime.state
+            app,
+            runtime.store,
+            config,
+            snapshot,
+            token,
+            claimed_at,
+            state=runtime.state,
+            hand_off=runtime.hand_off,
         )
 
     return {
@@ -138,7 +153,9 @@ async def _start(app: ASGIApp, config: Config) -> _Runtime:
         client = redis_client(config.redis_url, config, read_timeout=False)  # see run_job
         stack.push_async_callback(client.aclose, close_connection_pool=True)
         store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
-        return _Runtime(stack, store, captured.get("state"))
+        shared = config.queue_redis_url in (None, config.redis_url)
+        commit_with_job = partial(hand_off, store, config.redis_timeout) if shared else None
+        return _Runtime(stack, store, captured.get("state"), commit_with_job)
     except BaseException:
         await stack.aclose()
         raise

@@ -4,9 +4,10 @@
 
 Jobs/s on a shared machine moves by +-15 % from round to round. Instructions executed do
 not: valgrind's callgrind counts them exactly, whatever else the machine is doing, so a
-change of 1 % shows. For each kind of job (the raw arq no-op, asgi-worker's replay job,
-and the two references of `worker_bench`) a backlog is filled by a plain interpreter, then
-a burst worker drains it under callgrind; the same is done with an empty backlog, and
+change of 1 % shows. For each kind of job (the raw arq no-op, asgi-worker's replay job
+under `ReplayWorker` and under arq's `Worker`, and the two references of `worker_bench`)
+a backlog is filled by a plain interpreter, then a burst worker drains it under
+callgrind; the same is done with an empty backlog, and
 
     instructions per job = (instructions with N jobs - instructions with none) / N
 
@@ -32,9 +33,10 @@ from typing import Any
 from arq.worker import Worker
 from redis.asyncio import Redis
 
-from asgi_worker import Config, worker_settings
+from asgi_worker import Config, ReplayWorker, worker_settings
 from benchmarks.apps import create_asgi_worker_app
 from benchmarks.worker_bench import (
+    PLAIN_ARQ,
     REFERENCE_JOBS,
     cleanup,
     fill_arq,
@@ -43,12 +45,14 @@ from benchmarks.worker_bench import (
     reference_worker,
 )
 
-KINDS = ("asgi-worker", *REFERENCE_JOBS)  # the replay job, the arq no-op, the references
+# The replay job (under ReplayWorker, then arq's Worker), the arq no-op, the references.
+KINDS = ("asgi-worker", PLAIN_ARQ, *REFERENCE_JOBS)
+REPLAY_KINDS = {"asgi-worker": ReplayWorker, PLAIN_ARQ: Worker}
 
 
 async def fill(kind: str, redis_url: str, prefix: str, jobs: int) -> None:
     """Queue `jobs` jobs of `kind`: cold GETs through the middleware, or arq enqueues."""
-    if kind == "asgi-worker":
+    if kind in REPLAY_KINDS:
         app = create_asgi_worker_app(Config(redis_url=redis_url, prefix=prefix))
         await fill_asgi_worker(app, jobs)
     else:
@@ -58,10 +62,11 @@ async def fill(kind: str, redis_url: str, prefix: str, jobs: int) -> None:
 async def drain(kind: str, redis_url: str, prefix: str) -> int:
     """Run a burst worker for `kind` until its queue is empty; returns jobs completed."""
     client = Redis.from_url(redis_url)
-    if kind == "asgi-worker":
+    if kind in REPLAY_KINDS:
         config = Config(redis_url=redis_url, prefix=prefix)
         app = create_asgi_worker_app(config)
-        worker = Worker(**worker_settings(app, config), burst=True, handle_signals=False)
+        settings = worker_settings(app, config)
+        worker = REPLAY_KINDS[kind](**settings, burst=True, handle_signals=False)
     else:
 
         async def startup(ctx: dict[Any, Any]) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 from redis import Redis
 
+from benchmarks.worker_bench import PLAIN_ARQ
+
 PACKAGES = (
     "asgi-worker",
     "starlette",
@@ -140,6 +142,8 @@ def _worker_ratios(worker: dict[str, Any], name: str = "asgi-worker") -> list[fl
 
 # The reference runs of worker_bench (older results have none).
 _WORKER_REFERENCES = ("arq + SET", "arq + replay")
+# The other rows of worker_bench: each is shown where the results have it.
+_WORKER_ROWS = (PLAIN_ARQ, *_WORKER_REFERENCES)
 
 
 def _cpu_per_request(runs: list[dict[str, Any]], field: str) -> list[float]:
@@ -268,6 +272,11 @@ def _targets(results: dict[str, Any]) -> list[str]:
             f"| **worker replays/s / arq no-op jobs/s** (N={w['jobs']}) | {_spread(ratios)} "
             f"| >= {WORKER_TARGET} | {_verdict(median(ratios) >= WORKER_TARGET)} |"
         )
+        if PLAIN_ARQ in w:
+            rows.append(
+                f"| worker under arq's own `Worker` (`arq module.WorkerSettings`) "
+                f"| {_spread(_worker_ratios(w, PLAIN_ARQ))} | (the other way to run it) | |"
+            )
         for name in _WORKER_REFERENCES:
             if name in w:
                 rows.append(
@@ -381,13 +390,16 @@ def _worker(w: dict[str, Any]) -> list[str]:
         f"(`max_jobs` {w['max_jobs']}, `poll_delay` {w['poll_delay']} s, `keep_result` 0, "
         "all), clock from the end of worker startup to the last job done. asgi-worker: N "
         "distinct cold URLs of a trivial endpoint, enqueued by the middleware, replayed "
-        "and stored. arq: N no-op jobs. References, raw arq jobs that each do one part of "
+        "and stored by a `ReplayWorker` (as `asgi-worker worker` runs), which commits each "
+        f"job in arq's end-of-job transaction; {PLAIN_ARQ}: the same under arq's plain "
+        "`Worker` (as `arq module.WorkerSettings` runs), one round trip more per job. "
+        "arq: N no-op jobs. References, raw arq jobs that each do one part of "
         "a replay job: `arq + SET` stores an entry-sized value in one Redis round trip (the "
         "least any job that keeps its result in Redis does); `arq + replay` replays the "
         "trivial endpoint and encodes its entry, storing nothing.",
         "",
     ]
-    names = ["asgi-worker", "arq", *(name for name in _WORKER_REFERENCES if name in w)]
+    names = ["asgi-worker", "arq", *(name for name in _WORKER_ROWS if name in w)]
     rows += [
         "| round | " + " | ".join(f"{name} jobs/s" for name in names) + " | asgi-worker / arq "
         "| worker CPU us/job (" + " / ".join(names) + ") | Redis CPU us/job (asgi-worker / arq) |",

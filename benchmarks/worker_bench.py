@@ -7,7 +7,9 @@ Per round, interleaved (the order alternates between rounds):
 
 - asgi-worker: N distinct cold URLs of a trivial endpoint are requested through the real
   middleware (each a `202` that claims and enqueues one job), then a real arq worker built
-  by `asgi_worker.worker_settings()` drains the backlog in burst mode.
+  by `asgi_worker.worker_settings()` drains the backlog in burst mode: a `ReplayWorker`
+  (as `asgi-worker worker` runs), and, as its own row, arq's plain `Worker` (as
+  `arq module.WorkerSettings` runs), whose jobs each commit in a round trip of their own.
 - raw arq: N no-op jobs enqueued with `enqueue_job`, drained by a plain `arq.Worker`.
 - two references, raw arq jobs that each do one part of a replay job, to show where its
   cost goes: `arq + SET` stores a value the size of the trivial endpoint's entry with one
@@ -42,7 +44,7 @@ from arq.worker import Worker, func
 from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
-from asgi_worker import Config, worker_settings
+from asgi_worker import Config, ReplayWorker, worker_settings
 from asgi_worker.jobs import to_write
 from asgi_worker.keys import RequestSnapshot
 from asgi_worker.replay import replay
@@ -51,6 +53,9 @@ from benchmarks.apps import create_asgi_worker_app
 from benchmarks.servers import cpu_seconds
 
 BACKLOG_CONCURRENCY = 32
+PLAIN_ARQ = "asgi-worker (arq's Worker)"
+"""The same jobs run by arq's own `Worker` (`arq module.WorkerSettings`): each job then
+commits on its own, one round trip more than under `ReplayWorker`."""
 Runner = Callable[..., Awaitable[dict[str, float]]]
 PROFILE_JOBS = 5000  # enough seconds of draining for a few thousand samples
 
@@ -101,7 +106,12 @@ async def _profiled(out: Path | None) -> AsyncIterator[None]:
 
 
 async def asgi_worker_round(
-    redis_url: str, prefix: str, jobs: int, profile: Path | None = None
+    redis_url: str,
+    prefix: str,
+    jobs: int,
+    profile: Path | None = None,
+    *,
+    worker_class: type[Worker] = ReplayWorker,
 ) -> dict[str, float]:
     redis_pid = await _redis_pid(redis_url)
     config = Config(redis_url=redis_url, prefix=prefix)  # defaults otherwise
@@ -116,7 +126,7 @@ async def asgi_worker_round(
         started.extend(_clocks(redis_pid))
 
     settings["on_startup"] = timed_startup
-    worker = Worker(**settings, burst=True, handle_signals=False)
+    worker = worker_class(**settings, burst=True, handle_signals=False)
     return await _drain(worker, "asgi-worker", jobs, started, redis_pid, profile)
 
 
@@ -296,7 +306,10 @@ async def cleanup(redis_url: str, prefix: str) -> int:
 async def main(
     redis_url: str, prefix: str, jobs: int, rounds: int, profile_dir: Path | None
 ) -> dict[str, Any]:
-    runners: dict[str, Runner] = {"asgi-worker": asgi_worker_round}
+    runners: dict[str, Runner] = {
+        "asgi-worker": asgi_worker_round,
+        PLAIN_ARQ: functools.partial(asgi_worker_round, worker_class=Worker),
+    }
     for kind in REFERENCE_JOBS:
         runners[kind] = functools.partial(arq_round, kind=kind)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
@@ -305,7 +318,7 @@ async def main(
             # asgi-worker and its baseline back to back, in alternating order.
             order = list(runners) if r % 2 == 0 else list(reversed(runners))
             for name in order:
-                round_prefix = f"{prefix}-{r}-{name.replace(' ', '')}"
+                round_prefix = f"{prefix}-{r}-{''.join(filter(str.isalnum, name))}"
                 results[name].append(await runners[name](redis_url, round_prefix, jobs))
                 await cleanup(redis_url, round_prefix)
         if profile_dir is not None:

@@ -3,8 +3,8 @@
 A replay job ends in two writes: its commit (the entry, the indexes, the claim released)
 and arq's bookkeeping (the job, its retry count and in-progress key deleted, the queue
 entry removed), which arq sends in one MULTI/EXEC. `ReplayWorker` adds the commit script
-to that transaction. A job then costs one round trip less (about 9 % more jobs/s, see
-benchmarks/README.md), and its result and its end land together, or neither does.
+to that transaction. A job then costs one round trip less (8-12 % more jobs/s, see
+benchmarks/README.md), and its result and its end are sent together.
 
 The job hands its commit over through a context variable that `ReplayWorker.run_job`
 sets for the job's task: a job run by a plain arq `Worker` (`arq module.WorkerSettings`)

@@ -126,7 +126,8 @@ class ReplayWorker(Worker):
         if slot is not None:
             slot.pending = None
         if pending is None or not finish or keep_in_progress is not None:
-            # Nothing to add, or the job runs again (it commits then): arq's own finish.
+            # Nothing to add; or the job runs again and commits then (a pending commit is
+            # dropped with its claim still held); or a cron job's end: arq's own finish.
             await super().finish_job(
                 job_id,
                 finish,

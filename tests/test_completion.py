@@ -8,6 +8,7 @@ the queue is on another Redis, each job sends its own.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import logging
@@ -22,8 +23,11 @@ from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from redis.asyncio import Redis
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
-from asgi_worker import Config, ReplayWorker, worker_settings
+from asgi_worker import Config, ReplayWorker, WorkerMiddleware, worker_settings
 from asgi_worker import store as store_module
 from asgi_worker.invalidation import ByPath
 from asgi_worker.keys import RedisKeys
@@ -95,6 +99,44 @@ async def test_a_replay_commits_in_the_transaction_that_ends_its_job(
     assert served.json()["query"] == "a=1"
     assert await arq_keys_left(redis, config) == []
     assert [key async for key in redis.scan_iter(match=f"{config.prefix}:*claim*")] == []
+
+
+async def test_jobs_ending_together_each_commit_their_own_result(
+    config: Config, redis: Redis, own_commits: list[str]
+) -> None:
+    # max_jobs jobs wait inside the endpoint, then all end in the same loop iteration:
+    # each must find its own slot, so that no commit is lost or sent for another job.
+    inside = 0
+    all_inside, gate = asyncio.Event(), asyncio.Event()
+
+    async def gated(request: Request) -> Response:
+        nonlocal inside
+        if "n" in request.query_params:
+            inside += 1
+            if inside == config.max_jobs:
+                all_inside.set()
+            await gate.wait()
+        return PlainTextResponse(request.url.query)
+
+    app = Starlette(routes=[Route("/gated", gated)])
+    app.add_middleware(WorkerMiddleware, config=config)
+    await run_one(app, config, "/gated?warm")  # the commit script is loaded after this
+    own_commits.clear()
+    urls = [f"/gated?n={n}" for n in range(3 * config.max_jobs)]
+    for url in urls:
+        assert (await get(app, url)).status_code == 202
+
+    running = asyncio.create_task(drain(app, config, ReplayWorker))
+    await asyncio.wait_for(all_inside.wait(), 10)
+    gate.set()
+    worker = await asyncio.wait_for(running, 10)
+
+    assert (worker.jobs_complete, worker.jobs_failed) == (len(urls), 0)
+    assert own_commits == []
+    for url in urls:
+        served = await get(app, url)
+        assert (served.status_code, served.text) == (200, url.partition("?")[2])
+    assert await arq_keys_left(redis, config) == []
 
 
 async def test_arq_s_own_worker_commits_each_job_on_its_own(

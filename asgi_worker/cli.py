@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging.config
 import os
 import sys
@@ -14,9 +15,11 @@ import click
 from arq.logs import default_log_config
 from redis.exceptions import RedisError
 
+from .backend import redis_client
 from .completion import ReplayWorker
-from .config import Config, ConfigurationError
+from .config import Config, ConfigurationError, display_url
 from .invalidation import Invalidator
+from .stats import Stats, collect_stats
 from .worker import worker_settings
 
 
@@ -158,6 +161,51 @@ def invalidate(
     try:
         count = asyncio.run(run())
     except RedisError as error:
-        raise click.ClickException(f"Redis at {config.redis_url}: {error}") from error
+        raise click.ClickException(f"Redis at {display_url(config.redis_url)}: {error}") from error
     noun = "entry" if count == 1 else "entries"
     click.echo(f"{count} {noun} {'marked stale' if soft else 'invalidated'}")
+
+
+@main.command()
+@_CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
+def stats(config_spec: str | None, as_json: bool) -> None:
+    """Show what the cache holds and what its queue is doing.
+
+    Counting entries walks the keyspace with SCAN (in batches; Redis keeps serving), so
+    on a large keyspace it takes a while.
+    """
+    config = load_config(config_spec)
+    if config.embedded:
+        raise click.UsageError("memory:// lives inside the web process; no stats to read")
+
+    async def run() -> Stats:
+        store = redis_client(config.redis_url, config)
+        queue = redis_client(config.queue_redis_url, config) if config.queue_redis_url else store
+        try:
+            return await collect_stats(config, store, queue)
+        finally:
+            await store.aclose(close_connection_pool=True)
+            if queue is not store:
+                await queue.aclose(close_connection_pool=True)
+
+    try:
+        found = asyncio.run(run())
+    except RedisError as error:
+        raise click.ClickException(f"Redis at {display_url(config.redis_url)}: {error}") from error
+    if as_json:
+        click.echo(json.dumps(found.as_dict()))
+        return
+    click.echo(
+        f"cache {config.prefix!r} at {display_url(config.redis_url)}\n"
+        f"  stored responses  {found.stored:,} ({found.fresh:,} fresh)\n"
+        f"  claims held       {found.claims:,}\n"
+        f"  paths indexed     {found.paths:,}\n"
+        f"queue {config.queue!r}\n"
+        f"  jobs queued       {found.queued:,} (running: {found.running:,})\n"
+        f"  worker health     {found.worker_health or 'no current report (no worker?)'}"
+    )
+    if found.slowest:
+        click.echo("slowest paths (typical job duration)")
+        for path, seconds in found.slowest:
+            click.echo(f"  {seconds:8.3f} s  {path}")

@@ -250,6 +250,16 @@ class Config:
             ) from None
 
 
+def display_url(url: str) -> str:
+    """`url` with its password masked, for messages and output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 def _ttl_rules(rules: Any) -> tuple[tuple[str, float], ...]:
     """Normalise `ttl_rules` given as pairs or as "pattern=seconds" strings."""
     normalised = []

@@ -227,6 +227,21 @@ class RedisKeys:
         """The arq job id: unique per claim, so a re-claim never collides with a dead job."""
         return f"{self.prefix}:{digest}:{token}"
 
+    # Glob patterns (for SCAN). Config keeps glob characters out of the prefix, except a
+    # backslash, which is escaped here.
+
+    def requests_pattern(self) -> str:
+        """Matches the `response`, `fresh` and `claim` keys of every request."""
+        return f"{_glob_escape(self.prefix)}:{{*}}:*"
+
+    def job_ids_pattern(self) -> str:
+        """Matches every `job_id` (and not those of a prefix that merely starts with ours)."""
+        return f"{_glob_escape(self.prefix)}:{'[0-9a-f]' * 32}:*"
+
+
+def _glob_escape(text: str) -> str:
+    return text.replace("\\", "\\\\")
+
 
 def _sha1(text: str) -> str:
     return hashlib.sha1(_text(text), usedforsecurity=False).hexdigest()

@@ -34,6 +34,7 @@ _CONTEXT_KEY = "asgi_worker"
 _ARQ_TIMEOUT_GRACE = 5.0
 # Apps that open pools at startup may take a while; asgi-lifespan's 5 s is tight for them.
 _LIFESPAN_TIMEOUT = 60.0
+_HEALTH_CHECK_INTERVAL = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,9 @@ def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
         # On SIGTERM/SIGINT take no new job and let the running ones finish (they end by
         # job_timeout); whatever is still running after that is cancelled and re-queued.
         "job_completion_wait": math.ceil(config.job_timeout + _ARQ_TIMEOUT_GRACE),
+        # arq's default is an hour; `asgi-worker stats` shows this report, so keep it
+        # current (one SET a minute).
+        "health_check_interval": _HEALTH_CHECK_INTERVAL,
         "job_serializer": serialize,
         "job_deserializer": deserialize,
     }

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from asgi_worker import Config, ConfigurationError
+from asgi_worker.config import display_url
 
 
 def test_defaults_are_valid() -> None:
@@ -290,3 +291,21 @@ def test_from_env_invalid_value_names_the_variable(variable: str, raw: str) -> N
     with pytest.raises(ConfigurationError, match=variable) as raised:
         Config.from_env({variable: raw})
     assert raised.value.field == variable.removeprefix("ASGI_WORKER_").lower()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+        (
+            "rediss://user:p%40ss@host/2?ssl_cert_reqs=none",
+            "rediss://user:***@host/2?ssl_cert_reqs=none",
+        ),
+        ("redis://user@host/0", "redis://user@host/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("memory://", "memory://"),
+    ],
+)
+def test_display_url_masks_only_the_password(url: str, shown: str) -> None:
+    assert display_url(url) == shown

@@ -224,6 +224,17 @@ class Config:
         """`claim_ttl`, or by default `job_timeout` + 30 s."""
         return self.job_timeout + 30.0 if self.claim_ttl is None else self.claim_ttl
 
+    def __repr__(self) -> str:
+        # As dataclass's own, but a password in a Redis URL is masked: configs get logged.
+        shown = []
+        for spec in dataclasses.fields(self):
+            if spec.repr:
+                value = getattr(self, spec.name)
+                if spec.name in _URL_FIELDS and value is not None:
+                    value = display_url(value)
+                shown.append(f"{spec.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         """Build a `Config` from `ASGI_WORKER_<FIELD>` variables (e.g. `ASGI_WORKER_TTL`).
@@ -248,6 +259,9 @@ class Config:
             raise ConfigurationError(
                 f"{error} (from {variable}={env[variable]!r})", field=error.field
             ) from None
+
+
+_URL_FIELDS = frozenset({"redis_url", "queue_redis_url"})
 
 
 def display_url(url: str) -> str:

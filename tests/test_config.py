@@ -309,3 +309,15 @@ def test_from_env_invalid_value_names_the_variable(variable: str, raw: str) -> N
 )
 def test_display_url_masks_only_the_password(url: str, shown: str) -> None:
     assert display_url(url) == shown
+
+
+def test_repr_masks_the_passwords_of_redis_urls() -> None:
+    config = Config(redis_url="redis://:s3cret@h/0", queue_redis_url="redis://u:p4ss@q/1")
+    shown = repr(config)
+    assert "s3cret" not in shown
+    assert "p4ss" not in shown
+    assert "redis_url='redis://:***@h/0'" in shown
+    assert "queue_redis_url='redis://u:***@q/1'" in shown
+    assert shown.startswith("Config(")
+    assert "prefix='aw'" in shown
+    assert repr(Config(redis_url="memory://")).startswith("Config(redis_url='memory://', ")

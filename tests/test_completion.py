@@ -27,8 +27,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_worker import Config, ReplayWorker, WorkerMiddleware, worker_settings
-from asgi_worker import store as store_module
+from asgi_worker import Config, ReplayWorker, WorkerMiddleware, scripts, worker_settings
 from asgi_worker.invalidation import ByPath
 from asgi_worker.keys import RedisKeys
 from asgi_worker.store import Committed, RedisStore, Write
@@ -169,8 +168,8 @@ async def test_a_script_missing_from_redis_is_loaded_by_a_commit_of_its_own(
 ) -> None:
     # A commit script text no Redis has seen: the first job's EVALSHA gets NOSCRIPT, as
     # after a Redis restart.
-    unseen = store_module._COMMIT + f"\n-- {uuid.uuid4().hex}\n"
-    monkeypatch.setattr(store_module, "_COMMIT", unseen)
+    unseen = scripts.COMMIT + f"\n-- {uuid.uuid4().hex}\n"
+    monkeypatch.setattr(scripts, "COMMIT", unseen)
     app = make_app(config)
 
     await run_one(app, config, "/echo?a=1")

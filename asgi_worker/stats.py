@@ -51,7 +51,8 @@ class Stats:
 async def collect_stats(config: Config, store: Redis, queue: Redis) -> Stats:
     """Count what `config`'s cache holds in `store` and its jobs in `queue`.
 
-    `store` and `queue` may be the same client (the usual case: one Redis).
+    `store` and `queue` may be the same client (the usual case: one Redis). Both must
+    return bytes, as `Redis.from_url(url)` does by default (not `decode_responses=True`).
     """
     began = time.perf_counter()
     keys = RedisKeys(config.prefix)

@@ -70,9 +70,7 @@ class _Pending:
             # The job's end is already written; this commit lands just after it.
             try:
                 async with asyncio.timeout(self.timeout):
-                    committed = await self.store.commit(
-                        commit.digest, commit.token, commit.started, commit.write
-                    )
+                    committed = await commit.send(self.store)
             except (RedisError, OSError, TimeoutError) as error:
                 commit.report_lost(error)
                 return

@@ -58,6 +58,10 @@ class Commit:
     """The replay's word for the job log: "stored", "timeout", "error", ..."""
     snapshot: RequestSnapshot
 
+    async def send(self, store: Store) -> Committed:
+        """`Store.commit` of this result (unbounded: the caller sets the timeout)."""
+        return await store.commit(self.digest, self.token, self.started, self.write)
+
     def report(self, committed: Committed) -> str:
         """Log a commit that stored nothing; return the job's word for the log."""
         if committed is Committed.STORED:
@@ -129,7 +133,7 @@ async def run_job(
     if hand_off is not None and hand_off(commit):
         return outcome  # the worker commits it as it marks the job done
     async with asyncio.timeout(config.redis_timeout):
-        committed = await store.commit(digest, token, started, write)
+        committed = await commit.send(store)
     return commit.report(committed)
 
 

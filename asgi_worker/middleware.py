@@ -17,7 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .backend import Backend, open_backend
 from .codec import CorruptEntryError, StoredResponse, decode_response, encode_snapshot
 from .config import Config
-from .keys import RedisKeys, RequestSnapshot, snapshot_from_scope
+from .keymemo import KeyMemo
+from .keys import RedisKeys, RequestSnapshot
 from .memory import InProcessQueue
 from .policy import Policy
 from .queue import Job
@@ -47,6 +48,7 @@ class WorkerMiddleware:
         self._policy = Policy(config)
         self._keys = RedisKeys(config.prefix)
         self._guard = config.credential_guard()
+        self._key_memo = KeyMemo(config.vary, self._guard)
         # Opened on the first request, inside the server's event loop; closed at shutdown.
         self._backend: Backend | None = None
         # The server's lifespan state, for replays run in this process (inline worker).
@@ -68,18 +70,18 @@ class WorkerMiddleware:
             await self.app(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        snapshot = snapshot_from_scope(scope, self.config.vary, self._guard)
+        snapshot, digest = self._key_memo.key(scope)
         head = scope["method"] == "HEAD"
         applied: list[tuple[bytes, bytes]] = []
         try:
-            found = await self._lookup(snapshot)
+            found = await self._lookup(snapshot, digest)
             if found is None:
                 preference = parse_prefer(_headers(scope, b"prefer"))
                 # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
                 # "respond-async, wait=N") we hold up to N seconds, then answer 202.
                 seconds = min(preference.wait or 0.0, self.config.max_wait)
                 if seconds > 0:
-                    waited = await self._wait_for(snapshot, seconds, receive)
+                    waited = await self._wait_for(snapshot, digest, seconds, receive)
                     if isinstance(waited, Gone):
                         return  # the client went away while waiting: nobody to answer
                     found = waited
@@ -125,23 +127,22 @@ class WorkerMiddleware:
         return min(max(math.ceil(typical), config.retry_after), config.max_retry_after)
 
     async def _wait_for(
-        self, snapshot: RequestSnapshot, seconds: float, receive: Receive
+        self, snapshot: RequestSnapshot, digest: str, seconds: float, receive: Receive
     ) -> _Found | Gone | None:
         """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
         backend = self._open()
         await backend.listen(min(seconds, self.config.redis_timeout))
         return await hold(
-            backend.waiters, snapshot.digest, lambda: self._lookup(snapshot), seconds, receive
+            backend.waiters, digest, lambda: self._lookup(snapshot, digest), seconds, receive
         )
 
-    async def _lookup(self, snapshot: RequestSnapshot) -> _Found | None:
+    async def _lookup(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant.
 
         With `Config.coalesce`, a request arriving while a lookup of the same key is on its
         way in this process waits for that one instead of sending its own (single-flight):
         a hot key costs one round trip per round-trip time, not one per request.
         """
-        digest = snapshot.digest
         # The near cache is a dict read: no round trip to share, nothing to time out.
         near = self._open().near_cache()
         if near is not None and (cached := near.get(digest)) is not None:

@@ -16,15 +16,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from arq.connections import ArqRedis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.types import ASGIApp
 
 from .codec import StoredResponse
 from .config import Config
-from .connections import BufferCheckingPool
+from .connections import redis_client
 from .events import INVALIDATED, EventListener
 from .jobs import run_job
 from .keys import RedisKeys
@@ -36,8 +32,18 @@ from .waiting import Waiters
 
 StateProvider = Callable[[], Mapping[str, Any] | None]
 
-# How long a pooled connection may sit idle before its next use PINGs it first.
-_HEALTH_CHECK_SECONDS = 15
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Where an in-process replay enters the app (see `WorkerMiddleware._entry_for`)."""
+
+    app: ASGIApp
+    mounted: bool = False
+    """`app` is a sub-app below a `Mount`: enter it with the mount's root path."""
+
+
+EntryProvider = Callable[[], Entry]
+
 Closer = Callable[[], Awaitable[None]]
 
 
@@ -70,8 +76,8 @@ class Backend:
         return self.near
 
 
-def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backend:
-    """The backend `config` asks for. In-process jobs replay through `app`."""
+def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) -> Backend:
+    """The backend `config` asks for. In-process jobs replay through `entry()`."""
     waiters = Waiters(config.max_waiters)
     closers: list[Closer] = []
     store: Store
@@ -95,8 +101,16 @@ def open_backend(config: Config, *, app: ASGIApp, state: StateProvider) -> Backe
     if config.in_process:
 
         async def run(job: Job) -> None:
+            where = entry()
             await run_job(
-                app, store, config, job.snapshot, job.token, job.claimed_at, state=state()
+                where.app,
+                store,
+                config,
+                job.snapshot,
+                job.token,
+                job.claimed_at,
+                state=state(),
+                mounted=where.mounted,
             )
 
         queue = InProcessQueue(run, max_jobs=config.max_jobs)
@@ -129,26 +143,3 @@ def _on_resync(waiters: Waiters, near: NearCache[StoredResponse] | None) -> None
     waiters.wake_all()
     if near is not None:
         near.clear()
-
-
-def redis_client(url: str, config: Config, *, read_timeout: bool = True) -> ArqRedis:
-    """A client for `url` that gives up connecting after `config.redis_timeout` seconds.
-
-    With `read_timeout` every reply is awaited at most that long too. The web process
-    turns it off: redis-py's per-read timer costs the hit path a third of its time, so
-    the middleware bounds each request with one `asyncio.timeout` instead, and the event
-    subscription must be able to sit idle. Keepalives and health checks still find a
-    dead connection.
-    """
-    pool = BufferCheckingPool.from_url(
-        url,
-        socket_timeout=config.redis_timeout if read_timeout else None,
-        socket_connect_timeout=config.redis_timeout,
-        socket_keepalive=True,
-        health_check_interval=_HEALTH_CHECK_SECONDS,
-        # A pooled connection found dead (Redis restarted) is retried once on a new one,
-        # so a restart costs no request a 503. Every command we send is safe to repeat.
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
-    )
-    return ArqRedis(pool_or_conn=pool, default_queue_name=config.queue)

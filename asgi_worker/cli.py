@@ -15,9 +15,10 @@ import click
 from arq.logs import default_log_config
 from redis.exceptions import RedisError
 
-from .backend import redis_client
 from .completion import ReplayWorker
-from .config import Config, ConfigurationError, display_url
+from .config import ENV_PREFIX, Config, ConfigurationError, display_url
+from .connections import redis_client
+from .discovery import find_config
 from .invalidation import Invalidator
 from .stats import Stats, collect_stats
 from .worker import worker_settings
@@ -42,10 +43,18 @@ def import_object(spec: str) -> Any:
     return found
 
 
-def load_config(spec: str | None) -> Config:
-    """The `Config` at `module:attribute`, or from `ASGI_WORKER_*` variables if None."""
+def load_config(spec: str | None, app: Any = None) -> Config:
+    """The `Config` to use: `--config`, else `ASGI_WORKER_*` variables, else the app's.
+
+    `spec` is `module:attribute`. Without it, any `ASGI_WORKER_*` variable means the
+    config is built from the environment; without those, that of the `WorkerMiddleware`
+    found in `app`; with no app either, the defaults.
+    """
     if spec is None:
+        from_env = any(name.startswith(ENV_PREFIX) for name in os.environ)
         try:
+            if app is not None and not from_env:
+                return find_config(app)
             return Config.from_env()
         except ConfigurationError as error:
             raise click.UsageError(str(error)) from error
@@ -61,7 +70,16 @@ _CONFIG_OPTION = click.option(
     "--config",
     "config_spec",
     metavar="MODULE:CONFIG",
-    help="A Config object to use; by default one is built from ASGI_WORKER_* variables.",
+    help=(
+        "A Config object to use. By default: built from ASGI_WORKER_* variables if any is "
+        "set, else the one of the WorkerMiddleware in the app."
+    ),
+)
+_APP_OPTION = click.option(
+    "--app",
+    "app_spec",
+    metavar="MODULE:APP",
+    help="Take the Config of the WorkerMiddleware in this app (e.g. myproject.main:app).",
 )
 
 
@@ -81,7 +99,7 @@ def main() -> None:
 def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -> None:
     """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
     app = import_object(app_spec)
-    config = load_config(config_spec)
+    config = load_config(config_spec, app)
     log_config = default_log_config(verbose)
     log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
     logging.config.dictConfig(log_config)
@@ -127,8 +145,14 @@ _KINDS = ("path", "prefix", "glob", "query", "tag")
 @click.argument("params", nargs=-1, metavar="[NAME=VALUE]...")
 @click.option("--soft", is_flag=True, help="Mark stale (served while one refresh runs).")
 @_CONFIG_OPTION
+@_APP_OPTION
 def invalidate(
-    kind: str, target: str, params: tuple[str, ...], soft: bool, config_spec: str | None
+    kind: str,
+    target: str,
+    params: tuple[str, ...],
+    soft: bool,
+    config_spec: str | None,
+    app_spec: str | None,
 ) -> None:
     r"""Expire stored responses; prints how many.
 
@@ -147,7 +171,7 @@ def invalidate(
         if not equals or not name:
             raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="PARAMS")
         pairs.append((name, value))
-    config = load_config(config_spec)
+    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
     if config.embedded:
         raise click.UsageError("memory:// lives inside the web process; nothing to invalidate")
 
@@ -168,14 +192,15 @@ def invalidate(
 
 @main.command()
 @_CONFIG_OPTION
+@_APP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
-def stats(config_spec: str | None, as_json: bool) -> None:
+def stats(config_spec: str | None, app_spec: str | None, as_json: bool) -> None:
     """Show what the cache holds and what its queue is doing.
 
     Counting entries walks the keyspace with SCAN (in batches; Redis keeps serving), so
     on a large keyspace it takes a while.
     """
-    config = load_config(config_spec)
+    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
     if config.embedded:
         raise click.UsageError("memory:// lives inside the web process; no stats to read")
 

@@ -17,7 +17,7 @@ from .credentials import CredentialGuard
 from .keys import Headers, RequestSnapshot, header_pairs
 
 _RESPONSE_V1 = 1
-_SNAPSHOT_V1 = 1
+_SNAPSHOT_V2 = 2  # 2: the server root path added
 
 
 class CorruptEntryError(ValueError):
@@ -85,12 +85,12 @@ def encode_snapshot(snapshot: RequestSnapshot, guard: CredentialGuard | None = N
         if guard is None:
             raise ValueError("a snapshot with credentials is only encoded sealed")
         sealed = guard.seal(_pack([list(pair) for pair in snapshot.credentials]))
-    return _pack([_SNAPSHOT_V1, *snapshot.canonical(), sealed])
+    return _pack([_SNAPSHOT_V2, *snapshot.canonical(), sealed])
 
 
 def decode_snapshot(data: bytes, guard: CredentialGuard | None = None) -> RequestSnapshot:
     """Unpack a snapshot; `CorruptEntryError` for anything `encode_snapshot` did not make."""
-    items = _unpack(data, _SNAPSHOT_V1, 10)
+    items = _unpack(data, _SNAPSHOT_V2, 11)
     sealed = items[-1]
     try:
         snapshot = RequestSnapshot.from_canonical(items[1:-1])

@@ -35,7 +35,10 @@ class Lifetime:
 def lifetime(status: int, headers: Headers, path: str, config: Config) -> Lifetime:
     """Decide freshness for a response of the app (not for our own error responses)."""
     directives = cache_control(headers)
-    if _NOT_SHARED & directives.keys() or any(name == b"set-cookie" for name, _ in headers):
+    if _NOT_SHARED & directives.keys() or any(
+        name == b"set-cookie" or (name == b"vary" and _varies_on_anything(value))
+        for name, value in headers
+    ):
         return Lifetime(shared=False, fresh=config.pass_ttl, stale=0.0)
     if status >= 500:
         return Lifetime(shared=True, fresh=config.error_ttl, stale=0.0)
@@ -56,6 +59,11 @@ def lifetime(status: int, headers: Headers, path: str, config: Config) -> Lifeti
     ]
     stale = max(window, default=config.stale_ttl)
     return Lifetime(shared=True, fresh=fresh, stale=stale)
+
+
+def _varies_on_anything(vary: bytes) -> bool:
+    """`Vary: *`: no later request matches it (RFC 9111 section 4.1), so never share it."""
+    return any(part.strip() == b"*" for part in vary.split(b","))
 
 
 def route_ttl(path: str, config: Config) -> float:

@@ -3,7 +3,7 @@
 Independent of the queue: the arq worker and the in-process queue both call `run_job`.
 Every path ends in a commit (the app's response, a hit-for-pass marker, or a short-lived
 error response), which also releases the claim, so no request is left waiting on a job
-that has ended (DESIGN.md principle 4).
+that has ended (docs/design.md, principle 4).
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ async def run_job(
     *,
     state: Mapping[str, Any] | None = None,
     hand_off: HandOff | None = None,
+    mounted: bool = False,
 ) -> str:
     """Replay one request and store the result; returns a word for the job log.
 
@@ -107,6 +108,9 @@ async def run_job(
 
     `hand_off`, if given, may take the finished job's `Commit` to send in a transaction of
     its own; the job then returns its outcome without committing.
+
+    `app` is where the replay enters: the app the server is given, or with `mounted` a
+    sub-app below the `Mount` that leads to the middleware (see `replay.build_scope`).
     """
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
@@ -125,7 +129,7 @@ async def run_job(
         if started is None:
             return "superseded"  # its lease ran out and a newer job holds the claim
     began = time.monotonic()
-    replayed, outcome = await _replay_or_error(app, snapshot, config, state)
+    replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
     if outcome == "stored" and config.adaptive_retry_after:  # the only reader of it
         write = dataclasses.replace(write, duration=time.monotonic() - began)
@@ -194,14 +198,23 @@ def _where(snapshot: RequestSnapshot) -> str:
 
 
 async def _replay_or_error(
-    app: ASGIApp, snapshot: RequestSnapshot, config: Config, state: Mapping[str, Any] | None
+    app: ASGIApp,
+    snapshot: RequestSnapshot,
+    config: Config,
+    state: Mapping[str, Any] | None,
+    mounted: bool,
 ) -> tuple[ReplayedResponse, str]:
     """The app's response, or the error response that stands for its failure."""
     deadline = asyncio.timeout(config.job_timeout)
     try:
         async with deadline:
             response = await replay(
-                app, snapshot, max_body_bytes=config.max_body_bytes, state=state
+                app,
+                snapshot,
+                max_body_bytes=config.max_body_bytes,
+                state=state,
+                prefix=config.prefix,
+                mounted=mounted,
             )
         return response, "stored"
     except TimeoutError:

@@ -66,14 +66,16 @@ class KeyMemo:
         their order, names lowercased as the snapshot does, all values of each.
         """
         scheme, root_path, path = scope.get("scheme"), scope.get("root_path"), scope.get("path")
-        raw_path, query, server = (
+        raw_path, query, server, app_root = (
             scope.get("raw_path"),
             scope.get("query_string"),
             scope.get("server"),
+            scope.get("app_root_path"),  # Starlette's server root path, below a Mount
         )
         if not (
             type(scheme) is str
             and type(root_path) is str
+            and (app_root is None or type(app_root) is str)
             and type(path) is str
             and (raw_path is None or type(raw_path) is bytes)
             and type(query) is bytes
@@ -91,7 +93,7 @@ class KeyMemo:
                 size += len(value)
         if size > _MAX_PART_BYTES:
             return None
-        return (scheme, root_path, path, raw_path, query, server, tuple(headers))
+        return (scheme, root_path, app_root, path, raw_path, query, server, tuple(headers))
 
 
 def _plain_server(server: object) -> bool:

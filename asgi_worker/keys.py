@@ -1,6 +1,6 @@
 """The request snapshot, the cache key made from it, and every Redis key name.
 
-Pure functions, no I/O. DESIGN.md principle 1: the key *is* the snapshot (its hash), and
+Pure functions, no I/O. docs/design.md, principle 1: the key *is* the snapshot (its hash), and
 the worker replays exactly the snapshot, so a stored response can depend on nothing that
 the key does not hold.
 """
@@ -8,6 +8,7 @@ the key does not hold.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +18,45 @@ from starlette.types import Scope
 from .credentials import CREDENTIAL_HEADERS, CredentialGuard
 
 # Bumped when the canonical form changes, so old entries are simply never looked up again.
-_KEY_VERSION = b"aw1"
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_KEY_VERSION = b"aw2"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+"""The port each scheme has when a URL names none."""
 
 Headers = tuple[tuple[bytes, bytes], ...]
+
+# RFC 3986 host: a reg-name (unreserved, pct-encoded, sub-delims), an IPv4 address (a
+# reg-name too) or an IP literal in brackets; then an optional port of digits only.
+_HOST = re.compile(
+    r"(?P<name>[a-z0-9\-._~%!$&'()*+,;=]+|\[[0-9a-f:.]+\]|\[v[0-9a-f]+\.[a-z0-9\-._~!$&'()*+,;=:]+\])"
+    r"(?::(?P<port>[0-9]{0,5}))?",
+    re.ASCII,
+)
+
+
+class InvalidHostError(ValueError):
+    """The Host header is not a valid `host[:port]` (RFC 9110 section 7.2)."""
+
+
+def normalize_host(host: str, scheme: str) -> str:
+    """`host` as keyed: lowercased, no trailing dot, no port when it is the scheme's default.
+
+    Raises `InvalidHostError` for anything that is not `host[:port]` with a port of at
+    most 65535, so a hostile Host can neither reach the replay nor make keys of its own.
+    """
+    match = _HOST.fullmatch(host.lower())
+    if match is None:
+        raise InvalidHostError(f"invalid Host header {host!r}")
+    name, port = match["name"], match["port"]
+    if not name.startswith("["):
+        name = name.rstrip(".")
+        if not name:
+            raise InvalidHostError(f"invalid Host header {host!r}")
+    if not port:  # absent, or empty as RFC 3986 allows: the default port
+        return name
+    number = int(port)
+    if number > 65535:
+        raise InvalidHostError(f"invalid port in Host header {host!r}")
+    return name if number == DEFAULT_PORTS.get(scheme) else f"{name}:{number}"
 
 
 def header_pairs(value: Any) -> Headers:
@@ -39,7 +75,9 @@ class RequestSnapshot:
 
     scheme: str
     host: str
+    """Normalised (`normalize_host`): what the replay sends as Host and takes `server` from."""
     root_path: str
+    """The root path as the middleware saw it (a `Mount` above it adds its own prefix)."""
     path: str
     raw_path: bytes | None
     query_string: bytes
@@ -50,6 +88,15 @@ class RequestSnapshot:
     in clear (the key holds `credential_id`) and sealed whenever encoded."""
     credential_id: bytes = b""
     """A keyed MAC of `credentials` (see credentials.py); part of the key."""
+    server_root_path: str | None = None
+    """The root path the server gave, where outer layers changed it: Starlette's `Mount`
+    keeps it in `app_root_path`. None: the same as `root_path`. A replay that enters at
+    the top of the app starts from it, and the outer layers add their part again."""
+
+    @property
+    def entry_root_path(self) -> str:
+        """The root path of the request as it came from the server."""
+        return self.root_path if self.server_root_path is None else self.server_root_path
 
     def canonical(self) -> list[Any]:
         """The keyed part as plain msgpack-able values: the same request, the same list.
@@ -65,14 +112,26 @@ class RequestSnapshot:
             self.query_string,
             [list(pair) for pair in self.headers],
             self.credential_id,
+            None if self.server_root_path is None else _text(self.server_root_path),
         ]
 
     @classmethod
     def from_canonical(cls, items: list[Any]) -> RequestSnapshot:
         """Rebuild a snapshot from `canonical()`; `ValueError` if the values do not fit."""
-        scheme, host, root_path, path, raw_path, query_string, headers, credential_id = items
+        (
+            scheme,
+            host,
+            root_path,
+            path,
+            raw_path,
+            query_string,
+            headers,
+            credential_id,
+            server_root,
+        ) = items
         if not (
             isinstance(credential_id, bytes)
+            and (server_root is None or isinstance(server_root, bytes))
             and isinstance(scheme, str)
             and isinstance(host, str)
             and isinstance(root_path, bytes)
@@ -90,6 +149,9 @@ class RequestSnapshot:
             query_string=query_string,
             headers=header_pairs(headers),
             credential_id=credential_id,
+            server_root_path=(
+                None if server_root is None else server_root.decode("utf-8", "surrogatepass")
+            ),
         )
 
     @property
@@ -105,6 +167,7 @@ def snapshot_from_scope(
     """Take the keyed parts of an HTTP scope. `vary` holds lowercased header names.
 
     With a `guard` (`Config.key_credentials`) the credential headers are taken too.
+    Raises `InvalidHostError` for a Host header that is not a valid `host[:port]`.
     """
     host = b""
     wanted = {name.encode("latin-1") for name in vary}
@@ -121,10 +184,14 @@ def snapshot_from_scope(
     credentials.sort(key=lambda pair: pair[0])
     scheme = _latin1(str(scope.get("scheme") or "http"))
     raw_path = scope.get("raw_path")
+    root_path = str(scope.get("root_path") or "")
+    server_root = scope.get("app_root_path")
     return RequestSnapshot(
         scheme=scheme,
-        host=host.decode("latin-1").lower() if host else _server_host(scope, scheme),
-        root_path=str(scope.get("root_path") or ""),
+        host=normalize_host(host.decode("latin-1"), scheme)
+        if host
+        else _server_host(scope, scheme),
+        root_path=root_path,
         path=str(scope.get("path") or "/"),
         raw_path=bytes(raw_path) if raw_path is not None else None,
         query_string=bytes(scope.get("query_string") or b""),
@@ -132,6 +199,9 @@ def snapshot_from_scope(
         headers=tuple(sorted(kept, key=lambda pair: pair[0])),
         credentials=tuple(credentials),
         credential_id=guard.identify(tuple(credentials)) if guard and credentials else b"",
+        server_root_path=(
+            str(server_root) if server_root is not None and server_root != root_path else None
+        ),
     )
 
 
@@ -140,7 +210,9 @@ def _server_host(scope: Scope, scheme: str) -> str:
     if not server or server[0] is None:
         return ""
     host, port = _latin1(str(server[0])).lower(), server[1]
-    return host if port in (None, _DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address, written as a Host header writes it
+    return host if port in (None, DEFAULT_PORTS.get(scheme)) else f"{host}:{port}"
 
 
 def _latin1(value: str) -> str:

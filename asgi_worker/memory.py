@@ -14,9 +14,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from .invalidation import ByGlob, ByQuery, ByTag, Target, query_matches
 from .queue import Job
 from .store import Committed, Lookup, Write
+from .targets import ByGlob, ByQuery, ByTag, Target, query_matches
 
 logger = logging.getLogger("asgi_worker")
 

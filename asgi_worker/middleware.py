@@ -14,15 +14,17 @@ from typing import Any
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .backend import Backend, open_backend
+from .apptree import walk
+from .backend import Backend, Entry, open_backend
 from .codec import CorruptEntryError, StoredResponse, decode_response, encode_snapshot
 from .config import Config
 from .keymemo import KeyMemo
-from .keys import RedisKeys, RequestSnapshot
+from .keys import InvalidHostError, RedisKeys, RequestSnapshot
 from .memory import InProcessQueue
 from .policy import Policy
 from .queue import Job
-from .responses import send_accepted, send_stored, send_unavailable
+from .replay import ReplayMarker, replay_marker
+from .responses import send_accepted, send_bad_host, send_stored, send_unavailable
 from .singleflight import SingleFlight
 from .store import Store
 from .waiting import Gone, hold, parse_prefer
@@ -38,8 +40,9 @@ class WorkerMiddleware:
 
     A hit is served from the stored response. A miss answers `202 Accepted` at once and
     makes sure exactly one job exists to replay the request in a worker. Everything else
-    (other methods, websockets, credentials, excluded paths, the worker's own replays)
-    goes straight to the wrapped app.
+    (other methods, websockets, credentials, excluded paths) goes straight to the wrapped
+    app. A replay (it enters at the top of the app, see replay.py) also goes to the
+    wrapped app, whose answer this middleware hands to the replay as the one to store.
     """
 
     def __init__(self, app: ASGIApp, *, config: Config) -> None:
@@ -58,6 +61,8 @@ class WorkerMiddleware:
         self._token_prefix = secrets.token_hex(6)
         self._token_counter = itertools.count()
         self._inflight: SingleFlight[_Found | None] = SingleFlight()
+        # Where in-process replays enter the app: learned from the first request.
+        self._entry: Entry | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -67,11 +72,21 @@ class WorkerMiddleware:
         elif self._policy.handles(scope):
             await self._serve(scope, receive, send)
         else:
+            marker = replay_marker(scope) if scope["type"] == "http" else None
+            if isinstance(marker, ReplayMarker) and marker.take(self.config.prefix):
+                send = marker.tee(send)  # our inner app's answer is the one stored
             await self.app(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        snapshot, digest = self._key_memo.key(scope)
         head = scope["method"] == "HEAD"
+        try:
+            snapshot, digest = self._key_memo.key(scope)
+        except InvalidHostError as error:
+            logger.info("asgi-worker: 400 for %s", error)
+            await send_bad_host(send, head=head)
+            return
+        if self._entry is None and self.config.in_process:
+            self._entry = self._entry_for(scope)
         applied: list[tuple[bytes, bytes]] = []
         try:
             found = await self._lookup(snapshot, digest)
@@ -208,7 +223,9 @@ class WorkerMiddleware:
     def _open(self) -> Backend:
         if self._backend is None:
             self._backend = open_backend(
-                self.config, app=self.app, state=lambda: self._lifespan_state
+                self.config,
+                entry=lambda: self._entry or Entry(self),
+                state=lambda: self._lifespan_state,
             )
         return self._backend
 
@@ -221,6 +238,37 @@ class WorkerMiddleware:
             return message
 
         return receive_then_close
+
+    def _entry_for(self, scope: Scope) -> Entry:
+        """Where a replay of this request enters, as the arq worker's enters the served app.
+
+        The framework's app in the scope (Starlette, FastAPI and Litestar put it there) if
+        it reaches this middleware: it adds what it always adds to the scope. Below a
+        Starlette `Mount` that app is the mounted sub-app; the outermost router (in
+        `scope["router"]`) is entered instead, so the mount and the router that `url_for`
+        uses are the served app's. Without either (Quart, Django, a plain ASGI app)
+        nothing outside this middleware adds anything, and the replay enters here.
+        """
+        below_mount = "app_root_path" in scope
+        fallback = Entry(self, mounted=below_mount)
+        for key in ("app", "router"):
+            candidate = scope.get(key)
+            if candidate is None or candidate is self:
+                continue
+            through_mount = self._reached_from(candidate)
+            if through_mount is None:
+                continue
+            if through_mount or not below_mount:
+                return Entry(candidate)  # it sees the server's root path
+            fallback = Entry(candidate, mounted=True)
+        return fallback
+
+    def _reached_from(self, app: object) -> bool | None:
+        """Whether `app` reaches this middleware through a `Mount`; None if not at all."""
+        for node, through_mount in walk(app):
+            if node is self:
+                return through_mount
+        return None
 
 
 @dataclass(frozen=True, slots=True)

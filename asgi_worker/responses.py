@@ -1,4 +1,4 @@
-"""The responses the middleware itself sends: a stored hit, 202 Accepted, 503."""
+"""The responses the middleware itself sends: a stored hit, 202 Accepted, 400, 503."""
 
 from __future__ import annotations
 
@@ -70,6 +70,18 @@ async def send_unavailable(send: Send, *, retry_after: int, head: bool) -> None:
     await _send_plain(
         send, 503, retry_after, CACHE_STATUS_UNAVAILABLE, b"" if head else b"Service Unavailable"
     )
+
+
+async def send_bad_host(send: Send, *, head: bool) -> None:
+    """400: the Host header is not a valid `host[:port]`; nothing is looked up or queued."""
+    body = b"" if head else b"Bad Request: invalid Host header"
+    headers = [
+        (b"cache-control", b"no-store"),
+        (b"content-length", str(len(b"Bad Request: invalid Host header")).encode()),
+        (b"content-type", b"text/plain; charset=utf-8"),
+    ]
+    await send({"type": "http.response.start", "status": 400, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _send_plain(

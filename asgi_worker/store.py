@@ -24,8 +24,8 @@ import msgpack
 from redis.asyncio import Redis
 
 from . import scripts
-from .invalidation import ByGlob, ByPath, ByQuery, ByTag, Target, glob_range, query_matches
 from .keys import RedisKeys
+from .targets import ByGlob, ByPath, ByQuery, ByTag, Target, glob_range, query_matches
 
 
 @dataclass(frozen=True, slots=True)

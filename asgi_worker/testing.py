@@ -18,32 +18,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from starlette.types import ASGIApp
 
 from .completion import ReplayWorker
 from .config import Config
-from .middleware import WorkerMiddleware
+from .discovery import find_all, find_config, find_middleware
 from .worker import worker_settings
+
+__all__ = ["find_middleware", "run_pending", "worker_running"]
 
 
 async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
     """Run every job enqueued so far (and any they lead to); return how many ran.
 
-    `config` defaults to the one of the `WorkerMiddleware` inside `app`. The middleware
-    is found once the app has served a request (Starlette builds its stack lazily).
+    `config` defaults to the one of the `WorkerMiddleware` inside `app` (see
+    `discovery.find_config`). Pass the app you serve: replays enter at its top.
     """
-    middleware = find_middleware(app)
     if config is None:
-        if middleware is None:
-            raise LookupError(
-                "no WorkerMiddleware found in the app (has it served a request yet?); "
-                "pass config= explicitly"
-            )
-        config = middleware.config
+        config = find_config(app)
     if config.in_process:
-        return await middleware.drain() if middleware is not None else 0
+        # Each middleware instance runs its own jobs (Litestar builds one per route).
+        drained = [await found.middleware.drain() for found in find_all(app)]
+        return sum(drained)
     worker = ReplayWorker(**worker_settings(app, config), burst=True, handle_signals=False)
     try:
         await worker.main()
@@ -53,12 +50,14 @@ async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
 
 
 @asynccontextmanager
-async def worker_running(app: ASGIApp, config: Config) -> AsyncIterator[None]:
+async def worker_running(app: ASGIApp, config: Config | None = None) -> AsyncIterator[None]:
     """Run jobs as they arrive, for the duration of the block.
 
     With the arq backend a real arq worker polls in this event loop; in-process
     backends already run their jobs as they arrive, so there is nothing to start.
     """
+    if config is None:
+        config = find_config(app)
     if config.in_process:
         yield
         return
@@ -72,17 +71,3 @@ async def worker_running(app: ASGIApp, config: Config) -> AsyncIterator[None]:
         # Let the jobs already running finish: arq's close() would cancel them.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         await worker.close()
-
-
-def find_middleware(app: ASGIApp) -> WorkerMiddleware | None:
-    """The `WorkerMiddleware` in an app's middleware chain, following `.app` links."""
-    seen: set[int] = set()
-    current: Any = app
-    while current is not None and id(current) not in seen:
-        if isinstance(current, WorkerMiddleware):
-            return current
-        seen.add(id(current))
-        # Starlette and FastAPI keep the built chain in `middleware_stack`; middlewares
-        # (Starlette's, ours and most others) keep the next app in `app`.
-        current = getattr(current, "middleware_stack", None) or getattr(current, "app", None)
-    return None

@@ -20,9 +20,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .backend import redis_client
 from .completion import hand_off
 from .config import Config, ConfigurationError
+from .connections import redis_client
+from .discovery import config_mismatch, find_config
 from .jobs import HandOff, run_job
 from .queue import JOB_FUNCTION, deserialize, serialize
 from .store import RedisStore
@@ -49,16 +50,26 @@ class _Runtime:
     job's commit in the transaction that ends the job."""
 
 
-def worker_settings(app: ASGIApp, config: Config) -> dict[str, Any]:
+def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any]:
     """Settings for an arq worker that replays requests through `app`.
+
+    `config` defaults to the one of the `WorkerMiddleware` inside `app` (found through
+    middleware stacks, mounts and the frameworks' wrappers, see `discovery`); a clear
+    `ConfigurationError` says how to pass one where none is found. A `config` whose
+    prefix or queue is not the middleware's is logged as a warning.
 
     Run them with `ReplayWorker(**worker_settings(app, config))` (what `asgi-worker
     worker` does), which commits each replay in the transaction that ends its job. Also
     accepted by the `arq` command (`WorkerSettings = worker_settings(app, config)`, then
     `arq module.WorkerSettings`) and by `arq.worker.create_worker`: then each job commits
-    on its own, one round trip more per job. Pass the very app object you serve, so your
-    other middlewares run in replays too.
+    on its own, one round trip more per job. Pass the very app object you serve: replays
+    enter at its top, as requests from the server do, and what the app inside the
+    middleware answers is stored.
     """
+    if config is None:
+        config = find_config(app)
+    elif (warning := config_mismatch(app, config)) is not None:
+        logger.warning("asgi-worker: %s", warning)
     if config.embedded:
         raise ConfigurationError(
             "Config.redis_url is memory://: jobs run inside the web process, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from asgi_worker import Config
-from asgi_worker.backend import redis_client
+from asgi_worker.connections import redis_client
 from asgi_worker.events import EventListener
 
 from .conftest import REDIS_URL

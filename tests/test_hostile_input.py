@@ -29,7 +29,7 @@ from redis import Redis
 from starlette.types import Message, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.keys import snapshot_from_scope
+from asgi_worker.keys import InvalidHostError, normalize_host, snapshot_from_scope
 from asgi_worker.replay import REPLAY_EXTENSION
 from asgi_worker.testing import run_pending
 
@@ -256,11 +256,27 @@ def handled(scope: dict[str, Any]) -> bool:
     return not any(bytes(name).lower() in CREDENTIALS for name, _ in scope.get("headers") or ())
 
 
+def valid_host(scope: dict[str, Any]) -> bool:
+    """Is the first non-empty Host header (the one keyed) absent or a valid host[:port]?"""
+    headers = scope.get("headers") or ()
+    host = next((v for n, v in headers if bytes(n).lower() == b"host" and v), None)
+    if host is None:
+        return True
+    try:
+        normalize_host(bytes(host).decode("latin-1"), str(scope.get("scheme") or "http"))
+    except InvalidHostError:
+        return False
+    return True
+
+
 def check_middleware_answer(answer: Answer, *, head: bool) -> None:
     assert answer.header(b"cache-status") is not None
+    if answer.status == 304:  # no body, and no length needed (RFC 9110 section 15.4.5)
+        assert answer.body == b""
+        return
     length = answer.header(b"content-length")
     assert length is not None
-    if not head and answer.status != 304:
+    if not head:
         assert int(length) == len(answer.body)
 
 
@@ -292,6 +308,12 @@ def test_any_scope_gets_one_valid_response_and_the_job_result(scope: dict[str, A
                 assert (first.status, first.header(b"x-app")) == (200, b"1")
                 assert inner.direct == 1
                 assert inner.replays == []
+                return
+            if not valid_host(scope):
+                # Not host[:port]: a 400 from the middleware, nothing looked up or queued.
+                assert first.status == 400
+                assert await middleware.drain() == 0
+                assert (inner.direct, inner.replays) == (0, [])
                 return
             assert first.status == 202
             check_middleware_answer(first, head=head)
@@ -391,6 +413,7 @@ def test_keyed_difference_never_shares_an_entry_unkeyed_always_does(
     scope: dict[str, Any], how: str, data: st.DataObject
 ) -> None:
     other = mutate(scope, how, data)
+    assume(valid_host(scope) and valid_host(other))  # else a 400, see the test above
     keyed = how in KEYED
     first_digest = snapshot_from_scope(scope, VARY).digest
     other_digest = snapshot_from_scope(other, VARY).digest
@@ -444,6 +467,10 @@ def test_on_redis_any_scope_is_answered_and_key_names_stay_short(scope: dict[str
                 assert first.status == 200
                 assert inner.direct == 1
                 return
+            if not valid_host(scope):
+                assert first.status == 400
+                assert await run_pending(middleware, config) == 0
+                return
             assert first.status == 202
             check_middleware_answer(first, head=head)
             assert await run_pending(middleware, config) == 1
@@ -466,7 +493,7 @@ def test_on_redis_any_scope_is_answered_and_key_names_stay_short(scope: dict[str
             ]
             for name in names:
                 assert len(name) < MAX_KEY_NAME, name
-        if handled(scope):
+        if handled(scope) and valid_host(scope):
             assert names, "nothing was stored"
     finally:
         for pattern in (f"{prefix}*", f"arq:*{prefix}*"):

@@ -256,6 +256,7 @@ FIELD_VALUES = {
     "raw_path": st.none() | st.binary(max_size=12),
     "query_string": st.binary(max_size=12),
     "headers": header_pairs,
+    "server_root_path": st.none() | any_text,
 }
 
 

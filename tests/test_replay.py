@@ -20,6 +20,7 @@ from asgi_worker.replay import (
     BodyTooLargeError,
     InvalidResponseError,
     ReplayedResponse,
+    ReplayMarker,
     build_scope,
     replay,
 )
@@ -130,7 +131,8 @@ async def test_scope_holds_only_host_vary_headers_and_marker() -> None:
     assert scope["headers"] == [(b"host", b"example.com:8443"), (b"accept-language", b"de")]
     assert scope["client"] is None
     assert scope["server"] == ("example.com", 8443)
-    assert scope["extensions"] == {REPLAY_EXTENSION: {}}
+    assert list(scope["extensions"]) == [REPLAY_EXTENSION]
+    assert isinstance(scope["extensions"][REPLAY_EXTENSION], ReplayMarker)
     assert scope["state"] == {"db": "pool"}
 
 

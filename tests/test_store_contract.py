@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from asgi_worker.invalidation import ByGlob, ByPath, ByQuery, ByTag, Target
 from asgi_worker.keys import RedisKeys
 from asgi_worker.memory import MemoryStore
 from asgi_worker.store import Committed, Lookup, RedisStore, Store, Write
+from asgi_worker.targets import ByGlob, ByPath, ByQuery, ByTag, Target
 
 LEASE = 0.3
 DIGEST = "0123456789abcdef0123456789abcdef"

@@ -1,0 +1,85 @@
+"""Find the `WorkerMiddleware` inside an app, and with it the app's `Config`.
+
+The worker, `run_pending`, `Invalidator.for_app` and the CLI are given the app you serve;
+the middleware sits somewhere inside it (see `apptree` for the shapes it is found in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp
+
+from .apptree import walk
+from .config import Config, ConfigurationError
+from .middleware import WorkerMiddleware
+
+HOW_TO_PASS_CONFIG = (
+    "pass the Config explicitly (--config module:config, or ASGI_WORKER_* variables; "
+    "config= in Python)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A middleware in an app, and how it is reached."""
+
+    middleware: WorkerMiddleware
+    mounted: bool
+    """Reached through a `Mount`: the root path it sees is longer than the server's."""
+
+
+def find_all(app: ASGIApp) -> list[Found]:
+    """Every `WorkerMiddleware` in `app`, outermost first."""
+    return [
+        Found(node, mounted) for node, mounted in walk(app) if isinstance(node, WorkerMiddleware)
+    ]
+
+
+def find_middleware(app: ASGIApp) -> WorkerMiddleware | None:
+    """The outermost `WorkerMiddleware` in `app`, or None."""
+    found = find_all(app)
+    return found[0].middleware if found else None
+
+
+def find_config(app: ASGIApp) -> Config:
+    """The `Config` of the middleware(s) in `app`; a clear error if there is none or several."""
+    configs = list(dict.fromkeys(found.middleware.config for found in find_all(app)))
+    if not configs:
+        raise ConfigurationError(
+            f"no WorkerMiddleware found in {_name(app)}: add it to the app you pass "
+            f"(the app you serve), or {HOW_TO_PASS_CONFIG}"
+        )
+    if len(configs) > 1:
+        prefixes = ", ".join(repr(config.prefix) for config in configs)
+        raise ConfigurationError(
+            f"{_name(app)} holds WorkerMiddlewares with {len(configs)} different configs "
+            f"(prefixes {prefixes}): {HOW_TO_PASS_CONFIG}"
+        )
+    return configs[0]
+
+
+def config_mismatch(app: ASGIApp, config: Config) -> str | None:
+    """Why `config` may not serve the middleware in `app`, or None if it does.
+
+    A worker whose prefix or queue differs from the middleware's never answers the
+    middleware's jobs: its clients get 202 until someone notices.
+    """
+    configs = list(dict.fromkeys(found.middleware.config for found in find_all(app)))
+    if not configs:
+        return (
+            f"no WorkerMiddleware found in {_name(app)}: replays store what the whole app "
+            "answers, and layers outside the middleware will run twice on a hit"
+        )
+    if any(c.prefix == config.prefix and c.queue == config.queue for c in configs):
+        return None
+    theirs = ", ".join(f"prefix {c.prefix!r} queue {c.queue!r}" for c in configs)
+    return (
+        f"the Config given (prefix {config.prefix!r}, queue {config.queue!r}) is not the "
+        f"one of the WorkerMiddleware in the app ({theirs}): its jobs are not this "
+        "worker's, and its clients get 202 until they are served"
+    )
+
+
+def _name(app: object) -> str:
+    return f"the app ({type(app).__module__}.{type(app).__qualname__})"

@@ -1,0 +1,167 @@
+"""Finding the WorkerMiddleware (and its Config) inside the app you serve, in every shape."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from litestar import Litestar, get
+from litestar.middleware import DefineMiddleware
+from quart import Quart
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Host, Mount, Route
+
+from asgi_worker import Config, ConfigurationError, WorkerMiddleware
+from asgi_worker.discovery import config_mismatch, find_all, find_config, find_middleware
+from asgi_worker.invalidation import Invalidator
+
+PACKAGE = Path(__file__).resolve().parent.parent / "asgi_worker"
+CONFIG = Config(redis_url="memory://", prefix="found")
+
+
+def starlette_app(config: Config = CONFIG) -> Starlette:
+    app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("hi"))])
+    app.add_middleware(GZipMiddleware)
+    app.add_middleware(WorkerMiddleware, config=config)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"])
+    return app
+
+
+def test_found_through_an_unbuilt_starlette_stack() -> None:
+    app = starlette_app()
+    assert app.middleware_stack is None  # never served a request
+    middleware = find_middleware(app)
+    assert isinstance(middleware, WorkerMiddleware)
+    assert middleware.config is CONFIG
+    # Built as Starlette builds it: the instance found is the one requests will reach.
+    assert find_middleware(app) is middleware
+
+
+def test_found_through_mounts_and_hosts_and_marked_mounted() -> None:
+    sub = starlette_app()
+    outer = Starlette(routes=[Mount("/sub", app=sub), Host("api.example.com", app=Starlette())])
+    (found,) = find_all(outer)
+    assert found.mounted
+    assert find_all(sub)[0].mounted is False
+    via_host = Starlette(routes=[Host("api.example.com", app=starlette_app())])
+    assert find_all(via_host)[0].mounted is False
+
+
+def test_found_in_a_plain_wrapper_and_quart_asgi_app() -> None:
+    assert find_middleware(WorkerMiddleware(PlainTextResponse("x"), config=CONFIG)) is not None
+    quart = Quart(__name__)
+    assert find_middleware(quart) is None
+    quart.asgi_app = WorkerMiddleware(quart.asgi_app, config=CONFIG)  # type: ignore[method-assign]
+    assert find_config(quart) is CONFIG
+
+
+def litestar_app(config: Config) -> Litestar:
+    @get("/a")
+    async def first() -> str:
+        return "a"
+
+    @get("/b")
+    async def second() -> str:
+        return "b"
+
+    return Litestar([first, second], middleware=[DefineMiddleware(WorkerMiddleware, config=config)])
+
+
+def test_litestar_has_one_instance_per_route_handler() -> None:
+    app = litestar_app(CONFIG)
+    found = find_all(app)
+    # Several per handler (one per method it answers, HEAD and OPTIONS included).
+    assert len({id(f.middleware) for f in found}) >= 2
+    assert find_config(app) is CONFIG
+    assert len(Invalidator.for_app(app)._stores) == len(found)  # memory://: each one's store
+
+
+def test_redis_stores_of_many_instances_are_invalidated_once() -> None:
+    app = litestar_app(Config(redis_url="redis://127.0.0.1:6379/0", prefix="found-once"))
+    assert len(find_all(app)) >= 2
+    assert len(Invalidator.for_app(app)._stores) == 1
+
+
+def test_no_middleware_is_a_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"no WorkerMiddleware found .*--config"):
+        find_config(Starlette())
+    with pytest.raises(LookupError, match="no WorkerMiddleware"):
+        Invalidator.for_app(Starlette())
+
+
+def test_two_different_configs_are_a_clear_error() -> None:
+    outer = Starlette(
+        routes=[
+            Mount("/a", app=starlette_app(CONFIG)),
+            Mount("/b", app=starlette_app(Config(redis_url="memory://", prefix="other"))),
+        ]
+    )
+    with pytest.raises(ConfigurationError, match="'found', 'other'"):
+        find_config(outer)
+
+
+def test_mismatch_names_both_prefixes() -> None:
+    app = starlette_app()
+    assert config_mismatch(app, CONFIG) is None
+    warning = config_mismatch(app, Config(redis_url="memory://", prefix="aw"))
+    assert warning is not None
+    assert "'aw'" in warning
+    assert "'found'" in warning
+    assert "no WorkerMiddleware" in (config_mismatch(Starlette(), CONFIG) or "")
+
+
+def test_a_cycle_or_odd_attributes_do_not_hang_the_walk() -> None:
+    class Loop:
+        def __init__(self) -> None:
+            self.app = self
+
+        async def __call__(self, scope: object, receive: object, send: object) -> None:
+            raise AssertionError
+
+    class Broken:
+        @property
+        def app(self) -> object:
+            raise RuntimeError("not ours to break on")
+
+    assert find_middleware(Loop()) is None  # type: ignore[arg-type]
+    assert find_middleware(Broken()) is None  # type: ignore[arg-type]
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (at any level, lazily or not)."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    imported.add(node.module.split(".")[0])
+                else:
+                    imported.update(alias.name for alias in node.names)
+        graph[path.stem] = imported
+    return graph
+
+
+def test_package_imports_form_a_tree_without_cycles() -> None:
+    graph = package_imports()
+    done: set[str] = set()
+
+    def visit(module: str, trail: tuple[str, ...]) -> None:
+        if module in trail:
+            raise AssertionError("import cycle: " + " -> ".join((*trail, module)))
+        if module in done:
+            return
+        for imported in sorted(graph.get(module, ())):
+            visit(imported, (*trail, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
+    # Finding the middleware is library code, not a test helper.
+    assert "testing" not in graph["invalidation"]
+    assert "testing" not in graph["cli"]

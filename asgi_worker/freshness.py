@@ -32,13 +32,24 @@ class Lifetime:
     """Seconds after that it is still served while one refresh runs (or the refresh fails)."""
 
 
+def shareable(headers: Headers) -> bool:
+    """False for a response no other client may get.
+
+    That is one marked `private` or `no-store`, one that sets a cookie, or one with
+    `Vary: *` (RFC 9111 sections 3.5 and 4.1).
+    """
+    if _NOT_SHARED & cache_control(headers).keys():
+        return False
+    return not any(
+        name == b"set-cookie" or (name == b"vary" and _varies_on_anything(value))
+        for name, value in headers
+    )
+
+
 def lifetime(status: int, headers: Headers, path: str, config: Config) -> Lifetime:
     """Decide freshness for a response of the app (not for our own error responses)."""
     directives = cache_control(headers)
-    if _NOT_SHARED & directives.keys() or any(
-        name == b"set-cookie" or (name == b"vary" and _varies_on_anything(value))
-        for name, value in headers
-    ):
+    if not shareable(headers):
         return Lifetime(shared=False, fresh=config.pass_ttl, stale=0.0)
     if status >= 500:
         return Lifetime(shared=True, fresh=config.error_ttl, stale=0.0)

@@ -57,16 +57,19 @@ class Invalidator:
     def for_app(cls, app: ASGIApp) -> Invalidator:
         """An invalidator on the store of the `WorkerMiddleware` inside `app`.
 
-        Where the app holds several (Litestar builds one per route handler), each
-        `memory://` store is invalidated, and each Redis store once.
+        Where the app holds several (Litestar builds one per route handler and method),
+        each store they serve from is invalidated once.
         """
-        stores: dict[object, Store] = {}
-        for found in find_all(app):
-            config = found.middleware.config
-            where = id(found.middleware) if config.embedded else (config.redis_url, config.prefix)
-            stores.setdefault(where, found.middleware.store)
-        if not stores:
+        middlewares = [found.middleware for found in find_all(app)]
+        if not middlewares:
             raise LookupError(f"no WorkerMiddleware found in the app ({type(app).__qualname__})")
+        # Those that served (twins share one store); else the first, which opens its own.
+        serving = [middleware for middleware in middlewares if middleware.opened]
+        stores: dict[object, Store] = {}
+        for middleware in serving or middlewares[:1]:
+            config, store = middleware.config, middleware.store
+            where = id(store) if config.embedded else (config.redis_url, config.prefix)
+            stores.setdefault(where, store)
         return cls(*stores.values())
 
     async def path(self, path: str, *, soft: bool = False) -> int:

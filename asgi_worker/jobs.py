@@ -19,7 +19,7 @@ from starlette.types import ASGIApp
 
 from .codec import CorruptEntryError, StoredResponse, decode_snapshot, encode_response
 from .config import Config
-from .freshness import entity_tag, lifetime
+from .freshness import entity_tag, lifetime, shareable
 from .keys import Headers, RequestSnapshot
 from .replay import BodyTooLargeError, ReplayedResponse, ReplayError, replay
 from .store import Committed, Store, Write
@@ -157,12 +157,13 @@ def to_write(
             retry_after=config.error_ttl,
         )
     life = lifetime(replayed.status, replayed.headers, snapshot.path, config)
-    if not life.shared:
+    if not life.shared or (replayed.leaving is not None and not shareable(replayed.leaving)):
+        # Private as the app answered, or as a layer outside the middleware sent it on.
         marker = StoredResponse(0, (), b"", time.time(), hit_for_pass=True)
         return Write(
             encode_response(marker),
-            fresh=life.fresh,
-            keep=life.fresh,
+            fresh=config.pass_ttl,
+            keep=config.pass_ttl,
             path=snapshot.path,
             query=snapshot.query_string,
         )

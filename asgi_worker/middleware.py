@@ -85,8 +85,8 @@ class WorkerMiddleware:
             logger.info("asgi-worker: 400 for %s", error)
             await send_bad_host(send, head=head)
             return
-        if self._entry is None and self.config.in_process:
-            self._entry = self._entry_for(scope)
+        if self._entry is None:
+            self._first_request(scope)
         applied: list[tuple[bytes, bytes]] = []
         try:
             found = await self._lookup(snapshot, digest)
@@ -208,6 +208,11 @@ class WorkerMiddleware:
         return 0 if self._backend is None else self._backend.waiters.count
 
     @property
+    def opened(self) -> bool:
+        """True once this middleware holds its backend (opened on first use)."""
+        return self._backend is not None
+
+    @property
     def store(self) -> Store:
         """The store this middleware serves from (opened on first use)."""
         return self._open().store
@@ -238,6 +243,23 @@ class WorkerMiddleware:
             return message
 
         return receive_then_close
+
+    def _first_request(self, scope: Scope) -> None:
+        """Learn where replays enter, and share the backend of a twin, if the app has one.
+
+        Litestar builds one middleware per route handler and method: with `memory://`,
+        each would keep entries of its own, and a HEAD would miss what its GET stored.
+        Middlewares of one app with equal configs share one backend, as they share Redis.
+        """
+        self._entry = self._entry_for(scope)
+        app = scope.get("app")
+        if self._backend is not None or app is None:
+            return
+        for node, _ in walk(app):
+            twin = isinstance(node, WorkerMiddleware) and node is not self
+            if twin and node.config == self.config and node._backend is not None:
+                self._backend = node._backend
+                return
 
     def _entry_for(self, scope: Scope) -> Entry:
         """Where a replay of this request enters, as the arq worker's enters the served app.

@@ -15,6 +15,7 @@ is dropped, since they run again when the hit is served.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,10 @@ class ReplayedResponse:
     status: int
     headers: Headers
     body: bytes
+    leaving: Headers | None = None
+    """The headers of the same answer as it left the top of the app, after the layers
+    outside the middleware (None: no middleware took the replay, `headers` are those).
+    A layer outside may react to what the app did (a session written: `Set-Cookie`)."""
 
 
 def build_scope(
@@ -152,7 +157,10 @@ async def replay(
         if exchange.answer.failure is not None:
             raise exchange.answer.failure from None
         raise
-    return exchange.answer.result()
+    answer = exchange.answer.result()
+    if exchange.marker.reached:
+        return dataclasses.replace(answer, leaving=exchange.leaving)
+    return answer
 
 
 class _Exchange:
@@ -164,6 +172,8 @@ class _Exchange:
         self._inner = _Collector(max_body_bytes, self._done)
         self._outer = _Collector(max_body_bytes, self._done)
         self.marker = ReplayMarker(prefix, self._inner.send)
+        self.leaving: Headers = ()
+        """The headers the outer layers sent on, once a middleware took the replay."""
 
     @property
     def answer(self) -> _Collector:
@@ -181,7 +191,13 @@ class _Exchange:
     async def send(self, message: Message) -> None:
         if not self.marker.reached:
             await self._outer.send(message)
-        # Otherwise the outer layers' copy of the captured answer: it is not stored.
+        elif message.get("type") == "http.response.start":
+            # The outer layers' copy of the captured answer: not stored, but a layer that
+            # made it private (a session cookie) makes the answer private too.
+            try:
+                self.leaving = _headers(message.get("headers", ()))
+            except InvalidResponseError:
+                self.leaving = ()
 
 
 class _Phase(enum.Enum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import httpx
 import pytest
 from litestar import Litestar, get
 from litestar.middleware import DefineMiddleware
@@ -18,6 +19,7 @@ from starlette.routing import Host, Mount, Route
 from asgi_worker import Config, ConfigurationError, WorkerMiddleware
 from asgi_worker.discovery import config_mismatch, find_all, find_config, find_middleware
 from asgi_worker.invalidation import Invalidator
+from asgi_worker.testing import run_pending
 
 PACKAGE = Path(__file__).resolve().parent.parent / "asgi_worker"
 CONFIG = Config(redis_url="memory://", prefix="found")
@@ -71,13 +73,24 @@ def litestar_app(config: Config) -> Litestar:
     return Litestar([first, second], middleware=[DefineMiddleware(WorkerMiddleware, config=config)])
 
 
-def test_litestar_has_one_instance_per_route_handler() -> None:
+async def test_litestar_instances_per_route_handler_share_one_store() -> None:
     app = litestar_app(CONFIG)
     found = find_all(app)
     # Several per handler (one per method it answers, HEAD and OPTIONS included).
-    assert len({id(f.middleware) for f in found}) >= 2
+    assert len({id(f.middleware) for f in found}) >= 4
     assert find_config(app) is CONFIG
-    assert len(Invalidator.for_app(app)._stores) == len(found)  # memory://: each one's store
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/a")).status_code == 202
+        assert (await client.get("/b")).status_code == 202
+        assert await run_pending(app) == 2
+        hit = await client.get("/b")
+        assert (hit.text, hit.headers["cache-status"]) == ("b", "asgi-worker; hit")
+    # Each route's middleware served; the second took the first one's backend.
+    serving = [f.middleware for f in found if f.middleware.opened]
+    assert len(serving) == 2
+    assert len({id(middleware.store) for middleware in serving}) == 1
+    assert len(Invalidator.for_app(app)._stores) == 1
 
 
 def test_redis_stores_of_many_instances_are_invalidated_once() -> None:

@@ -25,7 +25,7 @@ from .events import INVALIDATED, EventListener
 from .jobs import run_job
 from .keys import RedisKeys
 from .memory import InProcessQueue, MemoryStore
-from .near import NearCache
+from .near import NearCache, response_cost
 from .queue import ArqQueue, Job, JobQueue
 from .store import RedisStore, Store
 from .waiting import Waiters
@@ -90,7 +90,9 @@ def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) 
         cache = redis_client(config.redis_url, config, read_timeout=False)
         store = RedisStore(cache, prefix=config.prefix, claim_ttl=config.claim_lease)
         if config.near_cache_ttl > 0:
-            near = NearCache(ttl=config.near_cache_ttl, max_bytes=config.near_cache_bytes)
+            near = NearCache(
+                ttl=config.near_cache_ttl, max_bytes=config.near_cache_bytes, cost=response_cost
+            )
         events = EventListener(
             cache,
             RedisKeys(config.prefix).events(),
@@ -113,12 +115,23 @@ def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) 
                 mounted=where.mounted,
             )
 
-        queue = InProcessQueue(run, max_jobs=config.max_jobs)
+        queue = InProcessQueue(run, max_jobs=config.max_jobs, max_queued=config.max_queued)
         closers.insert(0, queue.close)  # stop the jobs before their connections go
     else:
         queue_url = config.queue_redis_url or config.redis_url
         queue_client = cache if queue_url == config.redis_url else redis_client(queue_url, config)
-        queue = ArqQueue(queue_client, queue_name=config.queue, expires=config.claim_lease)
+        queue = ArqQueue(
+            queue_client,
+            queue_name=config.queue,
+            expires=config.claim_lease,
+            prefix=config.prefix,
+            max_queued=config.max_queued,
+            fair_slots=config.max_jobs if config.fair_queueing else 0,
+            # Due later than this, a job could not finish within its claim lease (but a
+            # path may always have a second of backlog: a lease set tight is no reason
+            # to refuse every job after the first).
+            horizon=max(1.0, config.claim_lease - config.job_timeout - config.redis_timeout),
+        )
         if queue_client is not cache:
             closers.append(lambda: queue_client.aclose(close_connection_pool=True))
 

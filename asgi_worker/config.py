@@ -122,6 +122,21 @@ class Config:
     inline_worker: bool = False
     """Run jobs as tasks in the web process instead of an arq worker (implied by memory://)."""
 
+    max_queued: int = 10_000
+    """Jobs waiting in the queue at most; a miss that would enqueue one more gets `503`
+    with `Retry-After` (`Cache-Status: ...; detail=queue-full`). 0: no cap."""
+    fair_queueing: bool = True
+    """Space each path's queued jobs by its typical job duration over `max_jobs`, so a
+    flood of distinct URLs on one path does not delay the other paths' jobs."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host name patterns (shell-style, `*.example.com`) served; a request for any other
+    host gets `400`, with no lookup and no job. Empty: every host."""
+    ignore_params: tuple[str, ...] = ()
+    """Query parameter name patterns (shell-style, `utm_*`) dropped from the key and the
+    replay, e.g. `("utm_*", "fbclid", "gclid")`."""
+    sort_query: bool = False
+    """Key and replay query parameters in order of name (repeated names keep their order)."""
+
     def __post_init__(self) -> None:
         _require(self.prefix != "", "prefix", "must not be empty")
         _require(
@@ -187,6 +202,19 @@ class Config:
             _duration(self.near_cache_ttl) >= 0, "near_cache_ttl", "must be a finite number >= 0"
         )
         _require(self.near_cache_bytes > 0, "near_cache_bytes", "must be greater than 0")
+        _require(self.max_queued >= 0, "max_queued", "must be 0 (no cap) or more")
+        for name in ("allowed_hosts", "ignore_params"):
+            patterns = getattr(self, name)
+            _require(
+                not isinstance(patterns, str | bytes)
+                and all(isinstance(p, str) and p.strip() for p in patterns),
+                name,
+                "must be a tuple of non-empty patterns, not one string",
+            )
+        object.__setattr__(
+            self, "allowed_hosts", tuple(p.strip().lower().rstrip(".") for p in self.allowed_hosts)
+        )
+        object.__setattr__(self, "ignore_params", tuple(p.strip() for p in self.ignore_params))
         _require(self.queue_name != "", "queue_name", "must not be empty (use None)")
         vary = tuple(name.strip().lower() for name in self.vary)
         for name in vary:

@@ -131,7 +131,7 @@ async def run_job(
     began = time.monotonic()
     replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
-    if outcome == "stored" and config.adaptive_retry_after:  # the only reader of it
+    if outcome == "stored" and (config.adaptive_retry_after or config.fair_queueing):
         write = dataclasses.replace(write, duration=time.monotonic() - began)
     commit = Commit(digest, token, started, write, outcome, snapshot)
     if hand_off is not None and hand_off(commit):

@@ -13,6 +13,7 @@ from starlette.types import Scope
 
 from .credentials import CredentialGuard
 from .keys import RequestSnapshot, snapshot_from_scope
+from .normalize import KeyRules
 
 Keyed = tuple[RequestSnapshot, str]
 """A request's snapshot and its digest."""
@@ -33,11 +34,13 @@ class KeyMemo:
         self,
         vary: tuple[str, ...],
         guard: CredentialGuard | None,
+        rules: KeyRules | None = None,
         *,
         max_entries: int = _MAX_ENTRIES,
     ) -> None:
         self._vary = vary
         self._guard = guard
+        self._rules = rules or KeyRules()
         # snapshot_from_scope reads the Host header (any of them) and the vary headers.
         self._keyed_headers = frozenset({b"host", *(name.encode("latin-1") for name in vary)})
         self._entries: dict[tuple[object, ...], Keyed] = {}
@@ -47,11 +50,14 @@ class KeyMemo:
         return len(self._entries)
 
     def key(self, scope: Scope) -> Keyed:
-        """`snapshot_from_scope(scope, vary, guard)` and its digest, from memory if seen."""
+        """`snapshot_from_scope(scope, vary, guard, rules)` and its digest, from memory if seen.
+
+        An invalid or not allowed Host raises (`keys.InvalidHostError`) and is not kept.
+        """
         parts = None if self._guard is not None else self._parts(scope)
         if parts is not None and (known := self._entries.get(parts)) is not None:
             return known
-        snapshot = snapshot_from_scope(scope, self._vary, self._guard)
+        snapshot = snapshot_from_scope(scope, self._vary, self._guard, self._rules)
         keyed = (snapshot, snapshot.digest)
         if parts is not None:
             if len(self._entries) >= self._max_entries:

@@ -16,6 +16,7 @@ import msgpack
 from starlette.types import Scope
 
 from .credentials import CREDENTIAL_HEADERS, CredentialGuard
+from .normalize import KeyRules, normalize_percent
 
 # Bumped when the canonical form changes, so old entries are simply never looked up again.
 _KEY_VERSION = b"aw2"
@@ -35,6 +36,13 @@ _HOST = re.compile(
 
 class InvalidHostError(ValueError):
     """The Host header is not a valid `host[:port]` (RFC 9110 section 7.2)."""
+
+
+class HostNotAllowedError(InvalidHostError):
+    """The host is valid, and not one of `Config.allowed_hosts`."""
+
+
+_EVERY_REQUEST = KeyRules()  # no patterns: percent-encoding and empty query segments only
 
 
 def normalize_host(host: str, scheme: str) -> str:
@@ -162,12 +170,16 @@ class RequestSnapshot:
 
 
 def snapshot_from_scope(
-    scope: Scope, vary: tuple[str, ...], guard: CredentialGuard | None = None
+    scope: Scope,
+    vary: tuple[str, ...],
+    guard: CredentialGuard | None = None,
+    rules: KeyRules = _EVERY_REQUEST,
 ) -> RequestSnapshot:
-    """Take the keyed parts of an HTTP scope. `vary` holds lowercased header names.
+    """Take the keyed parts of an HTTP scope, in canonical form (see normalize.py).
 
-    With a `guard` (`Config.key_credentials`) the credential headers are taken too.
-    Raises `InvalidHostError` for a Host header that is not a valid `host[:port]`.
+    `vary` holds lowercased header names. With a `guard` (`Config.key_credentials`) the
+    credential headers are taken too. Raises `InvalidHostError` for a Host header that is
+    not a valid `host[:port]`, `HostNotAllowedError` for a host `rules` do not allow.
     """
     host = b""
     wanted = {name.encode("latin-1") for name in vary}
@@ -186,15 +198,17 @@ def snapshot_from_scope(
     raw_path = scope.get("raw_path")
     root_path = str(scope.get("root_path") or "")
     server_root = scope.get("app_root_path")
+    keyed_host = normalize_host(host.decode("latin-1"), scheme) if host else ""
+    keyed_host = keyed_host or _server_host(scope, scheme)
+    if not rules.allows(keyed_host):
+        raise HostNotAllowedError(f"host {keyed_host!r} is not in Config.allowed_hosts")
     return RequestSnapshot(
         scheme=scheme,
-        host=normalize_host(host.decode("latin-1"), scheme)
-        if host
-        else _server_host(scope, scheme),
+        host=keyed_host,
         root_path=root_path,
         path=str(scope.get("path") or "/"),
-        raw_path=bytes(raw_path) if raw_path is not None else None,
-        query_string=bytes(scope.get("query_string") or b""),
+        raw_path=normalize_percent(bytes(raw_path)) if raw_path is not None else None,
+        query_string=rules.query(bytes(scope.get("query_string") or b"")),
         # sorted() is stable: several values of one header keep their order.
         headers=tuple(sorted(kept, key=lambda pair: pair[0])),
         credentials=tuple(credentials),
@@ -262,18 +276,26 @@ class RedisKeys:
     # Invalidation indexes. Names hash the path or tag with SHA-1, which the Lua scripts
     # can compute too (redis.sha1hex); it bounds the key length, nothing more. The commit
     # script names these keys itself (store.py); a store test checks that the two agree.
+    # Every index is a sorted set scored by when what it names expires (ms, store clock),
+    # so each write can forget a few expired members (see scripts.py): bounded size.
 
     def paths(self) -> str:
         """Sorted set (all scores 0, so ordered by bytes) of stored paths: prefix queries."""
         return f"{self.prefix}:paths"
 
     def paths_by_expiry(self) -> str:
-        """The same paths scored by when their newest entry expires: for pruning."""
+        """The same paths scored by when their newest entry or claim expires: for pruning."""
         return f"{self.prefix}:paths:expiry"
 
     def path_index(self, path: str) -> str:
-        """Hash of the entries of one path: digest -> raw query string."""
-        return f"{self.prefix}:path:{_sha1(path)}"
+        """Sorted set of one path's entries and running claims, scored by when each ends.
+
+        An entry's member is its digest and raw query (the digest has a fixed length, 32
+        hex digits, so the query is the rest); a claim's, `~` and the `claim` key's name,
+        until its job commits. A new name (the older hash was `<prefix>:path:<sha1>`), so
+        a key left in the old layout is never read as the new one.
+        """
+        return f"{self.prefix}:idx:path:{_sha1(path)}"
 
     def path_stamp(self, path: str) -> str:
         """When the path was last invalidated (store clock, µs)."""
@@ -288,8 +310,11 @@ class RedisKeys:
         return _sha1(tag)
 
     def tag(self, tag: str) -> str:
-        """Set of the digests of entries that carried the tag."""
-        return f"{self.prefix}:tag:{_sha1(tag)}"
+        """Sorted set of the digests of entries that carried the tag, scored by expiry.
+
+        A new name for the same reason as `path_index` (the older set was `<prefix>:tag:`).
+        """
+        return f"{self.prefix}:idx:tag:{_sha1(tag)}"
 
     def tag_stamp(self, tag: str) -> str:
         """When the tag was last invalidated (store clock, µs)."""

@@ -1,9 +1,10 @@
 """The embedded backend: an in-process `Store` and a `JobQueue` that runs jobs as tasks.
 
 `MemoryStore` keeps the Redis store's semantics (atomic lookup-or-claim, claim leases that
-expire, entry TTLs) for one process. `InProcessQueue` runs each job as an asyncio task in
-the web process, at most `max_jobs` at once; it serves both `memory://` and the Redis
-store with `Config(inline_worker=True)`.
+expire, entry TTLs, indexes that stay near the size of what they name that is live) for
+one process. `InProcessQueue` runs each job as an asyncio task in the web process, at
+most `max_jobs` at once; it serves both `memory://` and the Redis store with
+`Config(inline_worker=True)`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .queue import Job
+from .queue import Job, QueueFull
 from .store import Committed, Lookup, Write
 from .targets import ByGlob, ByQuery, ByTag, Target, query_matches
 
@@ -32,7 +33,72 @@ class _Entry:
 class _Claim:
     token: str
     until: float
-    path: str  # kept in the path index while the claim lives (see `lookup`)
+    path: str
+
+
+@dataclass(slots=True)
+class _Index:
+    """What one path or tag names, as the Redis store's sorted sets do."""
+
+    members: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    """digest -> (raw query, or b"" for a tag; when the entry expires)."""
+    claims: dict[str, float] = field(default_factory=dict)
+    """A path's running claims: digest -> end of the lease, until the job commits."""
+    until: float = 0.0
+    """When the newest entry added expires (0 once a hard invalidation empties `members`)."""
+    writes: int = 0
+    """Members and claims added since the last sweep."""
+
+    def add(self, digest: str, query: bytes, until: float, now: float) -> None:
+        self.members[digest] = (query, until)
+        self.until = max(self.until, until)
+        self._wrote(now)
+
+    def claim(self, digest: str, until: float, now: float) -> None:
+        self.claims[digest] = until
+        self._wrote(now)
+
+    def alive(self, now: float) -> bool:
+        """An entry or a claim here may still be live."""
+        return self.until > now or any(end > now for end in self.claims.values())
+
+    def _wrote(self, now: float) -> None:
+        self.writes += 1
+        # Forget expired members once the writes since the last sweep reach a third of the
+        # size: O(1) amortised per write, and at most about 1.5x the live members.
+        if 3 * self.writes >= len(self.members) + len(self.claims):
+            self.sweep(now)
+
+    def sweep(self, now: float) -> None:
+        self.writes = 0
+        self.members = {digest: m for digest, m in self.members.items() if m[1] > now}
+        self.claims = {digest: end for digest, end in self.claims.items() if end > now}
+
+
+class _Indexes:
+    """The indexes by path (the path list) or by tag; forgets those with nothing live."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, _Index] = {}
+        self._new = 0  # keys added since the last sweep
+
+    def get(self, key: str, now: float) -> _Index:
+        """The index of `key`, created if missing."""
+        index = self.by_key.get(key)
+        if index is None:
+            # As `_Index` does with its members: a sweep once new keys reach a third.
+            self._new += 1
+            if 3 * self._new > len(self.by_key):
+                self.sweep(now)
+            index = self.by_key[key] = _Index()
+        return index
+
+    def sweep(self, now: float, members: bool = False) -> None:
+        self._new = 0
+        self.by_key = {key: index for key, index in self.by_key.items() if index.alive(now)}
+        if members:
+            for index in self.by_key.values():
+                index.sweep(now)
 
 
 class MemoryStore:
@@ -46,8 +112,8 @@ class MemoryStore:
         self._stamp_ttl = claim_ttl + 60.0
         self._entries: dict[str, _Entry] = {}
         self._claims: dict[str, _Claim] = {}
-        self._paths: dict[str, dict[str, bytes]] = {}  # path -> digest -> query
-        self._tags: dict[str, set[str]] = {}  # tag -> digests
+        self._paths = _Indexes()  # path -> its entries; a claim registers its path too
+        self._tags = _Indexes()
         self._path_stamps: dict[str, float] = {}
         self._tag_stamps: dict[str, float] = {}
         self._durations: dict[str, float] = {}  # path -> moving average, seconds
@@ -88,15 +154,20 @@ class MemoryStore:
         stamps += [self._tag_stamps.get(tag) for tag in write.tags]
         if any(stamp is not None and stamp >= started for stamp in stamps):
             self._claims.pop(digest, None)
+            self._job_ended(write.path, digest)
             return Committed.REFUSED
         if write.failed and self._live(digest, now) is not None:
+            # The claim stays as a back-off marker; no job runs under it.
             self._claims[digest] = _Claim(token, now + write.retry_after, write.path)
+            self._job_ended(write.path, digest)
             return Committed.KEPT_STALE
-        self._entries[digest] = _Entry(write.entry, now + write.fresh, now + write.keep)
+        until = now + write.keep
+        self._entries[digest] = _Entry(write.entry, now + write.fresh, until)
         self._claims.pop(digest, None)
-        self._paths.setdefault(write.path, {})[digest] = write.query
+        self._job_ended(write.path, digest)
+        self._paths.get(write.path, now).add(digest, write.query, until, now)
         for tag in write.tags:
-            self._tags.setdefault(tag, set()).add(digest)
+            self._tags.get(tag, now).add(digest, b"", until, now)
         if write.duration is not None:
             before = self._durations.get(write.path)
             self._durations[write.path] = (
@@ -110,7 +181,7 @@ class MemoryStore:
     async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
         if self._holder(digest, time.monotonic()) == token:
-            del self._claims[digest]
+            self._job_ended(self._claims.pop(digest).path, digest)
 
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""
@@ -125,27 +196,37 @@ class MemoryStore:
         now = time.monotonic()
         if isinstance(target, ByTag):
             self._tag_stamps[target.tag] = now
-            digests = self._tags.get(target.tag, set())
-            count = self._drop(digests, soft, now)
+            tagged = self._tags.by_key.get(target.tag)
+            if tagged is None:
+                return 0
+            count = self._drop(list(tagged.members), soft, now)
             if not soft:
-                self._tags.pop(target.tag, None)
+                del self._tags.by_key[target.tag]
             return count
         if isinstance(target, ByGlob):
-            paths = [path for path in self._paths if target.matches(path)]
+            paths = [path for path in self._paths.by_key if target.matches(path)]
         else:
             paths = [target.path]
         count = 0
         for path in paths:
             self._path_stamps[path] = now
-            index = self._paths.get(path, {})
+            index = self._paths.by_key.get(path)
+            if index is None:
+                continue
             if isinstance(target, ByQuery):
-                chosen = [d for d, query in index.items() if query_matches(query, target.params)]
+                chosen = [
+                    digest
+                    for digest, (query, _) in index.members.items()
+                    if query_matches(query, target.params)
+                ]
             else:
-                chosen = list(index)
+                chosen = list(index.members)
             count += self._drop(chosen, soft, now)
             if not soft:
                 for digest in chosen:
-                    index.pop(digest, None)
+                    del index.members[digest]
+                if not index.members:
+                    index.until = 0.0  # the path lives on only while claims of it run
         return count
 
     def __len__(self) -> int:
@@ -174,8 +255,15 @@ class MemoryStore:
         return claim.token if claim is not None and claim.until > now else None
 
     def _claim(self, digest: str, token: str, path: str, now: float) -> None:
-        self._claims[digest] = _Claim(token, now + self._claim_ttl, path)
-        self._paths.setdefault(path, {})  # so a glob invalidation during the job stamps it
+        until = now + self._claim_ttl
+        self._claims[digest] = _Claim(token, until, path)
+        # The path is listed while the job runs, so a glob invalidation meanwhile stamps it.
+        self._paths.get(path, now).claim(digest, until, now)
+
+    def _job_ended(self, path: str, digest: str) -> None:
+        index = self._paths.by_key.get(path)
+        if index is not None:
+            index.claims.pop(digest, None)
 
     def _wrote(self, now: float) -> None:
         # Expired items are dropped lazily: a full sweep once writes reach half the size,
@@ -186,14 +274,9 @@ class MemoryStore:
         self._writes_since_sweep = 0
         self._entries = {key: e for key, e in self._entries.items() if e.keep_until > now}
         self._claims = {key: c for key, c in self._claims.items() if c.until > now}
-        for index in self._paths.values():
-            for digest in [d for d in index if d not in self._entries]:
-                del index[digest]
-        running = {claim.path for claim in self._claims.values()}
-        self._paths = {p: index for p, index in self._paths.items() if index or p in running}
-        for digests in self._tags.values():
-            digests &= self._entries.keys()
-        self._tags = {tag: digests for tag, digests in self._tags.items() if digests}
+        # Each index also sweeps itself as it is written; this catches the idle ones.
+        self._paths.sweep(now, members=True)
+        self._tags.sweep(now, members=True)
         horizon = now - self._stamp_ttl
         self._path_stamps = {p: at for p, at in self._path_stamps.items() if at > horizon}
         self._tag_stamps = {t: at for t, at in self._tag_stamps.items() if at > horizon}
@@ -202,13 +285,23 @@ class MemoryStore:
 class InProcessQueue:
     """A `JobQueue` that runs jobs as asyncio tasks in this process, `max_jobs` at a time."""
 
-    def __init__(self, run: Callable[[Job], Awaitable[object]], *, max_jobs: int) -> None:
+    def __init__(
+        self, run: Callable[[Job], Awaitable[object]], *, max_jobs: int, max_queued: int = 0
+    ) -> None:
         self._run = run
+        self._max_jobs = max_jobs
+        self._max_queued = max_queued
         self._slots = asyncio.Semaphore(max_jobs)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def enqueue(self, job: Job) -> None:
-        """See `JobQueue.enqueue`: starts the job and returns at once."""
+        """See `JobQueue.enqueue`: starts the job and returns at once.
+
+        `QueueFull` when `max_queued` jobs already wait for one of the `max_jobs` slots.
+        """
+        waiting = len(self._tasks) - self._max_jobs
+        if self._max_queued and waiting >= self._max_queued:
+            raise QueueFull(f"{waiting} in-process jobs wait for a slot")
         task = asyncio.create_task(self._guarded(job), name=f"asgi-worker {job.job_id}")
         self._tasks.add(task)  # a strong reference, or the loop may drop the task
         task.add_done_callback(self._tasks.discard)

@@ -19,12 +19,13 @@ from .backend import Backend, Entry, open_backend
 from .codec import CorruptEntryError, StoredResponse, decode_response, encode_snapshot
 from .config import Config
 from .keymemo import KeyMemo
-from .keys import InvalidHostError, RedisKeys, RequestSnapshot
+from .keys import HostNotAllowedError, InvalidHostError, RedisKeys, RequestSnapshot
 from .memory import InProcessQueue
+from .normalize import KeyRules
 from .policy import Policy
-from .queue import Job
+from .queue import Job, QueueFull
 from .replay import ReplayMarker, replay_marker
-from .responses import send_accepted, send_bad_host, send_stored, send_unavailable
+from .responses import send_accepted, send_bad_request, send_stored, send_unavailable
 from .singleflight import SingleFlight
 from .store import Store
 from .waiting import Gone, hold, parse_prefer
@@ -51,7 +52,7 @@ class WorkerMiddleware:
         self._policy = Policy(config)
         self._keys = RedisKeys(config.prefix)
         self._guard = config.credential_guard()
-        self._key_memo = KeyMemo(config.vary, self._guard)
+        self._key_memo = KeyMemo(config.vary, self._guard, KeyRules.from_config(config))
         # Opened on the first request, inside the server's event loop; closed at shutdown.
         self._backend: Backend | None = None
         # The server's lifespan state, for replays run in this process (inline worker).
@@ -83,7 +84,8 @@ class WorkerMiddleware:
             snapshot, digest = self._key_memo.key(scope)
         except InvalidHostError as error:
             logger.info("asgi-worker: 400 for %s", error)
-            await send_bad_host(send, head=head)
+            reason = b"host not served" if isinstance(error, HostNotAllowedError) else b"bad Host"
+            await send_bad_request(send, head=head, reason=reason)
             return
         if self._entry is None:
             self._first_request(scope)
@@ -105,6 +107,12 @@ class WorkerMiddleware:
                         applied.append((b"preference-applied", b"wait=%d" % math.ceil(seconds)))
                 if found is None and preference.respond_async:
                     applied.append((b"preference-applied", b"respond-async"))
+        except QueueFull as error:
+            # Admission control: nothing was queued and the claim is released.
+            logger.warning("asgi-worker: 503, %s", error)
+            retry_after = self.config.retry_after
+            await send_unavailable(send, retry_after=retry_after, head=head, queue_full=True)
+            return
         except _BACKEND_ERRORS as error:
             logger.error("asgi-worker: cache backend unavailable: %r", error)
             if self.config.fail_open:
@@ -187,19 +195,21 @@ class WorkerMiddleware:
                     found = await backend.store.lookup(digest, token, snapshot.path)
         if found.claimed_at is not None:
             payload = encode_snapshot(snapshot, self._guard)
-            job = Job(self._keys.job_id(digest, token), payload, token, found.claimed_at)
+            job_id = self._keys.job_id(digest, token)
+            job = Job(job_id, payload, token, found.claimed_at, snapshot.path)
             try:
                 await backend.queue.enqueue(job)
             except BaseException as error:
                 # Let the next request claim again rather than wait for the lease.
                 await _quietly(backend.store.release(digest, token))
-                if response is None or not isinstance(error, _BACKEND_ERRORS):
+                if response is None or not isinstance(error, (*_BACKEND_ERRORS, QueueFull)):
                     raise
+                # A stale copy is better than a 503: serve it, refresh on a later request.
                 logger.error("asgi-worker: could not enqueue a refresh: %r", error)
         if response is None:
             return None
         if near is not None and not found.stale:
-            near.put(digest, response, len(response.body))
+            near.put(digest, response)
         return _Found(response, found.stale)
 
     @property

@@ -24,8 +24,10 @@ class Policy:
         self._exclude = _compile(config.exclude)
         # The default (every path, none excluded) needs no pattern matching at all.
         self._every_path = "*" in config.include and not config.exclude
-        # With key_credentials those requests get entries of their own instead.
-        self._bypassed = frozenset() if config.key_credentials else _CREDENTIAL_HEADERS
+        # With key_credentials those requests get entries of their own instead. A request
+        # with a body is not keyed by it: it goes to the app, body and all.
+        credentials = frozenset() if config.key_credentials else _CREDENTIAL_HEADERS
+        self._bypassed = credentials | {b"transfer-encoding"}
 
     def handles(self, scope: Scope) -> bool:
         """True if the request is served from the cache / worker."""
@@ -37,10 +39,12 @@ class Policy:
             path = scope.get("path") or "/"
             if not self._include.match(path) or self._exclude.match(path):
                 return False
-        if self._bypassed:
-            for name, _ in scope.get("headers") or ():  # a loop: cheaper than any() per hit
-                if bytes(name).lower() in self._bypassed:
-                    return False
+        for name, value in scope.get("headers") or ():  # a loop: cheaper than any() per hit
+            lowered = bytes(name).lower()
+            if lowered in self._bypassed:
+                return False
+            if lowered == b"content-length" and bytes(value).strip() not in (b"0", b""):
+                return False
         return True
 
 

@@ -20,6 +20,7 @@ CACHE_STATUS_HIT = b"asgi-worker; hit"
 CACHE_STATUS_STALE = b"asgi-worker; hit; fwd=stale"
 CACHE_STATUS_MISS = b"asgi-worker; fwd=uri-miss"
 CACHE_STATUS_UNAVAILABLE = b"asgi-worker; fwd=uri-miss; detail=backend-unavailable"
+CACHE_STATUS_QUEUE_FULL = b"asgi-worker; fwd=uri-miss; detail=queue-full"
 
 
 async def send_stored(
@@ -65,23 +66,24 @@ async def send_accepted(
     await _send_plain(send, 202, retry_after, CACHE_STATUS_MISS, b"", extra)
 
 
-async def send_unavailable(send: Send, *, retry_after: int, head: bool) -> None:
-    """503: the cache backend cannot be reached."""
-    await _send_plain(
-        send, 503, retry_after, CACHE_STATUS_UNAVAILABLE, b"" if head else b"Service Unavailable"
-    )
+async def send_unavailable(
+    send: Send, *, retry_after: int, head: bool, queue_full: bool = False
+) -> None:
+    """503: the cache backend cannot be reached, or its queue takes no more jobs now."""
+    status = CACHE_STATUS_QUEUE_FULL if queue_full else CACHE_STATUS_UNAVAILABLE
+    await _send_plain(send, 503, retry_after, status, b"" if head else b"Service Unavailable")
 
 
-async def send_bad_host(send: Send, *, head: bool) -> None:
-    """400: the Host header is not a valid `host[:port]`; nothing is looked up or queued."""
-    body = b"" if head else b"Bad Request: invalid Host header"
+async def send_bad_request(send: Send, *, head: bool, reason: bytes) -> None:
+    """400 for a request the cache refuses to key (a bad or unknown Host): no job, no lookup."""
+    body = b"Bad Request: " + reason
     headers = [
         (b"cache-control", b"no-store"),
-        (b"content-length", str(len(b"Bad Request: invalid Host header")).encode()),
+        (b"content-length", str(len(body)).encode()),
         (b"content-type", b"text/plain; charset=utf-8"),
     ]
     await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 async def _send_plain(

@@ -1,8 +1,14 @@
 """The `Store` protocol and `RedisStore`, its Redis implementation.
 
 A store holds encoded entries, their freshness, the claims that dedup jobs, and the
-indexes that invalidation needs. Each method is atomic: in Redis one Lua script (see
-scripts.py), one round trip (the query form of invalidation takes two).
+indexes that invalidation needs. Each method but `invalidate` is atomic: in Redis one Lua
+script (see scripts.py), one round trip. Every index stays near the size of what it names
+that is still live (each write forgets a few expired members).
+
+An invalidation is a series of short steps instead, so that no index size holds Redis for
+long: it stamps first, then walks the index (or for a prefix, the path list) in batches.
+Every entry stored before the stamp is expired; an entry a job stores meanwhile is new
+(the job began after the stamp, or its commit would be refused) and may or may not be.
 
 Invalidation races are settled with times, not locks. The claim that starts a job is
 taken at a time on the store's clock (`Lookup.claimed_at`), and registers the job's path
@@ -114,9 +120,22 @@ class Store(Protocol):
     async def invalidate(self, target: Target, *, soft: bool = False) -> int:
         """Expire the entries `target` selects: delete them, or if `soft` mark them stale.
 
-        Returns how many entries were affected.
+        Returns how many entries were affected. Stamps before it expires anything (a job
+        that began earlier is refused at commit); on Redis it then runs in short steps,
+        not atomically (see the module docstring).
         """
         ...
+
+
+# One invalidation step may hold Redis this long (the script checks its clock between pages
+# of 64 members), and touch at most this many members: well under the ~10 ms that any
+# other client of the Redis may have to wait.
+_STEP_BUDGET_US = 2_000
+_STEP_MEMBERS = 1_000
+# Pages read from Python: paths for a prefix (ZRANGEBYLEX), index members for a query
+# (ZSCAN; fewer, as each holds a query string, which may be long).
+_PATHS_PAGE = 500
+_QUERY_PAGE = 200
 
 
 class RedisStore:
@@ -140,8 +159,8 @@ class RedisStore:
         self._begin = redis.register_script(scripts.BEGIN)
         self._commit = redis.register_script(scripts.COMMIT)
         self._release = redis.register_script(scripts.RELEASE)
-        self._invalidate_index = redis.register_script(scripts.INVALIDATE_INDEX)
-        self._stamp_path = redis.register_script(scripts.STAMP_PATH)
+        self._invalidate_scan = redis.register_script(scripts.INVALIDATE_SCAN)
+        self._stamp = redis.register_script(scripts.STAMP)
         self._drop = redis.register_script(scripts.DROP)
 
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
@@ -165,9 +184,10 @@ class RedisStore:
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
         """See `Store.begin`."""
+        keys = self._keys
         started = await self._begin(
-            keys=[self._keys.claim(digest), self._keys.paths(), self._keys.paths_by_expiry()],
-            args=[token, self._claim_ms, _text(path), self._keys.prefix],
+            keys=[keys.claim(digest), keys.paths(), keys.paths_by_expiry(), keys.path_index(path)],
+            args=[token, self._claim_ms, _text(path), keys.prefix],
         )
         return None if started is None else float(started)
 
@@ -213,53 +233,92 @@ class RedisStore:
         return None if found is None else int(found) / 1000
 
     async def invalidate(self, target: Target, *, soft: bool = False) -> int:
-        """See `Store.invalidate`."""
+        """See `Store.invalidate`: a stamp, then steps of a few milliseconds each."""
         keys = self._keys
         if isinstance(target, ByPath):
             return await self._invalidate_path(target.path, soft)
         if isinstance(target, ByTag):
-            return int(
-                await self._invalidate_index(
-                    keys=[keys.tag(target.tag), keys.tag_stamp(target.tag), keys.paths()],
-                    args=[keys.prefix, "1" if soft else "0", self._stamp_ms, ""],
-                )
-            )
+            return await self._scan(keys.tag(target.tag), keys.tag_stamp(target.tag), soft, b"")
         if isinstance(target, ByGlob):
-            low, high = glob_range(target.pattern)
-            candidates = await self._redis.zrangebylex(keys.paths(), low, high)
-            count = 0
-            for raw in candidates:
-                path = raw.decode("utf-8", "surrogatepass")
-                if target.matches(path):
-                    count += await self._invalidate_path(path, soft)
-            return count
+            return await self._invalidate_glob(target, soft)
         assert isinstance(target, ByQuery)
-        index = await self._stamp_path(
-            keys=[keys.path_index(target.path), keys.path_stamp(target.path)],
-            args=[self._stamp_ms],
-        )
-        matched = [
-            digest
-            for digest, query in zip(index[::2], index[1::2], strict=True)
-            if query_matches(query, target.params)
-        ]
-        if not matched:
-            return 0
-        return int(
-            await self._drop(
-                keys=[keys.path_index(target.path)],
-                args=[keys.prefix, "1" if soft else "0", *matched],
-            )
-        )
+        return await self._invalidate_query(target, soft)
 
     async def _invalidate_path(self, path: str, soft: bool) -> int:
         keys = self._keys
-        return int(
-            await self._invalidate_index(
-                keys=[keys.path_index(path), keys.path_stamp(path), keys.paths()],
-                args=[keys.prefix, "1" if soft else "0", self._stamp_ms, _text(path)],
+        return await self._scan(keys.path_index(path), keys.path_stamp(path), soft, _text(path))
+
+    async def _scan(self, index: str, stamp: str, soft: bool, path: bytes) -> int:
+        """Stamp, then expire every entry `index` names, one budgeted script call at a time."""
+        keys = self._keys
+        cursor: bytes | int = 0
+        stamp_ms = self._stamp_ms  # the first step stamps, before it drops anything
+        count = 0
+        touched: set[bytes] = set()
+        while True:
+            cursor, dropped, digests = await self._invalidate_scan(
+                keys=[index, stamp, keys.paths_by_expiry()],
+                args=[
+                    keys.prefix,
+                    "1" if soft else "0",
+                    stamp_ms,
+                    cursor,
+                    _STEP_BUDGET_US,
+                    _STEP_MEMBERS,
+                    path,
+                ],
             )
-        )
+            stamp_ms = 0
+            count += int(dropped)
+            touched.update(digests)
+            if cursor in (b"0", 0):
+                # Soft steps keep the members, so a scan may see one twice: count digests.
+                return len(touched) if soft else count
+
+    async def _invalidate_glob(self, target: ByGlob, soft: bool) -> int:
+        # The path list is ordered by bytes: page through the candidates from an exclusive
+        # lower bound, which paths added or forgotten meanwhile cannot shift.
+        low, high = glob_range(target.pattern)
+        count = 0
+        while True:
+            page = await self._redis.zrangebylex(self._keys.paths(), low, high, 0, _PATHS_PAGE)
+            for raw in page:
+                path = raw.decode("utf-8", "surrogatepass")
+                if target.matches(path):
+                    count += await self._invalidate_path(path, soft)
+            if len(page) < _PATHS_PAGE:
+                return count
+            low = b"(" + page[-1]
+
+    async def _invalidate_query(self, target: ByQuery, soft: bool) -> int:
+        keys = self._keys
+        index = keys.path_index(target.path)
+        await self._stamp(keys=[keys.path_stamp(target.path)], args=[self._stamp_ms])
+        # The query rules live in Python (targets.py): read the index a page at a time
+        # (ZSCAN, see scripts.INVALIDATE_SCAN for what it guarantees) and expire the
+        # matches of each page. A member seen twice is sent once; claims ('~' and the
+        # claim key, see scripts._REGISTER) are not entries.
+        sent: set[bytes] = set()
+        count = 0
+        cursor = 0
+        while True:
+            cursor, page = await self._redis.zscan(index, cursor, count=_QUERY_PAGE)
+            matched = []
+            for member, _expiry in page:
+                digest, query = member[:32], member[32:]
+                if member.startswith(b"~"):
+                    continue
+                if digest not in sent and query_matches(query, target.params):
+                    sent.add(digest)
+                    matched.append(member)
+            if matched:
+                count += int(
+                    await self._drop(
+                        keys=[index], args=[keys.prefix, "1" if soft else "0", *matched]
+                    )
+                )
+            if cursor == 0:
+                return count
 
 
 def commit_outcome(reply: bytes | str) -> Committed:

@@ -19,6 +19,7 @@ with it) and, for asgi-worker, the usual `ASGI_WORKER_*` variables.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -141,6 +142,12 @@ async def blob(request: Request) -> Response:
     return Response(b"x" * size, media_type="application/octet-stream")
 
 
+async def slow(request: Request) -> Response:
+    """An endpoint that takes `BENCH_SLOW_SECONDS` (1 s): the flood's target and its victim."""
+    await asyncio.sleep(float(os.environ.get("BENCH_SLOW_SECONDS", "1")))
+    return PlainTextResponse(request.url.path)
+
+
 async def health(request: Request) -> Response:
     """Readiness probe (excluded from the middleware by the orchestrator's config)."""
     return PlainTextResponse("ok")
@@ -153,6 +160,8 @@ def create_asgi_worker_app(config: Config) -> Starlette:
             Route("/item", item),
             Route("/trivial", trivial),
             Route("/blob", blob),
+            Route("/slow", slow),
+            Route("/other", slow),
             Route("/health", health),
         ]
     )

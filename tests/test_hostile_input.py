@@ -253,7 +253,13 @@ def handled(scope: dict[str, Any]) -> bool:
     """Should the middleware serve this from the cache? (The README's rules, restated.)"""
     if scope["method"] not in CACHEABLE:
         return False
-    return not any(bytes(name).lower() in CREDENTIALS for name, _ in scope.get("headers") or ())
+    for name, value in scope.get("headers") or ():
+        lowered = bytes(name).lower()
+        if lowered in CREDENTIALS or lowered == b"transfer-encoding":
+            return False  # credentials are private; a body is not keyed: both go to the app
+        if lowered == b"content-length" and bytes(value).strip() not in (b"0", b""):
+            return False
+    return True
 
 
 def valid_host(scope: dict[str, Any]) -> bool:

@@ -69,7 +69,10 @@ async def test_a_new_version_evicts_the_old_one(site: Site) -> None:
 
 
 def test_near_cache_is_bounded_by_bytes_least_recently_used_first() -> None:
-    near: NearCache[str] = NearCache(ttl=60, max_bytes=3 * (1000 + 256))
+    room_for_three: NearCache[str] = NearCache(ttl=60, max_bytes=100_000)
+    for name in "abc":
+        room_for_three.put(name, name, 1000)
+    near: NearCache[str] = NearCache(ttl=60, max_bytes=room_for_three.nbytes)
     for name in "abc":
         near.put(name, name, 1000)
     assert near.get("a") == "a"  # a is now the most recently used

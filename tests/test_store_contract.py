@@ -279,10 +279,13 @@ async def test_the_commit_script_stores_lifetimes_and_query_exactly(
     keys = RedisKeys(prefix)
     assert 1_400 < await redis.pttl(keys.fresh(DIGEST)) <= 1_500
     assert keep * 1000 - 5_000 < await redis.pttl(keys.response(DIGEST)) <= keep * 1000
-    assert await redis.hget(keys.path_index("/report"), DIGEST) == b"q=\xff\x00&x=%20"
+    # The path's index holds digest + query, scored (as the path list) by the expiry.
+    [(member, indexed)] = await redis.zrange(keys.path_index("/report"), 0, -1, withscores=True)
+    assert member == DIGEST.encode() + b"q=\xff\x00&x=%20"
     expiry = await redis.zscore(keys.paths_by_expiry(), "/report")
     assert expiry is not None
     assert abs(expiry - (time.time() + keep) * 1000) < 5_000
+    assert indexed == expiry
 
 
 async def test_expired_paths_leave_the_prefix_index(redis: Redis, prefix: str) -> None:

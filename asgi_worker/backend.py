@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from redis.asyncio import ConnectionPool
 from starlette.types import ASGIApp
 
 from .codec import StoredResponse
 from .config import Config
 from .connections import redis_client
 from .events import INVALIDATED, EventListener
+from .failover import FailoverWatch
 from .jobs import run_job
 from .keys import RedisKeys
 from .memory import InProcessQueue, MemoryStore
@@ -60,6 +62,9 @@ class Backend:
     """The near cache for hot keys (`Config.near_cache_ttl`), if on."""
     close: Closer
     """Stops in-process jobs and listeners, and releases the connections."""
+    failover: FailoverWatch | None = None
+    """On `redis+sentinel://`: drops the cache's and the queue's connections when the
+    master changes. Started by the first lookup (it needs the server's event loop)."""
 
     async def listen(self, within: float) -> None:
         """Make sure stored-digest events reach `waiters` (wait at most `within` s)."""
@@ -67,7 +72,12 @@ class Backend:
             await self.events.ready(within)
 
     def near_cache(self) -> NearCache[StoredResponse] | None:
-        """The near cache, only while the events that evict from it are being heard."""
+        """The near cache, only while the events that evict from it are being heard.
+
+        Every lookup asks for it first, so this is also where the failover watch starts.
+        """
+        if self.failover is not None and not self.failover.running:
+            self.failover.start()
         if self.near is None or self.events is None:
             return None
         if not self.events.subscribed:
@@ -84,10 +94,12 @@ def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) 
     queue: JobQueue
     events: EventListener | None = None
     near: NearCache[StoredResponse] | None = None
+    pools: list[ConnectionPool] = []  # what a Sentinel failover drops
     if config.embedded:
         store = MemoryStore(claim_ttl=config.claim_lease, on_stored=waiters.wake)
     else:
         cache = redis_client(config.redis_url, config, read_timeout=False)
+        pools.append(cache.connection_pool)
         store = RedisStore(cache, prefix=config.prefix, claim_ttl=config.claim_lease)
         if config.near_cache_ttl > 0:
             near = NearCache(
@@ -120,6 +132,7 @@ def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) 
     else:
         queue_url = config.queue_redis_url or config.redis_url
         queue_client = cache if queue_url == config.redis_url else redis_client(queue_url, config)
+        pools.append(queue_client.connection_pool)
         queue = ArqQueue(
             queue_client,
             queue_name=config.queue,
@@ -134,12 +147,16 @@ def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) 
         )
         if queue_client is not cache:
             closers.append(lambda: queue_client.aclose(close_connection_pool=True))
+    failover = FailoverWatch.for_pools(*pools, connect_timeout=config.redis_timeout)
+    if failover is not None:
+        # After the in-process jobs, before the connections it would drop are closed.
+        closers.insert(1 if config.in_process else 0, failover.stop)
 
     async def close() -> None:
         for closer in closers:
             await closer()
 
-    return Backend(store, queue, waiters, events, near, close)
+    return Backend(store, queue, waiters, events, near, close, failover)
 
 
 def _on_event(waiters: Waiters, near: NearCache[StoredResponse] | None, event: str) -> None:

@@ -19,8 +19,9 @@ from .completion import ReplayWorker
 from .config import ENV_PREFIX, Config, ConfigurationError, display_url
 from .connections import redis_client
 from .discovery import find_config
+from .failover import RedisUnreachable
 from .invalidation import Invalidator
-from .stats import Stats, collect_stats
+from .stats import DEFAULT_MAX_AGE, QueueCheck, Stats, check_queue, collect_stats
 from .worker import worker_settings
 
 
@@ -89,21 +90,41 @@ def main() -> None:
     """asgi-worker: serve slow GET endpoints from a cache filled by background workers."""
 
 
+EXIT_REDIS_UNREACHABLE = os.EX_UNAVAILABLE
+"""`asgi-worker worker`'s exit status when Redis cannot be reached at start (69)."""
+
+
 @main.command()
 @click.argument("app_spec", metavar="MODULE:APP")
 @_CONFIG_OPTION
 @click.option("--burst", is_flag=True, help="Run the queued jobs, then exit.")
 @click.option(
+    "--wait-for-redis",
+    is_flag=True,
+    help=(
+        "If Redis cannot be reached at start, wait for it (a log line every 10 s) instead "
+        f"of exiting with status {EXIT_REDIS_UNREACHABLE}. Once running, the worker always "
+        "waits out an outage."
+    ),
+)
+@click.option(
     "-v", "--verbose", is_flag=True, help="Debug logging (jobs are logged at INFO already)."
 )
-def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -> None:
+def worker(
+    app_spec: str, config_spec: str | None, burst: bool, wait_for_redis: bool, verbose: bool
+) -> None:
     """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
     app = import_object(app_spec)
     config = load_config(config_spec, app)
     log_config = default_log_config(verbose)
     log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
     logging.config.dictConfig(log_config)
-    ReplayWorker(**worker_settings(app, config), burst=burst).run()
+    settings = worker_settings(app, config)
+    try:
+        ReplayWorker(**settings, burst=burst, wait_for_redis=wait_for_redis).run()
+    except RedisUnreachable:
+        # Logged already, in one line; a supervisor restarts the worker (with its backoff).
+        sys.exit(EXIT_REDIS_UNREACHABLE)
 
 
 @main.command()
@@ -115,7 +136,12 @@ def worker(app_spec: str, config_spec: str | None, burst: bool, verbose: bool) -
     help="Use Redis (jobs run in this process) instead of the embedded memory:// backend.",
 )
 @click.option("--seconds", default=2.0, show_default=True, type=float, help="How slow /slow is.")
-def demo(host: str, port: int, redis_url: str | None, seconds: float) -> None:
+@click.option(
+    "--prefix",
+    default=None,
+    help="Prefix of the demo's Redis keys (Config.prefix; default: the Config default).",
+)
+def demo(host: str, port: int, redis_url: str | None, seconds: float, prefix: str | None) -> None:
     """Serve a demo app: a slow endpoint behind the middleware and a page that polls it."""
     try:
         import uvicorn
@@ -123,7 +149,10 @@ def demo(host: str, port: int, redis_url: str | None, seconds: float) -> None:
         raise click.UsageError("the demo needs uvicorn: pip install 'asgi-worker[demo]'") from None
     from .demo import create_app, demo_config
 
-    config = demo_config(redis_url)
+    try:
+        config = demo_config(redis_url, prefix=prefix)
+    except ConfigurationError as error:
+        raise click.UsageError(str(error)) from error
     backend = "embedded memory:// backend" if config.embedded else f"Redis at {redis_url}"
     base = f"http://{host}:{port}"
     click.echo(
@@ -154,7 +183,7 @@ def invalidate(
     config_spec: str | None,
     app_spec: str | None,
 ) -> None:
-    r"""Expire stored responses; prints how many.
+    """Expire stored responses; prints how many.
 
     \b
       asgi-worker invalidate path /reports          every query variant of /reports
@@ -162,7 +191,7 @@ def invalidate(
       asgi-worker invalidate glob '/reports/*/pdf'  every path matching the pattern
       asgi-worker invalidate query /foo a=1 b=2     /foo entries whose query has a=1 and b=2
       asgi-worker invalidate tag report-42          every response tagged report-42
-    """
+    """  # noqa: D301 (not raw: click's no-rewrap marker is the character \b itself)
     if (kind == "query") != bool(params):
         raise click.UsageError("NAME=VALUE pairs go with 'query', and 'query' needs them")
     pairs = []
@@ -194,20 +223,40 @@ def invalidate(
 @_CONFIG_OPTION
 @_APP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
-def stats(config_spec: str | None, app_spec: str | None, as_json: bool) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help=(
+        "Liveness probe: print one line and exit 1 if no worker serves the queue or its "
+        "oldest job is more than --max-age seconds past due (reads two keys, no SCAN)."
+    ),
+)
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_MAX_AGE,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --check: how long past due the oldest queued (or running) job may be.",
+)
+def stats(
+    config_spec: str | None, app_spec: str | None, as_json: bool, check: bool, max_age: float
+) -> None:
     """Show what the cache holds and what its queue is doing.
 
     Counting entries walks the keyspace with SCAN (in batches; Redis keeps serving), so
-    on a large keyspace it takes a while.
+    on a large keyspace it takes a while. With --check, only the queue's health is read.
     """
     config = load_config(config_spec, import_object(app_spec) if app_spec else None)
     if config.embedded:
         raise click.UsageError("memory:// lives inside the web process; no stats to read")
 
-    async def run() -> Stats:
+    async def run() -> Stats | QueueCheck:
         store = redis_client(config.redis_url, config)
         queue = redis_client(config.queue_redis_url, config) if config.queue_redis_url else store
         try:
+            if check:
+                return await check_queue(config, queue, max_age=max_age)
             return await collect_stats(config, store, queue)
         finally:
             await store.aclose(close_connection_pool=True)
@@ -217,10 +266,15 @@ def stats(config_spec: str | None, app_spec: str | None, as_json: bool) -> None:
     try:
         found = asyncio.run(run())
     except RedisError as error:
-        raise click.ClickException(f"Redis at {display_url(config.redis_url)}: {error}") from error
+        url = config.queue_redis_url if check and config.queue_redis_url else config.redis_url
+        raise click.ClickException(f"Redis at {display_url(url)}: {error}") from error
+    if isinstance(found, QueueCheck):
+        click.echo(json.dumps(found.as_dict()) if as_json else found.line())
+        sys.exit(0 if found.problem is None else 1)
     if as_json:
         click.echo(json.dumps(found.as_dict()))
         return
+    oldest = "-" if found.oldest_queued is None else f"{found.oldest_queued:,.0f} s past due"
     click.echo(
         f"cache {config.prefix!r} at {display_url(config.redis_url)}\n"
         f"  stored responses  {found.stored:,} ({found.fresh:,} fresh)\n"
@@ -228,6 +282,7 @@ def stats(config_spec: str | None, app_spec: str | None, as_json: bool) -> None:
         f"  paths indexed     {found.paths:,}\n"
         f"queue {config.queue!r}\n"
         f"  jobs queued       {found.queued:,} (running: {found.running:,})\n"
+        f"  oldest job        {oldest}\n"
         f"  worker health     {found.worker_health or 'no current report (no worker?)'}"
     )
     if found.slowest:

@@ -10,6 +10,13 @@ The job hands its commit over through a context variable that `ReplayWorker.run_
 sets for the job's task: a job run by a plain arq `Worker` (`arq module.WorkerSettings`)
 finds none, and commits itself, as it does when the queue is on another Redis than the
 store.
+
+`ReplayWorker` also never dies of a Redis outage: arq's poll loop ends the worker on the
+first error that outlives a command's retries; here the worker waits until Redis is back
+(`failover.Patience`: one log line when it is lost, one every 10 s while it stays away,
+one when it is back) and goes on. At start, a Redis that cannot be reached is one log
+line, then `RedisUnreachable` (the `asgi-worker worker` command exits 69), or the same
+wait with `wait_for_redis=True`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import asyncio
 import contextvars
 import dataclasses
 import logging
+import signal
 from typing import Any
 
 from arq.constants import (
@@ -27,14 +35,21 @@ from arq.constants import (
     result_key_prefix,
     retry_key_prefix,
 )
-from arq.utils import to_ms
+from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .connections import client_url
+from .failover import OUTAGE_ERRORS, Patience, RedisUnreachable, check_master
 from .jobs import Commit
 from .store import RedisStore, commit_outcome
 
 logger = logging.getLogger("asgi_worker")
+
+# A poll iteration stuck this many probe timeouts (a connect timeout and a second: 3 s
+# by default) is an outage.
+_ITERATION_TIMEOUT_FACTOR = 3
 
 
 @dataclasses.dataclass(slots=True)
@@ -98,7 +113,129 @@ class ReplayWorker(Worker):
     Build it from `worker_settings()`: `ReplayWorker(**worker_settings(app, config))`;
     `asgi-worker worker` and `asgi_worker.testing` do. It runs any other arq job as
     arq's `Worker` does.
+
+    It outlives Redis outages (see the module doc). At start, Redis unreachable raises
+    `RedisUnreachable` after one log line, unless `wait_for_redis` is true: then it
+    waits, as it does for an outage later on.
     """
+
+    def __init__(self, *args: Any, wait_for_redis: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wait_for_redis = wait_for_redis
+        self._reached_redis = False
+        self._patience_for: tuple[object, Patience] | None = None  # (its pool, it)
+
+    async def main(self) -> None:
+        """See arq's `Worker.main`; first makes sure Redis is there (or waits for it)."""
+        if self._pool is not None:  # else arq's create_pool retries and fails by itself
+            patience = self._patience()
+            error = await patience.probe(self._check_redis)
+            if error is not None:
+                if not self.wait_for_redis:
+                    logger.error("asgi-worker: cannot reach Redis at %s: %r", patience.where, error)
+                    raise RedisUnreachable(f"cannot reach Redis at {patience.where}: {error!r}")
+                await patience.wait(self._check_redis, error, starting=True)
+        self._reached_redis = True
+        await super().main()
+
+    async def _poll_iteration(self) -> None:
+        # arq's poll loop ends the worker on any error; an outage is waited out instead.
+        # An iteration takes milliseconds; one that takes longer is stuck on a Redis that
+        # accepts and never answers (the queue's client has no read timeout).
+        patience = self._patience()
+        limit = _ITERATION_TIMEOUT_FACTOR * patience.probe_timeout
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                await super()._poll_iteration()
+        except OUTAGE_ERRORS as error:
+            stuck = RedisTimeoutError(f"no answer within {limit:g} s")
+            reason = stuck if deadline.expired() else error
+            await patience.wait(self._check_redis, reason, starting=False)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """As arq's `start_jobs` (0.26 to 0.28), but a job's slot comes back if Redis fails.
+
+        arq takes a slot (its semaphore and job counter) per job and gives it back on
+        its own paths only: each error in between would shrink `max_jobs` by one for
+        good, which ends a worker that outlives outages in a worker that runs nothing.
+        """
+        for raw_id in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = raw_id.decode()
+            try:
+                score = await self._mark_in_progress(job_id)
+            except WatchError:
+                # A key watched changed, or the connection was dropped under the WATCH (a
+                # failover): the job is still queued, and the next poll sees it again.
+                score = None
+            except BaseException:
+                self._release_sem_dec_counter_on_complete()
+                raise
+            if score is None:
+                self._release_sem_dec_counter_on_complete()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _mark_in_progress(self, job_id: str) -> int | None:
+        """The job's score once this worker owns it; None if it is not this worker's."""
+        in_progress_key = in_progress_key_prefix + job_id
+        async with self.pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(in_progress_key)
+            ongoing = await pipe.exists(in_progress_key)
+            score = await pipe.zscore(self.queue_name, job_id)
+            if ongoing or not score or score > timestamp_ms():
+                # Running elsewhere, done and gone, or re-enqueued with a delay.
+                logger.debug("asgi-worker: job %s already running elsewhere", job_id)
+                return None
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b"1")
+            try:
+                await pipe.execute()
+            except ReadOnlyError:
+                raise  # a replica, not "started elsewhere": an outage to wait out
+            except (ResponseError, WatchError):
+                logger.debug("asgi-worker: job %s started elsewhere meanwhile", job_id)
+                return None
+        return int(score)
+
+    async def close(self) -> None:
+        """See arq's `Worker.close`; goes through (and logs) a Redis that is away."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        # Each job must have ended; one that failed because Redis went away is no
+        # reason not to shut down.
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if self._reached_redis:
+            try:
+                async with asyncio.timeout(self._patience().probe_timeout):
+                    await self.pool.delete(self.health_check_key)
+            except OUTAGE_ERRORS as error:
+                logger.warning("asgi-worker: Redis away at shutdown: %r", error)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
+
+    def _patience(self) -> Patience:
+        # Asked for on every poll iteration: made once per pool.
+        if self._patience_for is None or self._patience_for[0] is not self.pool:
+            kwargs = self.pool.connection_pool.connection_kwargs
+            timeout = kwargs.get("socket_connect_timeout") or 2.0
+            # A probe is one command with its retries; one second more covers the backoff.
+            patience = Patience(client_url(self.pool), probe_timeout=float(timeout) + 1.0)
+            self._patience_for = (self.pool, patience)
+        return self._patience_for[1]
+
+    async def _check_redis(self) -> None:
+        await check_master(self.pool)
 
     async def run_job(self, job_id: str, score: int) -> None:
         """See arq's `Worker.run_job`; gives the job a slot to leave its commit in."""

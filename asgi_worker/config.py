@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from .credentials import CREDENTIAL_HEADERS, CredentialGuard, sealing_available
 
@@ -21,6 +21,12 @@ MEMORY_URL = "memory://"
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # RFC 9110 token, lowercased
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+_SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
+_URL_SCHEMES = _REDIS_SCHEMES | _SENTINEL_SCHEMES
+_SENTINEL_PORT = 26379
+_SENTINEL_PARAMETERS = ("sentinel_password", "sentinel_username")
+# Query parameters whose value display_url masks (redis-py takes `?password=` too).
+_SECRET_PARAMETERS = frozenset({"password", "sentinel_password"})
 # Credentials make a response private to one client: a shared cache must not key on them
 # silently (RFC 9111 section 3.5). Such requests bypass the cache instead.
 _PRIVATE_HEADERS = frozenset(name.decode() for name in CREDENTIAL_HEADERS)
@@ -121,7 +127,6 @@ class Config:
     """Keys the credential MAC and seals credentials in jobs (`key_credentials`)."""
     inline_worker: bool = False
     """Run jobs as tasks in the web process instead of an arq worker (implied by memory://)."""
-
     max_queued: int = 10_000
     """Jobs waiting in the queue at most; a miss that would enqueue one more gets `503`
     with `Retry-After` (`Cache-Status: ...; detail=queue-full`). 0: no cap."""
@@ -144,21 +149,16 @@ class Config:
             "prefix",
             "must not contain braces (Redis Cluster hash tags), glob characters or spaces",
         )
-        _require(
-            self.embedded or urlsplit(self.redis_url).scheme in _REDIS_SCHEMES,
-            "redis_url",
-            f"must be a redis://, rediss://, unix:// or memory:// URL, got {self.redis_url!r}",
-        )
+        if not self.embedded:
+            _check_url(self.redis_url, "redis_url", "redis://, rediss://, unix://, memory://")
         if self.queue_redis_url is not None:
-            _require(
-                urlsplit(self.queue_redis_url).scheme in _REDIS_SCHEMES,
-                "queue_redis_url",
-                f"must be a redis://, rediss:// or unix:// URL, got {self.queue_redis_url!r}",
-            )
+            _check_url(self.queue_redis_url, "queue_redis_url", "redis://, rediss://, unix://")
         for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout", "pass_ttl"):
-            _require(_duration(getattr(self, name)) > 0, name, "must be a finite number > 0")
+            _require(_duration(getattr(self, name), name) > 0, name, "must be a finite number > 0")
         for name in ("stale_ttl", "min_ttl"):
-            _require(_duration(getattr(self, name)) >= 0, name, "must be a finite number >= 0")
+            _require(
+                _duration(getattr(self, name), name) >= 0, name, "must be a finite number >= 0"
+            )
         for name in ("vary", "include", "exclude", "ttl_rules"):
             _require(
                 not isinstance(getattr(self, name), str | bytes),
@@ -170,16 +170,27 @@ class Config:
         _require(bool(_HEADER_NAME.match(tag_header)), "tag_header", "is not a header name")
         object.__setattr__(self, "tag_header", tag_header)
         if self.claim_ttl is not None:
-            _require(_duration(self.claim_ttl) > 0, "claim_ttl", "must be a finite number > 0")
+            _require(
+                _duration(self.claim_ttl, "claim_ttl") > 0,
+                "claim_ttl",
+                "must be a finite number > 0",
+            )
             _require(
                 self.claim_ttl > self.job_timeout,
                 "claim_ttl",
                 f"must exceed job_timeout ({self.job_timeout}), or a slow job would be "
                 "enqueued twice",
             )
+        if self.secret is not None:
+            # Checked whenever given: a short secret is a mistake even while it is unused.
+            _require(
+                isinstance(self.secret, str) and len(self.secret) >= 16,
+                "secret",
+                "must be a string of 16 characters or more",
+            )
         if self.key_credentials:
             _require(
-                self.secret is not None and len(self.secret) >= 16,
+                self.secret is not None,
                 "secret",
                 "must be set (16 characters or more) when key_credentials is on",
             )
@@ -188,7 +199,14 @@ class Config:
                 "key_credentials",
                 "needs the cryptography package: pip install 'asgi-worker[credentials]'",
             )
-        _require(self.retry_after >= 0, "retry_after", "must be 0 or more")
+        _require(
+            isinstance(self.retry_after, int)
+            and not isinstance(self.retry_after, bool)
+            and self.retry_after >= 1,
+            "retry_after",
+            f"must be a whole number of seconds >= 1, got {self.retry_after!r} "
+            "(Retry-After: 0 would have polling clients ask again at once)",
+        )
         _require(
             self.max_retry_after >= self.retry_after,
             "max_retry_after",
@@ -196,10 +214,14 @@ class Config:
         )
         _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
-        _require(_duration(self.max_wait) >= 0, "max_wait", "must be a finite number >= 0")
+        _require(
+            _duration(self.max_wait, "max_wait") >= 0, "max_wait", "must be a finite number >= 0"
+        )
         _require(self.max_waiters >= 0, "max_waiters", "must be 0 or more")
         _require(
-            _duration(self.near_cache_ttl) >= 0, "near_cache_ttl", "must be a finite number >= 0"
+            _duration(self.near_cache_ttl, "near_cache_ttl") >= 0,
+            "near_cache_ttl",
+            "must be a finite number >= 0",
         )
         _require(self.near_cache_bytes > 0, "near_cache_bytes", "must be greater than 0")
         _require(self.max_queued >= 0, "max_queued", "must be 0 (no cap) or more")
@@ -293,13 +315,134 @@ _URL_FIELDS = frozenset({"redis_url", "queue_redis_url"})
 
 
 def display_url(url: str) -> str:
-    """`url` with its password masked, for messages and output."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """`url` with its passwords masked (`user:***@`, `?sentinel_password=***`), for output."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # e.g. an unbalanced "[" in the host: show nothing that may be secret
+        return "<unparsable URL>"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret_parameter = any(name in _SECRET_PARAMETERS for name, _ in pairs)
+    if password is None and not secret_parameter:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    if password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    if secret_parameter:
+        masked = [(n, "***" if n in _SECRET_PARAMETERS else v) for n, v in pairs]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    # Not geturl(): it drops the "//" of an empty host (unix:///path).
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{query}{fragment}"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """A `redis+sentinel://` URL taken apart (see `parse_sentinel_url`)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    """The Sentinels asked for the master, as (host, port), in the URL's order."""
+    master: str
+    """The name the Sentinels monitor the master under (`sentinel monitor <name> ...`)."""
+    db: int = 0
+    username: str | None = None
+    """For the master (and its replicas), not for the Sentinels."""
+    password: str | None = field(default=None, repr=False)
+    """For the master (and its replicas), not for the Sentinels."""
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    """`rediss+sentinel://`: TLS to the Sentinels and to the master."""
+
+
+def is_sentinel_url(url: str) -> bool:
+    """True for a `redis+sentinel://` or `rediss+sentinel://` URL."""
+    return url.partition("://")[0].lower() in _SENTINEL_SCHEMES
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Take apart `redis+sentinel://[user:password@]host1[:port1],host2.../master[/db]`.
+
+    Ports default to 26379. Query parameters: `sentinel_password` and
+    `sentinel_username`, the Sentinels' own credentials (the ones before the `@` are the
+    master's). Raises `ValueError` saying what is wrong; its message never holds a
+    password.
+    """
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in _SENTINEL_SCHEMES:
+        raise ValueError("is not a redis+sentinel:// or rediss+sentinel:// URL")
+    # Not urlsplit: it would read "h1:26379,h2" as a host with a bad port.
+    rest, hash_sign, _ = rest.partition("#")
+    if hash_sign:
+        raise ValueError("has a #fragment; a Sentinel URL takes none")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = tuple(_sentinel_address(entry) for entry in hosts.split(","))
+    names = [unquote(part) for part in path.split("/")] if slash else []
+    if not names or not names[0]:
+        raise ValueError("needs the master's name after the hosts: .../mymaster or .../mymaster/0")
+    if len(names) > 2 or (len(names) == 2 and not names[1].isdigit()):
+        raise ValueError("path must be /<master name> or /<master name>/<db number>")
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in _SENTINEL_PARAMETERS:
+            supported = ", ".join(_SENTINEL_PARAMETERS)
+            raise ValueError(f"has an unknown query parameter {name!r} (supported: {supported})")
+        options[name] = value
+    return SentinelURL(
+        sentinels=sentinels,
+        master=names[0],
+        db=int(names[1]) if len(names) == 2 else 0,
+        username=username,
+        password=password,
+        sentinel_username=options.get("sentinel_username") or None,
+        sentinel_password=options.get("sentinel_password"),
+        ssl=scheme.lower() == "rediss+sentinel",
+    )
+
+
+def _sentinel_address(entry: str) -> tuple[str, int]:
+    """One `host[:port]` (or `[v6]:port`) of a Sentinel URL."""
+    if entry.startswith("["):
+        host, bracket, port = entry[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            raise ValueError(f"has a malformed IPv6 Sentinel address {quote(entry)!r}")
+        port = port[1:]
+    else:
+        host, _, port = entry.partition(":")
+    if not host:
+        raise ValueError("needs host[:port] entries separated by commas, with no empty one")
+    if port == "":
+        return host, _SENTINEL_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"has a bad Sentinel port {port!r} (for {host!r})")
+    return host, int(port)
+
+
+def _check_url(url: Any, name: str, plain: str) -> None:
+    """`url` is a Redis URL this library can connect with, or a clear error naming `name`."""
+    kinds = f"{plain}, redis+sentinel:// or rediss+sentinel://"
+    _require(isinstance(url, str), name, f"must be a {kinds} URL, got {url!r}")
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    _require(scheme in _URL_SCHEMES, name, f"must be a {kinds} URL, got {display_url(url)!r}")
+    if scheme in _SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(url)
+        except ValueError as error:
+            raise ConfigurationError(
+                f"Config.{name} {display_url(url)!r} {error}. Expected "
+                "redis+sentinel://[user:password@]host1:26379,host2:26379/mymaster[/db]"
+                "[?sentinel_password=...]",
+                field=name,
+            ) from None
 
 
 def _ttl_rules(rules: Any) -> tuple[tuple[str, float], ...]:
@@ -325,9 +468,18 @@ def _ttl_rules(rules: Any) -> tuple[tuple[str, float], ...]:
     return tuple(normalised)
 
 
-def _duration(value: Any) -> float:
-    """`value` as seconds, or NaN (which fails every comparison) if it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+def _duration(value: Any, name: str) -> float:
+    """`value` as seconds, or NaN (which fails every comparison) if it is not finite.
+
+    Not a number at all (a str from a settings file, a bool): a `ConfigurationError`
+    naming field `name` and the type it got.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"Config.{name} must be a number of seconds, got {type(value).__name__} {value!r}",
+            field=name,
+        )
+    if not math.isfinite(value):
         return math.nan
     return float(value)
 

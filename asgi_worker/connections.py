@@ -15,21 +15,29 @@ the connection has already buffered, which this pool does too:
 
 If the connection's internals are not the ones this was written against (another parser,
 another redis-py), the pool falls back to redis-py's own check.
+
+`redis_client` also takes `redis+sentinel://` URLs: the client then talks to whichever
+node the Sentinels name master, through redis-py's `SentinelConnectionPool` with the same
+check (`SentinelPool`). What drops its connections when the master changes is in
+`failover.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection, DefaultParser
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config import Config
+from .config import Config, SentinelURL, display_url, is_sentinel_url, parse_sentinel_url
 
 # How long a pooled connection may sit idle before its next use PINGs it first.
 _HEALTH_CHECK_SECONDS = 15
@@ -37,6 +45,9 @@ _HEALTH_CHECK_SECONDS = 15
 
 class BufferCheckingPool(ConnectionPool):
     """`ConnectionPool` whose pre-command check reads no socket (see the module doc)."""
+
+    shown_url = "Redis"
+    """The URL this pool connects to, password masked (set by `redis_client`)."""
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:
         """Connect if needed; replace the connection if it holds leftovers or saw EOF."""
@@ -73,7 +84,127 @@ def has_leftovers(connection: AbstractConnection) -> bool | None:
     return stream.at_eof() or bool(buffered) or bool(has_data())
 
 
-def redis_client(url: str, config: Config, *, read_timeout: bool = True) -> ArqRedis:
+class ReadOnlyReplicaError(ReadOnlyError):
+    """Redis answered READONLY: the node the URL names is a replica, not the master."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message} The Redis this URL names is a read-only replica: a master that a "
+            "failover demoted? A redis+sentinel:// URL follows the master."
+        )
+
+
+class _Parser(DefaultParser):  # type: ignore[misc, valid-type]  # a variable in redis-py
+    """redis-py's parser, with the READONLY error saying what it means for us.
+
+    Only how an error reply is turned into an exception changes (the class's table):
+    nothing on the way of a reply that is not an error.
+    """
+
+    EXCEPTION_CLASSES: ClassVar[dict[str, Any]] = {
+        **DefaultParser.EXCEPTION_CLASSES,
+        "READONLY": ReadOnlyReplicaError,
+    }
+
+
+# The states of a failover after the Sentinel doing it has told the chosen replica to
+# become master (`SENTINEL MASTER` shows them as `failover-state`).
+_PROMOTING = frozenset({"wait_promotion", "reconf_slaves", "update_config"})
+
+
+class NewestSentinel(Sentinel):
+    """redis-py's `Sentinel`, asking every Sentinel and believing the newest configuration.
+
+    redis-py takes the first Sentinel that answers. Around a failover that is often the
+    old master, which keeps taking writes until Sentinel turns it into a replica, and
+    throws them away then. Here every Sentinel is asked:
+
+    - the Sentinel doing a failover names the replica it has told to become master
+      (from then on the old master's writes are lost anyway), before it announces the
+      switch (up to a second later: it waits for the replica's next INFO);
+    - otherwise the answer with the highest configuration epoch wins (every failover
+      increments it; a Sentinel that has not heard of the last one has an older epoch).
+    """
+
+    # How long to wait for the other Sentinels once one has named a master.
+    answer_grace = 0.05
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        """The address of `service_name`'s master, by the newest configuration heard."""
+        asked = [asyncio.create_task(self._ask(s, service_name)) for s in self.sentinels]
+        answers: list[tuple[int, int, str, int]] = []
+        errors: list[str] = []
+        pending = set(asked)
+        try:
+            while pending and not answers:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                self._collect(done, answers, errors)
+            if pending:
+                done, pending = await asyncio.wait(pending, timeout=self.answer_grace)
+                self._collect(done, answers, errors)
+        finally:
+            for task in pending:
+                task.cancel()
+        if not answers:
+            raise MasterNotFoundError(f"No master found for {service_name!r}: {errors}")
+        _, _, host, port = max(answers)
+        return host, port
+
+    async def _ask(self, sentinel: Redis, service_name: str) -> tuple[int, int, str, int] | None:
+        """(epoch, promoting, host, port) of the master this Sentinel names, if any."""
+        state = await sentinel.sentinel_master(service_name)  # type: ignore[no-untyped-call]
+        epoch = int(state.get("config-epoch", 0))
+        if state.get("failover-state") in _PROMOTING:
+            replicas = await sentinel.sentinel_slaves(service_name)  # type: ignore[no-untyped-call]
+            for replica in replicas:
+                if "promoted" in str(replica.get("flags", "")).split(","):
+                    return epoch, 1, str(replica["ip"]), int(replica["port"])
+        if not self.check_master_state(state, service_name):
+            return None
+        return epoch, 0, str(state["ip"]), int(state["port"])
+
+    @staticmethod
+    def _collect(
+        done: set[asyncio.Task[tuple[int, int, str, int] | None]],
+        answers: list[tuple[int, int, str, int]],
+        errors: list[str],
+    ) -> None:
+        for task in done:
+            error = task.exception()
+            if error is not None:
+                errors.append(repr(error))
+            elif (answer := task.result()) is not None:
+                answers.append(answer)
+
+
+class SentinelPool(BufferCheckingPool, SentinelConnectionPool):
+    """redis-py's `SentinelConnectionPool` with `BufferCheckingPool`'s check.
+
+    Its connections go to the current master; `sentinel_url` says which master and
+    which Sentinels.
+    """
+
+    sentinel_url: SentinelURL
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        """Drop the connections; a full drop (or close) drops the idle ones to Sentinels too.
+
+        The Sentinels' in-use connections stay: a discovery on its way must not fail.
+        """
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            manager: Sentinel = self.sentinel_manager
+            for sentinel in manager.sentinels:
+                await sentinel.connection_pool.disconnect(inuse_connections=False)
+
+
+def redis_client(
+    url: str,
+    config: Config,
+    *,
+    read_timeout: bool = True,
+    retry: Retry | None = None,
+) -> ArqRedis:
     """A client for `url` that gives up connecting after `config.redis_timeout` seconds.
 
     With `read_timeout` every reply is awaited at most that long too. The web process
@@ -81,16 +212,68 @@ def redis_client(url: str, config: Config, *, read_timeout: bool = True) -> ArqR
     the middleware bounds each request with one `asyncio.timeout` instead, and the event
     subscription must be able to sit idle. Keepalives and health checks still find a
     dead connection.
+
+    `retry` replaces the one immediate retry of a command that met a dead connection;
+    with it, timeouts are retried too (the worker's queue client rides out a blip).
+
+    `url` may be a `redis+sentinel://` URL (see `config.parse_sentinel_url`): the client
+    then connects to the master the Sentinels name, and asks them again on every new
+    connection. `failover.FailoverWatch` drops the connections when the master changes.
     """
-    pool = BufferCheckingPool.from_url(
-        url,
-        socket_timeout=config.redis_timeout if read_timeout else None,
-        socket_connect_timeout=config.redis_timeout,
-        socket_keepalive=True,
-        health_check_interval=_HEALTH_CHECK_SECONDS,
-        # A pooled connection found dead (Redis restarted) is retried once on a new one,
-        # so a restart costs no request a 503. Every command we send is safe to repeat.
-        retry=Retry(NoBackoff(), 1),
-        retry_on_error=[RedisConnectionError],
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": config.redis_timeout if read_timeout else None,
+        "socket_connect_timeout": config.redis_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": _HEALTH_CHECK_SECONDS,
+        # A pooled connection found dead (Redis restarted, or dropped on a failover) is
+        # retried once on a new one, so a restart costs no request a 503. Every command
+        # we send is safe to repeat.
+        "retry": Retry(NoBackoff(), 1) if retry is None else retry,
+        "retry_on_error": [RedisConnectionError]
+        if retry is None
+        else [RedisConnectionError, RedisTimeoutError],
+        "parser_class": _Parser,
+    }
+    pool: BufferCheckingPool
+    if is_sentinel_url(url):
+        pool = _sentinel_pool(parse_sentinel_url(url), config, options)
+    else:
+        pool = BufferCheckingPool.from_url(url, **options)
+    pool.shown_url = display_url(url)
     return ArqRedis(pool_or_conn=pool, default_queue_name=config.queue)
+
+
+def _sentinel_pool(target: SentinelURL, config: Config, options: dict[str, Any]) -> SentinelPool:
+    sentinels = NewestSentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs={
+            "username": target.sentinel_username,
+            "password": target.sentinel_password,
+            "ssl": target.ssl,
+            "socket_timeout": config.redis_timeout,
+            "socket_connect_timeout": config.redis_timeout,
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), 1),
+            "retry_on_error": [RedisConnectionError],
+        },
+    )
+    pool = SentinelPool(  # type: ignore[no-untyped-call]
+        target.master,
+        sentinels,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        ssl=target.ssl,
+        **options,
+    )
+    pool.sentinel_url = target
+    return pool
+
+
+def client_url(client: Redis) -> str:
+    """The URL `client` was made for by `redis_client`, password masked."""
+    pool = client.connection_pool
+    if isinstance(pool, BufferCheckingPool):
+        return pool.shown_url
+    kwargs = pool.connection_kwargs
+    return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"

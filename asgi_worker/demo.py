@@ -7,6 +7,7 @@ The page uses the package's browser client (`asgi_worker/static/client.js`), ser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from importlib.resources import files
 
@@ -74,11 +75,17 @@ def create_app(config: Config, *, seconds: float = 2.0) -> Starlette:
     return app
 
 
-def demo_config(redis_url: str | None) -> Config:
-    """The demo's settings: embedded backend unless a Redis URL is given."""
-    if redis_url is None:
-        return Config(redis_url="memory://", include=("/slow",), ttl=60)
-    return Config(redis_url=redis_url, include=("/slow",), ttl=60, inline_worker=True)
+def demo_config(redis_url: str | None, *, prefix: str | None = None) -> Config:
+    """The demo's settings: embedded backend unless a Redis URL is given.
+
+    `prefix`, if given, is `Config.prefix` (keys of a demo on a shared Redis apart).
+    """
+    config = Config(redis_url="memory://", include=("/slow",), ttl=60)
+    if redis_url is not None:
+        config = dataclasses.replace(config, redis_url=redis_url, inline_worker=True)
+    if prefix is not None:
+        config = dataclasses.replace(config, prefix=prefix)
+    return config
 
 
 def count_primes(limit: int) -> int:

@@ -111,6 +111,8 @@ async def run_job(
 
     `app` is where the replay enters: the app the server is given, or with `mounted` a
     sub-app below the `Mount` that leads to the middleware (see `replay.build_scope`).
+
+    Each job that has a readable snapshot logs one line as it ends (`log_job`).
     """
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
@@ -118,6 +120,72 @@ async def run_job(
         # Without a snapshot there is no key to release; the claim lease runs out.
         logger.error("asgi-worker: dropping a job with an unreadable snapshot: %s", error)
         return "corrupt-job"
+    began = time.monotonic()
+    outcome = "cancelled"
+    try:
+        outcome = await _run(
+            app, store, config, snapshot, token, claimed_at, state, hand_off, mounted
+        )
+    except asyncio.CancelledError:
+        raise
+    except BaseException as error:
+        outcome = f"failed ({type(error).__name__})"
+        raise
+    finally:
+        log_job(snapshot, outcome, time.monotonic() - began)
+    return outcome
+
+
+def log_job(snapshot: RequestSnapshot, outcome: str, duration: float) -> None:
+    """The job's one line: `GET /path?query: stored in 0.412 s [digest]`, at INFO.
+
+    The same fields go in `extra=` (`method`, `path`, `query`, `outcome`, `duration`,
+    `digest`) for JSON formatters. Nothing secret: no header is logged, and credentials
+    (`Config.key_credentials`) never leave the sealed snapshot here.
+    """
+    digest = snapshot.digest
+    logger.info(
+        "asgi-worker: %s: %s in %.3f s [%s]",
+        request_line(snapshot),
+        outcome,
+        duration,
+        digest,
+        extra={
+            "method": "GET",
+            "path": _printable(snapshot.path),
+            "query": _printable(snapshot.query_string.decode("latin-1")),
+            "outcome": outcome,
+            "duration": round(duration, 6),
+            "digest": digest,
+        },
+    )
+
+
+def request_line(snapshot: RequestSnapshot) -> str:
+    """`GET /path?query` for logs, control characters escaped (a log line stays one line).
+
+    A replay is always a GET: a HEAD is served from what its GET stored.
+    """
+    return f"GET {_printable(_where(snapshot))}"
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+async def _run(
+    app: ASGIApp,
+    store: Store,
+    config: Config,
+    snapshot: RequestSnapshot,
+    token: str,
+    claimed_at: float | None,
+    state: Mapping[str, Any] | None,
+    hand_off: HandOff | None,
+    mounted: bool,
+) -> str:
     digest = snapshot.digest
     started = claimed_at
     # Long enough for the app and the commit after it.

@@ -23,7 +23,7 @@ from .keys import HostNotAllowedError, InvalidHostError, RedisKeys, RequestSnaps
 from .memory import InProcessQueue
 from .normalize import KeyRules
 from .policy import Policy
-from .queue import Job, QueueFull
+from .queue import ArqQueue, Job, QueueFull
 from .replay import ReplayMarker, replay_marker
 from .responses import send_accepted, send_bad_request, send_stored, send_unavailable
 from .singleflight import SingleFlight
@@ -121,7 +121,12 @@ class WorkerMiddleware:
                 await send_unavailable(send, retry_after=self.config.retry_after, head=head)
             return
         if found is None:
-            await send_accepted(send, retry_after=await self._retry_after(snapshot), extra=applied)
+            await send_accepted(
+                send,
+                retry_after=await self._retry_after(snapshot),
+                extra=applied,
+                no_worker=await self._no_worker(),
+            )
         elif found.response.hit_for_pass:
             await self.app(scope, receive, send)  # the app said private: never share it
         else:
@@ -148,6 +153,17 @@ class WorkerMiddleware:
         if typical is None:
             return config.retry_after
         return min(max(math.ceil(typical), config.retry_after), config.max_retry_after)
+
+    async def _no_worker(self) -> bool:
+        """True if no worker has reported on the queue for too long (arq backend only).
+
+        Asked on a 202 only, never on a hit; reads Redis at most once per
+        `queue.WORKER_CHECK_EVERY` seconds per process (see `queue.WorkerWatch`).
+        """
+        queue = self._open().queue
+        if not isinstance(queue, ArqQueue):
+            return False  # in-process jobs: this process is the worker
+        return await queue.worker_watch.check(self.config.redis_timeout)
 
     async def _wait_for(
         self, snapshot: RequestSnapshot, digest: str, seconds: float, receive: Receive

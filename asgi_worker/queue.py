@@ -18,17 +18,25 @@ Admission and fairness happen at enqueue, in the same one round trip:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
+from arq.constants import health_check_key_suffix, job_key_prefix
 from arq.jobs import serialize_job
+from redis.exceptions import RedisError
 
+from .jobs import request_line
+from .keys import RequestSnapshot
 from .scripts import ENQUEUE
+
+logger = logging.getLogger("asgi_worker")
 
 JOB_FUNCTION = "asgi_worker.replay"
 """The name the replay job is registered under in the arq worker."""
@@ -66,9 +74,126 @@ def serialize(data: dict[str, Any]) -> bytes:
 
 
 def deserialize(data: bytes) -> dict[str, Any]:
-    """Arq `job_deserializer`: the inverse of `serialize`."""
+    """Arq `job_deserializer`: the inverse of `serialize`.
+
+    A replay job's snapshot comes back as a `SnapshotBytes`: arq logs each job's
+    arguments with `repr`, and the request reads better there than its msgpack.
+    """
     unpacked: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    arguments = unpacked.get("a")
+    if (
+        unpacked.get("f") == JOB_FUNCTION
+        and isinstance(arguments, list)
+        and arguments
+        and isinstance(arguments[0], bytes)
+    ):
+        arguments[0] = SnapshotBytes(arguments[0])
     return unpacked
+
+
+class SnapshotBytes(bytes):
+    """An encoded request snapshot whose `repr` is the request: `GET /path?query`.
+
+    Still the very bytes (`run_job` decodes them); only what arq's job-start log line
+    shows changes. Credentials (sealed in the snapshot) and `vary` headers are not shown.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        try:
+            items = msgpack.unpackb(bytes(self), raw=False, use_list=True)
+            return request_line(RequestSnapshot.from_canonical(items[1:-1]))
+        except Exception:  # a repr for a log line must not raise
+            return f"<unreadable request snapshot, {len(self)} bytes>"
+
+
+HEALTH_REPORT_INTERVAL = 60.0
+"""How often our worker writes arq's health-check key (worker.py `_HEALTH_CHECK_INTERVAL`).
+
+arq writes it with a lifetime of the interval + 1 s: a key present means a worker on the
+queue reported within that time."""
+NO_WORKER_AFTER = 2 * HEALTH_REPORT_INTERVAL + 10.0
+"""Seconds without a worker's report after which the web process says there is none. A
+busy worker (all `max_jobs` slots taken) may miss a report, hence twice the interval."""
+WORKER_CHECK_EVERY = 10.0
+"""A web process reads the health-check key at most this often (and only on a 202)."""
+
+
+class WorkerWatch:
+    """Whether any worker serves the queue, from arq's health-check key, read throttled.
+
+    The key's absence shows only that no worker reported within its lifetime; the
+    silence is counted from the first check that found it absent, plus that lifetime.
+    Past `NO_WORKER_AFTER`, `missing` is true and a WARNING naming the queue is logged,
+    once per report interval while it lasts.
+    """
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        queue_name: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._redis = redis
+        self._queue_name = queue_name
+        self._key = queue_name + health_check_key_suffix
+        self._clock = clock
+        self._checked_at: float | None = None
+        self._checking = False
+        self._absent_since: float | None = None
+        self._warned_at: float | None = None
+        self.missing = False
+        """The last check's answer: no worker has reported for too long."""
+
+    async def check(self, within: float) -> bool:
+        """`missing`, read again from Redis if the last read is `WORKER_CHECK_EVERY` old.
+
+        Concurrent callers do not wait for a read on its way: they get the last answer.
+        A read takes at most `within` seconds; a Redis error keeps the last answer (the
+        request's own lookup reports those).
+        """
+        now = self._clock()
+        due = self._checked_at is None or now - self._checked_at >= WORKER_CHECK_EVERY
+        if self._checking or not due:
+            return self.missing
+        self._checking = True
+        try:
+            async with asyncio.timeout(within):
+                ttl_ms = await self._redis.pttl(self._key)
+        except (RedisError, OSError, TimeoutError) as error:
+            logger.debug("asgi-worker: could not read %s: %r", self._key, error)
+            return self.missing
+        finally:
+            self._checking = False
+            self._checked_at = now
+        self._update(int(ttl_ms), now)
+        return self.missing
+
+    def _update(self, ttl_ms: int, now: float) -> None:
+        if ttl_ms != -2:  # -2: no such key; -1 (no expiry) or a lifetime: reported
+            if self.missing:
+                logger.info("asgi-worker: a worker reports on queue %r again", self._queue_name)
+            self._absent_since = None
+            self.missing = False
+            return
+        if self._absent_since is None:
+            self._absent_since = now
+        silent = now - self._absent_since + HEALTH_REPORT_INTERVAL + 1
+        self.missing = silent > NO_WORKER_AFTER
+        if not self.missing:
+            return
+        if self._warned_at is None or now - self._warned_at >= HEALTH_REPORT_INTERVAL:
+            self._warned_at = now
+            logger.warning(
+                "asgi-worker: no worker has reported on queue %r for over %d s: misses are "
+                "queued and answered 202, but nothing runs them (start one: asgi-worker "
+                "worker MODULE:APP)",
+                self._queue_name,
+                silent,
+                extra={"queue": self._queue_name, "silent_seconds": round(silent)},
+            )
 
 
 class ArqQueue:
@@ -105,6 +230,8 @@ class ArqQueue:
         self._fair_slots = fair_slots
         self._horizon_ms = max(0, round(horizon * 1000))
         self._script = redis.register_script(ENQUEUE)
+        self.worker_watch = WorkerWatch(redis, queue_name)
+        """Whether a worker serves the queue (see `WorkerWatch`)."""
 
     async def enqueue(self, job: Job) -> None:
         """See `JobQueue.enqueue`."""

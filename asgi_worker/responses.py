@@ -21,6 +21,7 @@ CACHE_STATUS_STALE = b"asgi-worker; hit; fwd=stale"
 CACHE_STATUS_MISS = b"asgi-worker; fwd=uri-miss"
 CACHE_STATUS_UNAVAILABLE = b"asgi-worker; fwd=uri-miss; detail=backend-unavailable"
 CACHE_STATUS_QUEUE_FULL = b"asgi-worker; fwd=uri-miss; detail=queue-full"
+CACHE_STATUS_NO_WORKER = b"asgi-worker; fwd=uri-miss; detail=no-worker"
 
 
 async def send_stored(
@@ -55,15 +56,23 @@ async def send_stored(
 
 
 async def send_accepted(
-    send: Send, *, retry_after: int, extra: Sequence[tuple[bytes, bytes]] = ()
+    send: Send,
+    *,
+    retry_after: int,
+    extra: Sequence[tuple[bytes, bytes]] = (),
+    no_worker: bool = False,
 ) -> None:
     """202: the response is being prepared; ask again after `retry_after` seconds.
 
     The request's own URL is the status monitor: polling it returns 202 until the
     response is stored, then the response. No separate status resource is minted, so
     there is nothing else to expire, secure or clean up.
+
+    `no_worker`: no worker has reported on the queue for too long (`queue.WorkerWatch`);
+    `Cache-Status` says `detail=no-worker`.
     """
-    await _send_plain(send, 202, retry_after, CACHE_STATUS_MISS, b"", extra)
+    status = CACHE_STATUS_NO_WORKER if no_worker else CACHE_STATUS_MISS
+    await _send_plain(send, 202, retry_after, status, b"", extra)
 
 
 async def send_unavailable(

@@ -2,6 +2,7 @@
 
 Read-only. Counting entries and claims walks the keyspace with `SCAN` (in batches, so
 Redis keeps serving meanwhile): on a large keyspace that takes a while, never a lock.
+`check_queue` (for `asgi-worker stats --check`, a liveness probe) reads two keys only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from .keys import RedisKeys
 
 _SCAN_BATCH = 1000
 _SLOWEST = 10
+
+DEFAULT_MAX_AGE = 300.0
+"""`stats --check`: the oldest queued job may be this many seconds past its due time."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,6 +46,9 @@ class Stats:
     """The last health report a worker on this queue wrote (arq's), if one is current."""
     seconds: float
     """How long collecting took."""
+    oldest_queued: float | None = None
+    """Seconds since the earliest job in the queue was due (a running one included);
+    None with an empty queue."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for JSON."""
@@ -76,7 +83,8 @@ async def collect_stats(config: Config, store: Redis, queue: Redis) -> Stats:
     async with queue.pipeline(transaction=False) as pipeline:
         pipeline.zcard(config.queue)
         pipeline.get(config.queue + health_check_key_suffix)
-        queued, health = await pipeline.execute()
+        pipeline.zrange(config.queue, 0, 0, withscores=True)
+        queued, health, first = await pipeline.execute()
     typical = sorted(
         ((_path(path), int(ms) / 1000) for path, ms in durations.items()),
         key=lambda item: item[1],
@@ -92,7 +100,73 @@ async def collect_stats(config: Config, store: Redis, queue: Redis) -> Stats:
         slowest=tuple(typical[:_SLOWEST]),
         worker_health=health.decode("utf-8", "replace") if health is not None else None,
         seconds=time.perf_counter() - began,
+        oldest_queued=_age(first),
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueCheck:
+    """Whether a worker serves the queue and keeps up with it (`asgi-worker stats --check`)."""
+
+    queue: str
+    worker_health: str | None
+    """The last health report a worker on this queue wrote (arq's), if one is current."""
+    queued: int
+    oldest_queued: float | None
+    """As `Stats.oldest_queued`."""
+    max_age: float
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong, in one line; None if a worker reports and the queue moves."""
+        if self.worker_health is None:
+            return (
+                f"no worker serves queue {self.queue!r}: no health report in its key "
+                f"{self.queue + health_check_key_suffix!r} (a worker writes one a minute)"
+            )
+        if self.oldest_queued is not None and self.oldest_queued > self.max_age:
+            return (
+                f"queue {self.queue!r} is behind: its oldest job is {self.oldest_queued:.0f} s "
+                f"past due (more than --max-age {self.max_age:g} s; {self.queued:,} queued)"
+            )
+        return None
+
+    def line(self) -> str:
+        """One line for the probe's log: `ok: ...` or `unhealthy: ...`."""
+        problem = self.problem
+        if problem is not None:
+            return f"unhealthy: {problem}"
+        oldest = "empty" if self.oldest_queued is None else f"oldest {self.oldest_queued:.0f} s"
+        return f"ok: a worker serves queue {self.queue!r} ({self.queued:,} queued, {oldest})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, for JSON, with `ok` and `problem`."""
+        return {**dataclasses.asdict(self), "ok": self.problem is None, "problem": self.problem}
+
+
+async def check_queue(
+    config: Config, queue: Redis, *, max_age: float = DEFAULT_MAX_AGE
+) -> QueueCheck:
+    """Read `config`'s queue health in one round trip (no keyspace walk)."""
+    async with queue.pipeline(transaction=False) as pipeline:
+        pipeline.zcard(config.queue)
+        pipeline.get(config.queue + health_check_key_suffix)
+        pipeline.zrange(config.queue, 0, 0, withscores=True)
+        queued, health, first = await pipeline.execute()
+    return QueueCheck(
+        queue=config.queue,
+        worker_health=health.decode("utf-8", "replace") if health is not None else None,
+        queued=int(queued),
+        oldest_queued=_age(first),
+        max_age=max_age,
+    )
+
+
+def _age(first: list[tuple[bytes, float]]) -> float | None:
+    """Seconds since the earliest-due job (arq scores jobs by due time, in ms) was due."""
+    if not first:
+        return None
+    return max(0.0, time.time() - float(first[0][1]) / 1000)
 
 
 def _path(raw: bytes) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
 from asgi_lifespan import LifespanManager, LifespanNotSupported
 from redis.asyncio.retry import Retry
@@ -21,9 +21,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .completion import hand_off
-from .config import Config, ConfigurationError
+from .config import Config, ConfigurationError, is_sentinel_url, parse_sentinel_url
 from .connections import redis_client
 from .discovery import config_mismatch, find_config
+from .failover import FailoverWatch
 from .jobs import HandOff, run_job
 from .queue import JOB_FUNCTION, deserialize, serialize
 from .store import RedisStore
@@ -48,6 +49,7 @@ class _Runtime:
     hand_off: HandOff | None
     """Set when the queue is on the store's Redis: a `ReplayWorker` may then send a
     job's commit in the transaction that ends the job."""
+    store_client: ArqRedis
 
 
 def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any]:
@@ -65,6 +67,11 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
     on its own, one round trip more per job. Pass the very app object you serve: replays
     enter at its top, as requests from the server do, and what the app inside the
     middleware answers is stored.
+
+    The settings hold arq's pool (`redis_pool`), built here with our retries, timeouts
+    and `redis+sentinel://` support; on Sentinel the worker's startup also starts the
+    `FailoverWatch` over it and the store. `ReplayWorker` waits out Redis outages; arq's
+    own `Worker` ends on one that outlasts a command's retries.
     """
     if config is None:
         config = find_config(app)
@@ -77,7 +84,8 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
         )
 
     async def startup(ctx: dict[Any, Any]) -> None:
-        ctx[_CONTEXT_KEY] = await _start(app, config)
+        runtime = ctx[_CONTEXT_KEY] = await _start(app, config)
+        _watch_failovers(runtime, ctx.get("redis"), config)
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # The worker was told to stop while the app's lifespan started, and the
@@ -119,6 +127,10 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
             )
         ],
         "queue_name": config.queue,
+        # Our own client for arq's pool: arq's create_pool gives a Sentinel pool neither
+        # retries nor timeouts, and ours checks connections without a socket read.
+        "redis_pool": _queue_client(config),
+        # Only read by `arq --check`: with a pool, arq's Worker does not use them.
         "redis_settings": _redis_settings(config),
         "on_startup": startup,
         "on_shutdown": shutdown,
@@ -137,17 +149,43 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
     }
 
 
-def _redis_settings(config: Config) -> RedisSettings:
-    """Arq's connection to the queue, riding out Redis restarts instead of exiting.
+# A queue command that meets a dead connection is retried on a new one with a growing
+# delay (0.1, 0.2, 0.4, 0.5 s): a Redis restart or a failover's switch is ridden out
+# inside the command. A longer outage is `ReplayWorker`'s to wait out, with a log line.
+_QUEUE_RETRY = (ExponentialBackoff(cap=0.5, base=0.05), 4)
 
-    arq's poll loop dies on the first connection error; with these retries (about 25 s
-    in all) a restart or failover is waited out. A longer outage still ends the process:
-    run workers under a supervisor (systemd, Kubernetes) that restarts them.
+
+def _queue_client(config: Config) -> ArqRedis:
+    """The worker's client for arq's queue: our pool, retries and connect timeout.
+
+    No per-read timeout, as arq's own pool has none: with one, redis-py sends each
+    command under `asyncio.wait_for`, which on Python 3.11 can swallow a cancellation
+    (CPython gh-86296), and a worker told to stop would poll on. `ReplayWorker` bounds
+    each poll iteration instead.
     """
-    settings = RedisSettings.from_dsn(config.queue_redis_url or config.redis_url)
+    url = config.queue_redis_url or config.redis_url
+    return redis_client(url, config, read_timeout=False, retry=Retry(*_QUEUE_RETRY))
+
+
+def _redis_settings(config: Config) -> RedisSettings:
+    """Settings for what arq builds itself for the queue's Redis (`arq --check`)."""
+    url = config.queue_redis_url or config.redis_url
+    if is_sentinel_url(url):
+        target = parse_sentinel_url(url)
+        settings = RedisSettings(
+            host=list(target.sentinels),
+            sentinel=True,
+            sentinel_master=target.master,
+            database=target.db,
+            username=target.username,
+            password=target.password,
+            ssl=target.ssl,
+        )
+    else:
+        settings = RedisSettings.from_dsn(url)
     settings.conn_timeout = max(1, math.ceil(config.redis_timeout))
     settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
-    settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 30)
+    settings.retry = Retry(*_QUEUE_RETRY)
     return settings
 
 
@@ -170,10 +208,24 @@ async def _start(app: ASGIApp, config: Config) -> _Runtime:
         store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
         shared = config.queue_redis_url in (None, config.redis_url)
         commit_with_job = partial(hand_off, store, config.redis_timeout) if shared else None
-        return _Runtime(stack, store, captured.get("state"), commit_with_job)
+        return _Runtime(stack, store, captured.get("state"), commit_with_job, client)
     except BaseException:
         await stack.aclose()
         raise
+
+
+def _watch_failovers(runtime: _Runtime, queue: ArqRedis | None, config: Config) -> None:
+    """On Sentinel, watch for failovers: they drop the store's and arq's connections.
+
+    The watch stops with the rest of the runtime at shutdown.
+    """
+    pools = [runtime.store_client.connection_pool]
+    if queue is not None:
+        pools.append(queue.connection_pool)
+    watch = FailoverWatch.for_pools(*pools, connect_timeout=config.redis_timeout)
+    if watch is not None:
+        watch.start()
+        runtime.exit_stack.push_async_callback(watch.stop)
 
 
 def _capture_state(app: ASGIApp, captured: dict[str, Mapping[str, Any]]) -> ASGIApp:

@@ -213,10 +213,12 @@ class FailoverWatch:
                 return
 
     async def _drop(self, why: str) -> None:
-        self.switches += 1
         results = await asyncio.gather(
             *(pool.disconnect() for pool in self._pools), return_exceptions=True
         )
+        # Counted once every pool is dropped: a command sent after the count is seen goes
+        # on a new connection, to the new master.
+        self.switches += 1
         failed = [result for result in results if isinstance(result, BaseException)]
         logger.warning(
             "asgi-worker: %s; dropped the connections of %d pool(s)%s",

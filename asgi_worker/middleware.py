@@ -24,7 +24,7 @@ from .memory import InProcessQueue
 from .normalize import KeyRules
 from .policy import Policy
 from .queue import ArqQueue, Job, QueueFull
-from .replay import ReplayMarker, replay_marker
+from .replay import replay_marker
 from .responses import send_accepted, send_bad_request, send_stored, send_unavailable
 from .singleflight import SingleFlight
 from .store import Store
@@ -74,7 +74,7 @@ class WorkerMiddleware:
             await self._serve(scope, receive, send)
         else:
             marker = replay_marker(scope) if scope["type"] == "http" else None
-            if isinstance(marker, ReplayMarker) and marker.take(self.config.prefix):
+            if marker is not None and marker.take(self.config.prefix):
                 send = marker.tee(send)  # our inner app's answer is the one stored
             await self.app(scope, receive, send)
 

@@ -69,13 +69,10 @@ class ReplayMarker:
         return capture_then_send
 
 
-def replay_marker(scope: Scope) -> ReplayMarker | bool | None:
-    """The scope's `ReplayMarker`; True for another replay marker; None if not a replay."""
-    extensions = scope.get("extensions")
-    if not extensions or REPLAY_EXTENSION not in extensions:
-        return None
-    marker = extensions[REPLAY_EXTENSION]
-    return marker if isinstance(marker, ReplayMarker) else True
+def replay_marker(scope: Scope) -> ReplayMarker | None:
+    """The scope's `ReplayMarker`, or None."""
+    marker = (scope.get("extensions") or {}).get(REPLAY_EXTENSION)
+    return marker if isinstance(marker, ReplayMarker) else None
 
 
 @dataclass(frozen=True, slots=True)

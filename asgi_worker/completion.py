@@ -11,6 +11,12 @@ sets for the job's task: a job run by a plain arq `Worker` (`arq module.WorkerSe
 finds none, and commits itself, as it does when the queue is on another Redis than the
 store.
 
+`ReplayWorker` takes jobs its own way (see `taking`): one script takes the due jobs it
+has slots for, where arq's poll raced every other worker for every due job, and an idle
+worker sleeps on the queue's wake list instead of polling every `poll_delay`. So a job's
+cost does not grow with the number of workers, an idle worker sends about a command a
+second, and a job starts within a round trip of its enqueue.
+
 `ReplayWorker` also never dies of a Redis outage: arq's poll loop ends the worker on the
 first error that outlives a command's retries; here the worker waits until Redis is back
 (`failover.Patience`: one log line when it is lost, one every 10 s while it stays away,
@@ -22,6 +28,7 @@ wait with `wait_for_redis=True`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -37,13 +44,14 @@ from arq.constants import (
 )
 from arq.utils import timestamp_ms, to_ms
 from arq.worker import Worker
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError, WatchError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import client_url
 from .failover import OUTAGE_ERRORS, Patience, RedisUnreachable, check_master
 from .jobs import Commit
 from .store import RedisStore, commit_outcome
+from .taking import IDLE_LOOK_EVERY, JobTaker
 
 logger = logging.getLogger("asgi_worker")
 
@@ -54,8 +62,10 @@ _ITERATION_TIMEOUT_FACTOR = 3
 
 @dataclasses.dataclass(slots=True)
 class _Slot:
-    """Where one job leaves its commit for `ReplayWorker.finish_job`."""
+    """What `ReplayWorker.finish_job` needs of one job: its score, and its commit."""
 
+    score: int
+    """The job's score when it was taken (the take rescores it to its lease's end)."""
     pending: _Pending | None = None
 
 
@@ -124,6 +134,12 @@ class ReplayWorker(Worker):
         self.wait_for_redis = wait_for_redis
         self._reached_redis = False
         self._patience_for: tuple[object, Patience] | None = None  # (its pool, it)
+        self._taker_of: JobTaker | None = None
+        self._slot_freed = asyncio.Event()
+        # arq's poll loop sleeps what is left of `poll_delay` after each iteration; ours
+        # sleeps inside the iteration (until woken), so the loop must not add to it.
+        self._burst_poll = self.poll_delay_s
+        self.poll_delay_s = 0.0
 
     async def main(self) -> None:
         """See arq's `Worker.main`; first makes sure Redis is there (or waits for it)."""
@@ -139,70 +155,87 @@ class ReplayWorker(Worker):
         await super().main()
 
     async def _poll_iteration(self) -> None:
-        # arq's poll loop ends the worker on any error; an outage is waited out instead.
-        # An iteration takes milliseconds; one that takes longer is stuck on a Redis that
-        # accepts and never answers (the queue's client has no read timeout).
+        # arq's iteration reads every due job and races other workers for each; ours takes
+        # jobs with one script and then sleeps until woken (see `taking`). arq's poll loop
+        # around it sleeps only what is left of `poll_delay`, nothing after a wait.
+        # An outage is waited out, where arq's loop would end the worker. A look takes
+        # milliseconds: one that takes longer is stuck on a Redis that accepts and never
+        # answers (the queue's client has no read timeout).
         patience = self._patience()
         limit = _ITERATION_TIMEOUT_FACTOR * patience.probe_timeout
         try:
             async with asyncio.timeout(limit) as deadline:
-                await super()._poll_iteration()
+                sleep = await self._look_at_queue()
+            if sleep > 0:
+                async with asyncio.timeout(sleep + limit) as deadline:
+                    await self._sleep_until_work(sleep)
         except OUTAGE_ERRORS as error:
             stuck = RedisTimeoutError(f"no answer within {limit:g} s")
             reason = stuck if deadline.expired() else error
             await patience.wait(self._check_redis, reason, starting=False)
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """As arq's `start_jobs` (0.26 to 0.28), but a job's slot comes back if Redis fails.
+    async def _look_at_queue(self) -> float:
+        """Start the due jobs there are slots for, tend the rest; seconds it may sleep.
 
-        arq takes a slot (its semaphore and job counter) per job and gives it back on
-        its own paths only: each error in between would shrink `max_jobs` by one for
-        good, which ends a worker that outlives outages in a worker that runs nothing.
+        What arq's `_poll_iteration` (0.26 to 0.28) does, with the take of `taking`.
         """
-        for raw_id in job_ids:
-            await self.sem.acquire()
-            if self.job_counter >= self.max_jobs:
-                self.sem.release()
-                return
-            self.job_counter += 1
-            job_id = raw_id.decode()
-            try:
-                score = await self._mark_in_progress(job_id)
-            except WatchError:
-                # A key watched changed, or the connection was dropped under the WATCH (a
-                # failover): the job is still queued, and the next poll sees it again.
-                score = None
-            except BaseException:
-                self._release_sem_dec_counter_on_complete()
-                raise
-            if score is None:
-                self._release_sem_dec_counter_on_complete()
-                continue
-            task = self.loop.create_task(self.run_job(job_id, score))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+        most = min(self.queue_read_limit, self.max_jobs - self.job_counter)
+        if self.burst and self.max_burst_jobs >= 0:
+            most = min(most, self.max_burst_jobs - self._jobs_started())
+        next_due_ms: int | None = None
+        if self.allow_pick_jobs and most > 0:
+            now_ms = timestamp_ms()
+            taken = await self._taker().take(most, now_ms=now_ms, lease_ms=self._lease_ms())
+            for job_id, score in taken.jobs:
+                await self._start(job_id, score)
+            next_due_ms = taken.next_due_ms
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[job_id]
+                task.result()  # an error of run_job itself ends the worker, as under arq
+        await self.heart_beat()
+        if self.burst:
+            # Burst mode ends once the queue is empty (arq's loop checks): a job ending
+            # may be the last, so it wakes the loop; else a short poll, as under arq.
+            return self._burst_poll
+        sleep = IDLE_LOOK_EVERY
+        if next_due_ms is not None:
+            sleep = min(sleep, max(0.0, (next_due_ms - timestamp_ms()) / 1000))
+        return sleep
 
-    async def _mark_in_progress(self, job_id: str) -> int | None:
-        """The job's score once this worker owns it; None if it is not this worker's."""
-        in_progress_key = in_progress_key_prefix + job_id
-        async with self.pool.pipeline(transaction=True) as pipe:
-            await pipe.watch(in_progress_key)
-            ongoing = await pipe.exists(in_progress_key)
-            score = await pipe.zscore(self.queue_name, job_id)
-            if ongoing or not score or score > timestamp_ms():
-                # Running elsewhere, done and gone, or re-enqueued with a delay.
-                logger.debug("asgi-worker: job %s already running elsewhere", job_id)
-                return None
-            pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b"1")
-            try:
-                await pipe.execute()
-            except ReadOnlyError:
-                raise  # a replica, not "started elsewhere": an outage to wait out
-            except (ResponseError, WatchError):
-                logger.debug("asgi-worker: job %s started elsewhere meanwhile", job_id)
-                return None
-        return int(score)
+    async def _sleep_until_work(self, most: float) -> None:
+        """Sleep until there may be work: a slot freed if none is free, else a wake token."""
+        if self.burst or self.job_counter >= self.max_jobs:
+            self._slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(most):
+                    await self._slot_freed.wait()
+        else:
+            await self._taker().wait(most)
+
+    async def _start(self, job_id: str, score: int) -> None:
+        """Run a job this worker has taken, in a slot of its own."""
+        await self.sem.acquire()
+        self.job_counter += 1
+        task = self.loop.create_task(self.run_job(job_id, score))
+        task.add_done_callback(self._job_ended)
+        self.tasks[job_id] = task
+
+    def _job_ended(self, _: asyncio.Task[None]) -> None:
+        self._release_sem_dec_counter_on_complete()
+        self._slot_freed.set()
+
+    def _lease_ms(self) -> int:
+        # arq's in-progress lifetime: a job whose worker died is taken again after it.
+        return int(self.in_progress_timeout_s * 1000)
+
+    def _taker(self) -> JobTaker:
+        # Made once per pool, as the pool is made in `main` (and again if it is replaced).
+        if self._taker_of is None or self._taker_of.pool is not self.pool:
+            self._taker_of = JobTaker(self.pool, self.queue_name)
+        return self._taker_of
 
     async def close(self) -> None:
         """See arq's `Worker.close`; goes through (and logs) a Redis that is away."""
@@ -239,7 +272,7 @@ class ReplayWorker(Worker):
 
     async def run_job(self, job_id: str, score: int) -> None:
         """See arq's `Worker.run_job`; gives the job a slot to leave its commit in."""
-        token = _slot.set(_Slot())
+        token = _slot.set(_Slot(score))
         try:
             await super().run_job(job_id, score)
         finally:
@@ -260,9 +293,14 @@ class ReplayWorker(Worker):
         pending = slot.pending if slot is not None else None
         if slot is not None:
             slot.pending = None
+        if slot is not None and not finish and keep_in_progress is None:
+            # The job runs again (a `Retry`, or cancelled at shutdown); a pending commit is
+            # dropped with its claim still held. arq adds `incr_score` to the job's score,
+            # but the take moved that to the lease's end: count from the score it had.
+            await self._run_again(job_id, slot.score + (incr_score or 0))
+            return
         if pending is None or not finish or keep_in_progress is not None:
-            # Nothing to add; or the job runs again and commits then (a pending commit is
-            # dropped with its claim still held); or a cron job's end: arq's own finish.
+            # Nothing to add, or a cron job's end: arq's own finish.
             await super().finish_job(
                 job_id,
                 finish,
@@ -294,3 +332,10 @@ class ReplayWorker(Worker):
         for reply in replies[:-1]:
             if isinstance(reply, Exception):
                 raise reply  # as arq's own finish_job would
+
+    async def _run_again(self, job_id: str, score: int) -> None:
+        """Put a job this worker took back in the queue, due at `score` (ms)."""
+        async with self.pool.pipeline(transaction=True) as transaction:
+            transaction.delete(in_progress_key_prefix + job_id)
+            transaction.zadd(self.queue_name, {job_id: score}, xx=True)
+            await transaction.execute()

@@ -100,7 +100,9 @@ class Config:
     max_body_bytes: int = 10 * 1024 * 1024
     """Largest response body stored; a larger one is replaced by a short-lived 502."""
     poll_delay: float = 0.01
-    """How often an idle worker polls the queue (arq's default is 0.5 s)."""
+    """How often arq's own `Worker` (`arq module.WorkerSettings`) and `run_pending` poll
+    the queue (arq's default is 0.5 s). `asgi-worker worker` does not poll: each enqueue
+    wakes it, and idle it looks at the queue every 2 s."""
     max_jobs: int = 10
     """Jobs one worker process runs at once."""
     redis_timeout: float = 2.0

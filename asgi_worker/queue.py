@@ -14,6 +14,9 @@ Admission and fairness happen at enqueue, in the same one round trip:
   flood of distinct URLs on one path is spread into the future; a cold URL of another
   path is due at once and runs as soon as a slot frees. A job that could not start
   within its claim lease is not queued (`QueueFull`): it would only expire unrun.
+
+Each enqueue also pushes a token on the queue's wake list, which an idle `ReplayWorker`
+blocks on (see `taking`).
 """
 
 from __future__ import annotations
@@ -34,12 +37,17 @@ from redis.exceptions import RedisError
 
 from .jobs import request_line
 from .keys import RequestSnapshot
-from .scripts import ENQUEUE
+from .queue_scripts import ENQUEUE, WAKE_TOKENS
 
 logger = logging.getLogger("asgi_worker")
 
 JOB_FUNCTION = "asgi_worker.replay"
 """The name the replay job is registered under in the arq worker."""
+
+
+def wake_key(queue_name: str) -> str:
+    """The list each enqueue pushes a token on, and idle workers block on (BLPOP)."""
+    return queue_name + ":wake"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +238,7 @@ class ArqQueue:
         self._fair_slots = fair_slots
         self._horizon_ms = max(0, round(horizon * 1000))
         self._script = redis.register_script(ENQUEUE)
+        self._wake_key = wake_key(queue_name)
         self.worker_watch = WorkerWatch(redis, queue_name)
         """Whether a worker serves the queue (see `WorkerWatch`)."""
 
@@ -246,7 +255,13 @@ class ArqQueue:
         )
         path = job.path.encode("utf-8", "surrogatepass")
         clock = f"{self._prefix}:clock:{hashlib.sha1(path, usedforsecurity=False).hexdigest()}"
-        keys = [job_key_prefix + job.job_id, self._queue_name, clock, f"{self._prefix}:durations"]
+        keys = [
+            job_key_prefix + job.job_id,
+            self._queue_name,
+            clock,
+            f"{self._prefix}:durations",
+            self._wake_key,
+        ]
         arguments: list[bytes | str | int] = [
             payload,
             self._expires_ms,
@@ -256,6 +271,7 @@ class ArqQueue:
             self._fair_slots,
             self._horizon_ms,
             path,
+            WAKE_TOKENS,
         ]
         if await self._script(keys, arguments) is None:
             raise QueueFull(f"the queue {self._queue_name!r} cannot take a job of {job.path}")

@@ -277,31 +277,3 @@ COMMIT = _LIBRARY + _COMMIT
 INVALIDATE_SCAN = _LIBRARY + _INVALIDATE_SCAN
 STAMP = _LIBRARY + _STAMP
 DROP = _LIBRARY + _DROP
-
-# KEYS: job, queue, the path's fair-queueing clock, durations (path -> typical ms).
-# ARGV: payload, expires ms, now ms, job id, max queued (0: no cap), worker slots
-# (0: not fair), horizon ms, path.
-# Returns how many ms from now the job is due, or false if it is not queued (queue.py).
-# The clock holds when the path's next job is due and the spacing that set it, so that
-# when the path's typical duration changes, the backlog ahead is re-timed at the new
-# spacing rather than kept at the old one.
-ENQUEUE = """
-local max_queued = tonumber(ARGV[5])
-if max_queued > 0 and redis.call('ZCARD', KEYS[2]) >= max_queued then return false end
-local now, slots = tonumber(ARGV[3]), tonumber(ARGV[6])
-local due = now
-if slots > 0 then
-  -- A path with no duration yet is taken to be a 1 s job, until its first commit.
-  local spacing = (tonumber(redis.call('HGET', KEYS[4], ARGV[8])) or 1000) / slots
-  local clock = redis.call('HMGET', KEYS[3], 'next', 'spacing')
-  local ahead_ms = math.max(0, (tonumber(clock[1]) or now) - now)
-  local used = tonumber(clock[2]) or spacing
-  if used > 0 then due = now + math.floor(ahead_ms / used * spacing) end
-  if due - now > tonumber(ARGV[7]) then return false end
-  redis.call('HSET', KEYS[3], 'next', due + spacing, 'spacing', spacing)
-  redis.call('PEXPIRE', KEYS[3], math.ceil(due + spacing - now) + 1000)
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]) + (due - now))
-redis.call('ZADD', KEYS[2], due, ARGV[4])
-return due - now
-"""

@@ -1,0 +1,88 @@
+"""The Lua scripts on arq's queue: enqueueing (the web side) and taking jobs (the worker).
+
+Both run on the queue's Redis, which is never a Cluster (arq's own end-of-job transaction
+names a fixed key), so the keys a script derives from a job id (its in-progress key) need
+not be declared for slot routing; each script names them above it.
+
+The wake list. Every enqueue pushes a token on `<queue>:wake`; an idle `ReplayWorker`
+blocks on it (BLPOP) instead of polling the queue every few milliseconds, so an idle
+worker costs about one command a second and a new job starts within a round trip. The
+list is trimmed to `WAKE_TOKENS` tokens: with every worker busy the tokens pile up, and
+each one left over costs an idle worker one look at the queue later, no more.
+"""
+
+from __future__ import annotations
+
+WAKE_TOKENS = 16
+"""Longest the wake list gets: about the most workers one queue is expected to wake."""
+
+# KEYS: job, queue, the path's fair-queueing clock, durations (path -> typical ms), the
+# queue's wake list.
+# ARGV: payload, expires ms, now ms, job id, max queued (0: no cap), worker slots
+# (0: not fair), horizon ms, path, wake tokens kept.
+# Returns how many ms from now the job is due, or false if it is not queued (queue.py).
+# The clock holds when the path's next job is due and the spacing that set it, so that
+# when the path's typical duration changes, the backlog ahead is re-timed at the new
+# spacing rather than kept at the old one.
+ENQUEUE = """
+local max_queued = tonumber(ARGV[5])
+if max_queued > 0 and redis.call('ZCARD', KEYS[2]) >= max_queued then return false end
+local now, slots = tonumber(ARGV[3]), tonumber(ARGV[6])
+local due = now
+if slots > 0 then
+  -- A path with no duration yet is taken to be a 1 s job, until its first commit.
+  local spacing = (tonumber(redis.call('HGET', KEYS[4], ARGV[8])) or 1000) / slots
+  local clock = redis.call('HMGET', KEYS[3], 'next', 'spacing')
+  local ahead_ms = math.max(0, (tonumber(clock[1]) or now) - now)
+  local used = tonumber(clock[2]) or spacing
+  if used > 0 then due = now + math.floor(ahead_ms / used * spacing) end
+  if due - now > tonumber(ARGV[7]) then return false end
+  redis.call('HSET', KEYS[3], 'next', due + spacing, 'spacing', spacing)
+  redis.call('PEXPIRE', KEYS[3], math.ceil(due + spacing - now) + 1000)
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]) + (due - now))
+redis.call('ZADD', KEYS[2], due, ARGV[4])
+-- A job due later wakes a worker too: it learns when to look again (TAKE's reply).
+if redis.call('RPUSH', KEYS[5], '1') > tonumber(ARGV[9]) then
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[9]), -1)
+end
+return due - now
+"""
+
+# KEYS: queue. ARGV: now ms, most jobs to take, lease ms, in-progress key prefix.
+# Takes up to that many due jobs for this worker: each gets its in-progress key (as arq's
+# own WATCH/MULTI per job sets it) and is rescored to the end of its lease, so that no
+# other worker's TAKE reads it again. Under arq's own polling every worker reads every due
+# job, in progress or not, and races the others for each with a transaction: the cost of a
+# job grew with the number of workers. Here it does not: a worker reads only what it takes.
+# A job whose worker dies comes due again as its in-progress key expires, as under arq.
+# A due job in progress elsewhere (a plain arq worker on the same queue, which does not
+# rescore) is rescored to its in-progress key's end, when it may be taken again anyway.
+# Returns {id, score, id, score, ...} of the jobs taken (their scores before the lease)
+# and when the earliest job left is due (ms, or false if none), so that the worker knows
+# how long it may sleep.
+TAKE = """
+local now, most, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+-- The first jobs by score, one more than wanted: the one after what is due says when
+-- the next is due. (One read: an idle worker's look is two commands with the wait.)
+local first = redis.call('ZRANGE', KEYS[1], 0, most, 'WITHSCORES')
+local taken, next_due = {}, false
+for i = 1, #first, 2 do
+  local id, score = first[i], tonumber(first[i + 1])
+  if score > now or #taken == 2 * most then
+    next_due = math.max(score, now)
+    break
+  end
+  local in_progress = ARGV[4] .. id
+  if redis.call('SET', in_progress, '1', 'NX', 'PX', lease) then
+    taken[#taken + 1] = id
+    taken[#taken + 1] = first[i + 1]
+    redis.call('ZADD', KEYS[1], 'XX', now + lease, id)
+  else
+    redis.call('ZADD', KEYS[1], 'XX', now + math.max(1, redis.call('PTTL', in_progress)), id)
+  end
+end
+-- Every job read was due, and some were another's: more may be due past them.
+if not next_due and #first > 2 * most then next_due = now end
+return {taken, next_due}
+"""

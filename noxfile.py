@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s typing`; `nox -s bench`."""
+"""Developer sessions: `nox -s tests`, `lint`, `typing`, `docs`; `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,20 @@ def typing(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[test]")
     session.run("mypy", "--strict")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/, failing on a broken link or anchor.
+
+    `nox -s docs -- serve` serves it at http://127.0.0.1:8000/ while you write instead.
+    """
+    session.install("-e", ".[docs]")
+    session.env["NO_MKDOCS_2_WARNING"] = "1"
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", "--strict", *session.posargs[1:])
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -1,7 +1,7 @@
 """One set of endpoints in each framework, for the replay-fidelity suite (test_conformance.py).
 
 Every factory builds the same endpoints, either bare (`config=None`) or with
-`WorkerMiddleware` placed the way the README documents for that framework. The test
+`WorkerMiddleware` placed the way docs/stored-response.md documents for that framework. The test
 compares the bare app's answer with the cached answer of the app behind the middleware.
 
 | path               | what the handler does                                             |

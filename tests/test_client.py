@@ -33,7 +33,7 @@ from asgi_worker.client import (
 from asgi_worker.demo import client_js
 
 from .processes import PROJECT, demo
-from .test_readme import README, readme_block
+from .test_docs import docs_example, docs_page
 
 MISS = "asgi-worker; fwd=uri-miss"
 HIT = "asgi-worker; hit"
@@ -349,16 +349,16 @@ async def test_fetch_with_prefer_wait_gets_the_demo_result(demo_url: str) -> Non
 
 
 @pytest.mark.e2e
-async def test_the_readme_client_example_counts_primes(demo_url: str) -> None:
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(readme_block("client"), "README.md", "exec"), namespace)
+async def test_the_docs_client_example_counts_primes(demo_url: str) -> None:
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(docs_example("clients.md", "client"), "docs/clients.md", "exec"), namespace)
     assert await namespace["primes_up_to"](6000, base_url=demo_url) == 783
 
 
-async def test_the_readme_static_mount_serves_the_js_client() -> None:
-    # The README's recipe for serving client.js from the installed package.
+async def test_the_docs_static_mount_serves_the_js_client() -> None:
+    # docs/clients.md's recipe for serving client.js from the installed package.
     mount = 'Mount("/static/asgi-worker", StaticFiles(packages=[("asgi_worker", "static")]))'
-    assert mount in README
+    assert mount in docs_page("clients.md")
     app = Starlette(routes=[eval(mount, {"Mount": Mount, "StaticFiles": StaticFiles})])
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

@@ -379,7 +379,7 @@ def endpoint_cases(framework: Framework) -> list[Case]:
         Case("3 404 raised by the handler", f"{base}/missing", 404),
         # The app's own answer to an exception is its 500 page, but Starlette's
         # ServerErrorMiddleware sends it and then re-raises: a replay that raises is
-        # stored as the library's generic 500 (README, "Exactly one job"), so the status
+        # stored as the library's generic 500 (docs/failure-modes.md), so the status
         # is all that the model fixes here.
         Case("4 handler raises", f"{base}/boom", 500, mode="status"),
         Case("5 redirect", f"{base}/redirect", redirect,

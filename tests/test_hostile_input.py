@@ -250,7 +250,7 @@ def valid_response(messages: list[Message]) -> Answer:
 
 
 def handled(scope: dict[str, Any]) -> bool:
-    """Should the middleware serve this from the cache? (The README's rules, restated.)"""
+    """Should the middleware serve this from the cache? (docs/requests.md's rules, restated.)"""
     if scope["method"] not in CACHEABLE:
         return False
     for name, value in scope.get("headers") or ():

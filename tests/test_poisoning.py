@@ -1,7 +1,7 @@
 """Cache poisoning: headers outside the key cannot shape what everyone else is served.
 
 The key holds scheme, host, root path, path, query and the `vary` headers, and the worker
-replays exactly those (README, "What goes through the worker"). So a cold request dressed
+replays exactly those (docs/requests.md). So a cold request dressed
 up with `X-Forwarded-Host`, `X-Original-URL`, a `User-Agent`, ... starts the one job for
 its URL, but the job never sees those headers, and the stored response is what a plain
 request would have produced. A header a server turns into a keyed part (uvicorn's

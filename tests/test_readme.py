@@ -1,42 +1,61 @@
-"""The README's promises: its testing example runs, and its config table is complete."""
+"""The README, the front door: its two commands work, and its links lead somewhere.
+
+What the README used to hold is under docs/ now, and checked there (tests/test_docs.py).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import re
+import tomllib
 from pathlib import Path
-from typing import Any
 
-from asgi_worker import Config
+from markdown.extensions.toc import slugify
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
-
-def readme_block(name: str) -> str:
-    match = re.search(rf"<!-- readme-example: {name} -->\n```python\n(.*?)```", README, re.S)
-    assert match, f"README has no example block {name!r}"
-    return match.group(1)
-
-
-async def test_the_testing_example_passes() -> None:
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(readme_block("testing"), "README.md", "exec"), namespace)
-    await namespace["test_report_is_computed_in_the_background"]()
+DEMO_COMMAND = (
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[demo]' && .venv/bin/asgi-worker demo"
+)
+TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest"
 
 
-def test_every_config_field_is_documented() -> None:
-    documented = set(re.findall(r"^\| `(\w+)` \|", README, re.M))
-    fields = {spec.name for spec in dataclasses.fields(Config)}
-    assert fields <= documented, f"missing in README: {sorted(fields - documented)}"
+def shell_blocks(text: str) -> list[str]:
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", text, re.S)]
 
 
-def test_every_test_the_failure_table_names_exists() -> None:
-    section = README.split("## Failure modes", 1)[1].split("\n## ", 1)[0]
-    named = re.findall(r"`(?:(test_\w+\.py)::)?(?:::)?(test_\w+)(?:\[[^\]]*\])?`", section)
-    assert len(named) >= 19
-    tests = Path(__file__).resolve().parent
-    current = ""
-    for file, name in named:
-        current = file or current  # "`::name`" continues the file named before it
-        source = (tests / current).read_text()
-        assert re.search(rf"def {name}\(", source), f"{current}::{name} is not a test"
+def test_the_two_commands_are_in_the_readme_each_a_block_of_its_own() -> None:
+    blocks = shell_blocks(README)
+    assert DEMO_COMMAND in blocks
+    assert TEST_COMMAND in blocks
+
+
+def test_ci_runs_the_readmes_test_command_verbatim() -> None:
+    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert lines[-1] == TEST_COMMAND
+
+
+def test_the_extras_and_the_script_the_commands_name_exist() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for command in (DEMO_COMMAND, TEST_COMMAND):
+        extra = re.search(r"-e '\.\[(\w+)\]'", command)
+        assert extra, command
+        assert extra[1] in project["optional-dependencies"]
+    assert "asgi-worker" in project["scripts"]
+
+
+def headings_slugs(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {slugify(heading, "-") for heading in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_relative_link_in_the_readme_leads_somewhere() -> None:
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    relative = [link for link in links if not re.match(r"\w+:", link)]
+    assert len(relative) >= 15  # the docs pages, the LICENSE and the CHANGELOG
+    for link in relative:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), f"README links to {path}, which does not exist"
+        if anchor:
+            assert anchor in headings_slugs(target), f"README links to {link}: no such heading"

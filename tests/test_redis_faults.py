@@ -1,7 +1,7 @@
 """Redis taken away: down, crashed and restarted empty, frozen. Each test runs its own
 redis-server (tests/own_redis.py) on a free loopback port and stops it itself.
 
-What must hold (README, "Exactly one job, and never stuck"): Redis down is a `503` with
+What must hold (docs/failure-modes.md): Redis down is a `503` with
 `Retry-After` and an error in the log (or the app's own answer with `fail_open=True`);
 and once Redis is back, the same app object serves again, with no restart of anything.
 A restart that loses the claims and the queue must not leave a URL at `202` forever.

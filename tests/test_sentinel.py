@@ -2,7 +2,7 @@
 one topology for this module, with uvicorn and `asgi-worker worker` on a
 `redis+sentinel://` URL.
 
-What must hold (README, "Sentinel"):
+What must hold (docs/sentinel.md):
 
 - a manual failover (`SENTINEL FAILOVER`, as for maintenance) costs no client a 503, and
   at most 5 % of the entries already served are lost (those written to the old master

@@ -1,5 +1,5 @@
-"""The worker and a Redis that goes away: it never dies of it (README, "Sentinel" and
-"Failure modes").
+"""The worker and a Redis that goes away: it never dies of it (docs/sentinel.md and
+docs/failure-modes.md).
 
 - Running: Redis stopped for 30 s (arq's own poll loop gave up after about 25 s of
   retries) under `asgi-worker worker`; once Redis is back, the same worker process serves

@@ -114,7 +114,9 @@ async def asgi_worker_round(
     worker_class: type[Worker] = ReplayWorker,
 ) -> dict[str, float]:
     redis_pid = await _redis_pid(redis_url)
-    config = Config(redis_url=redis_url, prefix=prefix)  # defaults otherwise
+    # Defaults otherwise. A backlog of one path all due at once: fair queueing would
+    # space it out and refuse what could not start within the claim lease.
+    config = Config(redis_url=redis_url, prefix=prefix, fair_queueing=False)
     app = create_asgi_worker_app(config)
     await fill_asgi_worker(app, jobs)
     settings = worker_settings(app, config)

@@ -42,7 +42,7 @@ from arq.constants import (
     result_key_prefix,
     retry_key_prefix,
 )
-from arq.utils import timestamp_ms, to_ms
+from arq.utils import to_ms
 from arq.worker import Worker
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -136,6 +136,8 @@ class ReplayWorker(Worker):
         self._patience_for: tuple[object, Patience] | None = None  # (its pool, it)
         self._taker_of: JobTaker | None = None
         self._slot_freed = asyncio.Event()
+        self._waiting_for_slot = False
+        self._wait = 0.0  # before the next look (see `_look_at_queue`)
         # arq's poll loop sleeps what is left of `poll_delay` after each iteration; ours
         # sleeps inside the iteration (until woken), so the loop must not add to it.
         self._burst_poll = self.poll_delay_s
@@ -155,40 +157,44 @@ class ReplayWorker(Worker):
         await super().main()
 
     async def _poll_iteration(self) -> None:
-        # arq's iteration reads every due job and races other workers for each; ours takes
-        # jobs with one script and then sleeps until woken (see `taking`). arq's poll loop
-        # around it sleeps only what is left of `poll_delay`, nothing after a wait.
-        # An outage is waited out, where arq's loop would end the worker. A look takes
-        # milliseconds: one that takes longer is stuck on a Redis that accepts and never
-        # answers (the queue's client has no read timeout).
+        # arq's iteration reads every due job and races other workers for each; ours waits
+        # for work, then takes jobs with one script (see `taking`). arq's poll loop
+        # around it sleeps only what is left of `poll_delay`: nothing, after a wait.
+        # An outage is waited out, where arq's loop would end the worker. Past its wait,
+        # a look takes milliseconds: one that takes longer is stuck on a Redis that
+        # accepts and never answers (the queue's client has no read timeout).
         patience = self._patience()
         limit = _ITERATION_TIMEOUT_FACTOR * patience.probe_timeout
+        wait, self._wait = self._wait, 0.0
         try:
-            async with asyncio.timeout(limit) as deadline:
-                sleep = await self._look_at_queue()
-            if sleep > 0:
-                async with asyncio.timeout(sleep + limit) as deadline:
-                    await self._sleep_until_work(sleep)
+            async with asyncio.timeout(wait + limit) as deadline:
+                self._wait = await self._look_at_queue(wait)
         except OUTAGE_ERRORS as error:
-            stuck = RedisTimeoutError(f"no answer within {limit:g} s")
+            stuck = RedisTimeoutError(f"no answer within {limit:g} s past its wait")
             reason = stuck if deadline.expired() else error
             await patience.wait(self._check_redis, reason, starting=False)
 
-    async def _look_at_queue(self) -> float:
-        """Start the due jobs there are slots for, tend the rest; seconds it may sleep.
+    async def _look_at_queue(self, wait: float) -> float:
+        """Wait up to `wait` s for work, take the due jobs there are slots for, tend the rest.
 
         What arq's `_poll_iteration` (0.26 to 0.28) does, with the take of `taking`.
+        Work is a freed slot if the last look found none free (then the take follows at
+        once), else an enqueue's wake token. Returns the wait before the next look.
         """
+        if wait > 0 and self._waiting_for_slot:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._slot_freed.wait()
+            wait = 0.0
         most = min(self.queue_read_limit, self.max_jobs - self.job_counter)
         if self.burst and self.max_burst_jobs >= 0:
             most = min(most, self.max_burst_jobs - self._jobs_started())
-        next_due_ms: int | None = None
+        due_in_ms: int | None = None
         if self.allow_pick_jobs and most > 0:
-            now_ms = timestamp_ms()
-            taken = await self._taker().take(most, now_ms=now_ms, lease_ms=self._lease_ms())
+            taken = await self._taker().take(most, lease_ms=self._lease_ms(), wait=wait)
             for job_id, score in taken.jobs:
                 await self._start(job_id, score)
-            next_due_ms = taken.next_due_ms
+            due_in_ms = taken.due_in_ms
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
         for job_id, task in list(self.tasks.items()):
@@ -196,24 +202,15 @@ class ReplayWorker(Worker):
                 del self.tasks[job_id]
                 task.result()  # an error of run_job itself ends the worker, as under arq
         await self.heart_beat()
-        if self.burst:
-            # Burst mode ends once the queue is empty (arq's loop checks): a job ending
-            # may be the last, so it wakes the loop; else a short poll, as under arq.
-            return self._burst_poll
-        sleep = IDLE_LOOK_EVERY
-        if next_due_ms is not None:
-            sleep = min(sleep, max(0.0, (next_due_ms - timestamp_ms()) / 1000))
-        return sleep
-
-    async def _sleep_until_work(self, most: float) -> None:
-        """Sleep until there may be work: a slot freed if none is free, else a wake token."""
-        if self.burst or self.job_counter >= self.max_jobs:
-            self._slot_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(most):
-                    await self._slot_freed.wait()
-        else:
-            await self._taker().wait(most)
+        # Burst mode ends once the queue is empty (arq's loop checks after each look): a
+        # job ending may be the last, so it wakes the loop; else a short poll, as arq's.
+        self._waiting_for_slot = self.burst or self.job_counter >= self.max_jobs
+        if self._waiting_for_slot:
+            self._slot_freed.clear()  # set again by the next job to end
+            return self._burst_poll if self.burst else IDLE_LOOK_EVERY
+        if due_in_ms is None:
+            return IDLE_LOOK_EVERY
+        return min(IDLE_LOOK_EVERY, due_in_ms / 1000)
 
     async def _start(self, job_id: str, score: int) -> None:
         """Run a job this worker has taken, in a slot of its own."""

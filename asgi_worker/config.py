@@ -102,7 +102,7 @@ class Config:
     poll_delay: float = 0.01
     """How often arq's own `Worker` (`arq module.WorkerSettings`) and `run_pending` poll
     the queue (arq's default is 0.5 s). `asgi-worker worker` does not poll: each enqueue
-    wakes it, and idle it looks at the queue every 2 s."""
+    wakes it, and idle it looks at the queue every 3 s."""
     max_jobs: int = 10
     """Jobs one worker process runs at once."""
     redis_timeout: float = 2.0

@@ -265,7 +265,7 @@ class ArqQueue:
         arguments: list[bytes | str | int] = [
             payload,
             self._expires_ms,
-            now_ms,
+            0,  # now: Redis's clock (see queue_scripts)
             job.job_id,
             self._max_queued,
             self._fair_slots,

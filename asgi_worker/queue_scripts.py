@@ -16,18 +16,31 @@ from __future__ import annotations
 WAKE_TOKENS = 16
 """Longest the wake list gets: about the most workers one queue is expected to wake."""
 
+# Both scripts score jobs by Redis's clock, not their callers': a job scored by a web
+# process whose clock runs ahead of the worker's would not be due for the worker yet (by
+# as little as a rounding, it cost each job a wait of a millisecond and more).
+_CLOCK = """
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
 # KEYS: job, queue, the path's fair-queueing clock, durations (path -> typical ms), the
 # queue's wake list.
-# ARGV: payload, expires ms, now ms, job id, max queued (0: no cap), worker slots
-# (0: not fair), horizon ms, path, wake tokens kept.
+# ARGV: payload, expires ms, now ms (0: Redis's clock), job id, max queued (0: no cap),
+# worker slots (0: not fair), horizon ms, path, wake tokens kept.
 # Returns how many ms from now the job is due, or false if it is not queued (queue.py).
 # The clock holds when the path's next job is due and the spacing that set it, so that
 # when the path's typical duration changes, the backlog ahead is re-timed at the new
 # spacing rather than kept at the old one.
-ENQUEUE = """
+ENQUEUE = (
+    _CLOCK
+    + """
 local max_queued = tonumber(ARGV[5])
 if max_queued > 0 and redis.call('ZCARD', KEYS[2]) >= max_queued then return false end
 local now, slots = tonumber(ARGV[3]), tonumber(ARGV[6])
+if now == 0 then now = clock_ms() end
 local due = now
 if slots > 0 then
   -- A path with no duration yet is taken to be a 1 s job, until its first commit.
@@ -48,8 +61,10 @@ if redis.call('RPUSH', KEYS[5], '1') > tonumber(ARGV[9]) then
 end
 return due - now
 """
+)
 
-# KEYS: queue. ARGV: now ms, most jobs to take, lease ms, in-progress key prefix.
+# KEYS: queue. ARGV: now ms (0: Redis's clock), most jobs to take, lease ms, in-progress
+# key prefix.
 # Takes up to that many due jobs for this worker: each gets its in-progress key (as arq's
 # own WATCH/MULTI per job sets it) and is rescored to the end of its lease, so that no
 # other worker's TAKE reads it again. Under arq's own polling every worker reads every due
@@ -58,19 +73,24 @@ return due - now
 # A job whose worker dies comes due again as its in-progress key expires, as under arq.
 # A due job in progress elsewhere (a plain arq worker on the same queue, which does not
 # rescore) is rescored to its in-progress key's end, when it may be taken again anyway.
-# Returns {id, score, id, score, ...} of the jobs taken (their scores before the lease)
-# and when the earliest job left is due (ms, or false if none), so that the worker knows
-# how long it may sleep.
-TAKE = """
+# Redis's clock (see `_CLOCK`); and the take is sent before the worker's wait for a wake
+# token (taking.py), so only Redis knows when it runs.
+# Returns {id, score, id, score, ...} of the jobs taken (their scores before the lease),
+# and in how many ms the earliest job left is due (0: now; false: no job left), so that
+# the worker knows how long it may sleep.
+TAKE = (
+    _CLOCK
+    + """
 local now, most, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if now == 0 then now = clock_ms() end
 -- The first jobs by score, one more than wanted: the one after what is due says when
 -- the next is due. (One read: an idle worker's look is two commands with the wait.)
 local first = redis.call('ZRANGE', KEYS[1], 0, most, 'WITHSCORES')
-local taken, next_due = {}, false
+local taken, due_in = {}, false
 for i = 1, #first, 2 do
   local id, score = first[i], tonumber(first[i + 1])
   if score > now or #taken == 2 * most then
-    next_due = math.max(score, now)
+    due_in = math.max(0, score - now)
     break
   end
   local in_progress = ARGV[4] .. id
@@ -83,6 +103,7 @@ for i = 1, #first, 2 do
   end
 end
 -- Every job read was due, and some were another's: more may be due past them.
-if not next_due and #first > 2 * most then next_due = now end
-return {taken, next_due}
+if not due_in and #first > 2 * most then due_in = 0 end
+return {taken, due_in}
 """
+)

@@ -209,6 +209,8 @@ def report(drains: list[dict[str, Any]], ttr: dict[str, dict[str, float]], args:
         lines.append(f"| {kind} | {row['p50_ms']:.1f} ms | {row['p99_ms']:.1f} ms |")
     for kind in KINDS:
         rows = [row for row in drains if row["kind"] == kind]
+        if not rows:
+            continue
         costs = [row["commands_per_job"] for row in rows]
         cpus = [row["redis_cpu_us_per_job"] for row in rows]
         lines.append(
@@ -234,7 +236,9 @@ async def main(args: argparse.Namespace, redis_url: str) -> str:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=3000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[1, 2, 4, 8], help="none: time-to-ready only"
+    )
     parser.add_argument("--urls", type=int, default=200, help="cold URLs for time-to-ready")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory, own_redis(Path(directory)) as url:

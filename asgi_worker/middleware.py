@@ -111,6 +111,8 @@ class WorkerMiddleware:
         if self._exposition is not None and scope["path"] == self.config.metrics_path:
             await self._exposition(scope, receive, send)
             return
+        if self._entry is None:
+            self._first_request(scope)  # binds the observer: a span is named by its route
         record = RequestRecord(scope)
         token = _RECORD.set(record)
         try:

@@ -101,15 +101,21 @@ class WorkerMiddleware:
             if marker is not None and marker.take(self.config.prefix):
                 send = marker.tee(send)  # our inner app's answer is the one stored
             elif self._observer is not None and marker is None and scope["type"] == "http":
+                if self._serves_metrics(scope):  # a scrape with credentials, or excluded
+                    await self._exposition(scope, receive, send)  # type: ignore[misc]
+                    return
                 self._observer.bypassed(scope)
             await self.app(scope, receive, send)
+
+    def _serves_metrics(self, scope: Scope) -> bool:
+        return self._exposition is not None and scope["path"] == self.config.metrics_path
 
     async def _serve_observed(
         self, observer: Observer, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """`_serve`, measured and traced; also serves the metrics at `metrics_path`."""
-        if self._exposition is not None and scope["path"] == self.config.metrics_path:
-            await self._exposition(scope, receive, send)
+        if self._serves_metrics(scope):
+            await self._exposition(scope, receive, send)  # type: ignore[misc]
             return
         if self._entry is None:
             self._first_request(scope)  # binds the observer: a span is named by its route

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,8 +118,12 @@ async def test_web_and_worker_count_by_outcome_and_route_pattern(
     assert value(web, "asgi_worker_lookup_seconds_count") == 10  # every request but the POST
     routes = {dict(labels).get("route") for (_, labels) in web} - {None}
     assert routes == {"/reports/{year}", "/api/items/{id:int}", OTHER}  # never a raw path
-    # The scrape itself is not cached, nor counted.
-    assert (await get(app, config.metrics_path)).status_code == 200
+    # The scrape itself is not cached, nor counted, with credentials too (basic auth).
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        scraped = await http.get(config.metrics_path, auth=("prometheus", "secret"))
+    assert scraped.status_code == 200
+    assert samples(scraped.text) == web
 
     jobs = samples(generate_latest(worker_metrics.registry).decode())
     by_outcome: dict[str, float] = {}
@@ -201,6 +206,14 @@ async def test_queue_depth_and_oldest_job_are_read_at_scrape_time(
     found = samples((await asyncio.to_thread(generate_latest, observer.registry)).decode())
     assert value(found, "asgi_worker_queue_depth", queue=config.queue) == 0
     assert value(found, "asgi_worker_queue_oldest_seconds", queue=config.queue) == 0
+
+    # Every metric the dashboard and the docs name is one the observer exports.
+    exported = await asyncio.to_thread(lambda: {f.name for f in observer.registry.collect()})
+    dashboard = (PROJECT / "docs" / "grafana" / "asgi-worker.json").read_text()
+    named = set(re.findall(r"asgi_worker_\w+", dashboard))
+    named |= set(re.findall(r"`(asgi_worker_\w+)`", (PROJECT / "docs" / "metrics.md").read_text()))
+    unsuffixed = {re.sub(r"_(bucket|total|count|sum)$", "", name) for name in named}
+    assert unsuffixed == exported, unsuffixed ^ exported
 
 
 async def test_a_queue_that_cannot_be_read_is_queue_up_0_not_a_failed_scrape() -> None:

@@ -39,7 +39,7 @@ logger = logging.getLogger("asgi_worker")
 # Lookups are one Redis round trip: sub-millisecond to a few ms, 2 s at most (redis_timeout).
 _LOOKUP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5)
 # Jobs run the app's slow endpoints: milliseconds to job_timeout (60 s by default).
-_JOB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_JOB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class PrometheusObserver(NoObserver):

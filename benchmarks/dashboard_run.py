@@ -5,7 +5,8 @@
 Needs Debian's `prometheus` (`apt-get install prometheus`), matplotlib and a Redis
 (`--redis-url`, default `redis://127.0.0.1:6379/0`; only keys under a fresh prefix are
 written, and deleted at the end). It starts uvicorn with two processes in
-prometheus-client's multiprocess mode (`tests/e2e_app.py`, `metrics` on), one
+prometheus-client's multiprocess mode (`tests/e2e_app.py`, `metrics` on, a 0.1 s near
+cache), one
 `asgi-worker worker --metrics-port`, and a Prometheus scraping both every 2 s (scrape
 jobs `asgi-worker-web` and `asgi-worker-worker`, the dashboard's defaults). It drives a
 mixed load (hot URLs, cold URLs and their polls, `Prefer: wait`, POSTs, and a burst of
@@ -34,18 +35,11 @@ from typing import Any
 
 import httpx
 
+from .servers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "asgi-worker.json"
 STEP = 2
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_http(url: str, seconds: float = 30) -> None:
@@ -70,7 +64,7 @@ async def load(base: str, seconds: float) -> None:
         burst_done = False
         while (elapsed := time.monotonic() - began) < seconds:
             phase = elapsed / seconds
-            rate = 40 if 0.2 < phase < 0.8 else 15  # requests per tick (0.1 s)
+            rate = 25 if 0.2 < phase < 0.8 else 10  # requests per tick (0.1 s)
             for _ in range(rate):
                 choice = random.random()
                 if choice < 0.75:
@@ -190,6 +184,7 @@ def main() -> None:
         web_env = {
             **base_env,
             "ASGI_WORKER_METRICS": "true",
+            "ASGI_WORKER_NEAR_CACHE_TTL": "0.1",
             "PROMETHEUS_MULTIPROC_DIR": str(work / "multiproc"),
         }
         (work / "prometheus.yml").write_text(

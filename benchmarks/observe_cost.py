@@ -88,10 +88,10 @@ async def measure(variant: str, requests: int, batches: int) -> float:
     timings = []
     for _ in range(batches):
         statuses.clear()
-        began = time.perf_counter_ns()
+        began = time.process_time_ns()
         for _ in range(requests):
             await app(dict(scope), receive, send)
-        timings.append((time.perf_counter_ns() - began) / requests)
+        timings.append((time.process_time_ns() - began) / requests)
         assert set(statuses) == {200}, f"not every request was a hit: {set(statuses)}"
     return statistics.median(timings)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import logging
 import math
@@ -41,13 +40,6 @@ _BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 
 # What `_serve` says it did, for an observer; cheap constants when there is none.
 _HIT, _NEAR_HIT, _STALE, _MISS = "hit", "near-hit", "stale", "miss"
-
-# The request being observed, so the lookup that enqueues (shared by coalesced requests,
-# run in the first one's task) marks that one request as the enqueuer. Set only when an
-# observer is on.
-_RECORD: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(
-    "asgi_worker_request_record", default=None
-)
 
 
 class WorkerMiddleware:
@@ -120,21 +112,22 @@ class WorkerMiddleware:
         if self._entry is None:
             self._first_request(scope)  # binds the observer: a span is named by its route
         record = RequestRecord(scope)
-        token = _RECORD.set(record)
-        try:
-            with observer.request(record):
-                outcome = await self._serve(scope, receive, send)
-                if outcome == _NEAR_HIT:
-                    record.near = True
-                    outcome = _HIT
-                elif outcome == _MISS:
-                    outcome = "miss-enqueued" if record.enqueued else "miss-queued"
-                record.outcome = outcome
-        finally:
-            _RECORD.reset(token)
+        with observer.request(record):
+            outcome = await self._serve(scope, receive, send, record)
+            if outcome == _NEAR_HIT:
+                record.near = True
+                outcome = _HIT
+            elif outcome == _MISS:
+                outcome = "miss-enqueued" if record.enqueued else "miss-queued"
+            record.outcome = outcome
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> str:
-        """Answer one cache request; returns what it did (for an observer)."""
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord | None = None
+    ) -> str:
+        """Answer one cache request; returns what it did (for an observer).
+
+        `record` (with an observer) is marked if this request's lookup enqueued the job.
+        """
         head = scope["method"] == "HEAD"
         try:
             snapshot, digest = self._key_memo.key(scope)
@@ -148,14 +141,14 @@ class WorkerMiddleware:
         applied: list[tuple[bytes, bytes]] = []
         waited = False
         try:
-            found = await self._lookup(snapshot, digest)
+            found = await self._lookup(snapshot, digest, record)
             if found is None:
                 preference = parse_prefer(_headers(scope, b"prefer"))
                 # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
                 # "respond-async, wait=N") we hold up to N seconds, then answer 202.
                 seconds = min(preference.wait or 0.0, self.config.max_wait)
                 if seconds > 0:
-                    held = await self._wait_for(snapshot, digest, seconds, receive)
+                    held = await self._wait_for(snapshot, digest, seconds, receive, record)
                     if isinstance(held, Gone):
                         return "gone"  # the client went away while waiting: nobody to answer
                     found = held
@@ -228,7 +221,12 @@ class WorkerMiddleware:
         return await queue.worker_watch.check(self.config.redis_timeout)
 
     async def _wait_for(
-        self, snapshot: RequestSnapshot, digest: str, seconds: float, receive: Receive
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        seconds: float,
+        receive: Receive,
+        record: RequestRecord | None,
     ) -> _Found | Gone | None:
         """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
         backend = self._open()
@@ -238,40 +236,53 @@ class WorkerMiddleware:
             observer.waiting(1)
         try:
             return await hold(
-                backend.waiters, digest, lambda: self._lookup(snapshot, digest), seconds, receive
+                backend.waiters,
+                digest,
+                lambda: self._lookup(snapshot, digest, record),
+                seconds,
+                receive,
             )
         finally:
             if observer is not None:
                 observer.waiting(-1)
 
-    async def _lookup(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
+    async def _lookup(
+        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+    ) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant.
 
         With `Config.coalesce`, a request arriving while a lookup of the same key is on its
         way in this process waits for that one instead of sending its own (single-flight):
-        a hot key costs one round trip per round-trip time, not one per request.
+        a hot key costs one round trip per round-trip time, not one per request. The
+        `record` of the request whose lookup is sent is the one marked as the enqueuer.
         """
         # The near cache is a dict read: no round trip to share, nothing to time out.
         near = self._open().near_cache()
         if near is not None and (cached := near.get(digest)) is not None:
             return _Found(cached, stale=False, near=True)
         if not self.config.coalesce:
-            return await self._timed_lookup(snapshot, digest)
-        return await self._inflight.run(digest, lambda: self._timed_lookup(snapshot, digest))
+            return await self._timed_lookup(snapshot, digest, record)
+        return await self._inflight.run(
+            digest, lambda: self._timed_lookup(snapshot, digest, record)
+        )
 
-    async def _timed_lookup(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
+    async def _timed_lookup(
+        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+    ) -> _Found | None:
         # One timer for the whole lookup (the web client has no per-read timeout).
         observer = self._observer
         if observer is None:
             async with asyncio.timeout(self.config.redis_timeout):
-                return await self._lookup_now(snapshot, digest)
+                return await self._lookup_now(snapshot, digest, None)
         began = time.perf_counter()
         async with asyncio.timeout(self.config.redis_timeout):
-            found = await self._lookup_now(snapshot, digest)
+            found = await self._lookup_now(snapshot, digest, record)
         observer.lookup(time.perf_counter() - began)
         return found
 
-    async def _lookup_now(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
+    async def _lookup_now(
+        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+    ) -> _Found | None:
         backend = self._open()
         near = backend.near_cache()
         token = f"{self._token_prefix}{next(self._token_counter):x}"
@@ -301,7 +312,6 @@ class WorkerMiddleware:
                 # A stale copy is better than a 503: serve it, refresh on a later request.
                 logger.error("asgi-worker: could not enqueue a refresh: %r", error)
             else:
-                record = _RECORD.get() if observer is not None else None
                 if record is not None:
                     record.enqueued = True
         if response is None:

@@ -138,6 +138,23 @@ async def test_web_and_worker_count_by_outcome_and_route_pattern(
     assert value(jobs, "asgi_worker_replay_seconds_count", route="/reports/{year}") == 4
 
 
+async def test_of_concurrent_misses_sharing_one_lookup_one_is_the_enqueuer(
+    config: Config, redis: Redis
+) -> None:
+    config = dataclasses.replace(config, metrics=True)
+    observer = PrometheusObserver()
+    app = create_app(config, observer)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        answers = await asyncio.gather(*(http.get("/reports/cold") for _ in range(20)))
+    assert {answer.status_code for answer in answers} == {202}
+    assert await redis.zcard(config.queue) == 1
+    found = samples(generate_latest(observer.registry).decode())
+    assert requests(found, "miss-enqueued", "/reports/{year}") == 1
+    assert requests(found, "miss-queued", "/reports/{year}") == 19
+    assert value(found, "asgi_worker_lookup_seconds_count") < 20  # shared lookups
+
+
 async def test_near_cache_hits_waiting_and_unavailable(config: Config, redis: Redis) -> None:
     config = dataclasses.replace(config, metrics=True, near_cache_ttl=30.0)
     observer = PrometheusObserver()

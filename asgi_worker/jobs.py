@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 from starlette.types import ASGIApp
@@ -149,36 +150,32 @@ async def run_job(
     began = time.monotonic()
     outcome = "cancelled"
     record = None if observer is None else JobRecord(snapshot, trace)
+    # The span (with tracing) covers the job; `record` is final before the span ends.
+    span = nullcontext() if observer is None or record is None else observer.job(record)
     try:
-        if observer is None or record is None:
-            outcome = await _run(
-                app, store, config, snapshot, token, claimed_at, state, hand_off, mounted
-            )
-        else:
-            with observer.job(record):
-                try:
-                    outcome = await _run(
-                        app,
-                        store,
-                        config,
-                        snapshot,
-                        token,
-                        claimed_at,
-                        state,
-                        hand_off,
-                        mounted,
-                        record,
-                        observer,
-                    )
-                finally:
-                    record.finish(outcome)  # the span's outcome, and the metrics'
-    except asyncio.CancelledError:
-        raise
-    except BaseException as error:
-        outcome = f"failed ({type(error).__name__})"
-        if record is not None:
-            record.finish(outcome)
-        raise
+        with span:
+            try:
+                outcome = await _run(
+                    app,
+                    store,
+                    config,
+                    snapshot,
+                    token,
+                    claimed_at,
+                    state,
+                    hand_off,
+                    mounted,
+                    record,
+                    observer,
+                )
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:
+                outcome = f"failed ({type(error).__name__})"
+                raise
+            finally:
+                if record is not None:
+                    record.finish(outcome)
     finally:
         log_job(snapshot, outcome, time.monotonic() - began)
         if observer is not None and record is not None and not record.deferred:

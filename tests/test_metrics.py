@@ -28,6 +28,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from asgi_worker import Config, ConfigurationError, ReplayWorker, WorkerMiddleware, worker_settings
+from asgi_worker.codec import encode_snapshot
+from asgi_worker.jobs import run_job
+from asgi_worker.keys import RequestSnapshot
 from asgi_worker.metrics import PrometheusObserver
 from asgi_worker.routes import OTHER, RouteLabels
 
@@ -241,6 +244,40 @@ async def test_a_queue_that_cannot_be_read_is_queue_up_0_not_a_failed_scrape() -
     assert value(found, "asgi_worker_queue_up", queue="q") == 0
     assert ("asgi_worker_queue_depth", (("queue", "q"),)) not in found
     await unreachable.aclose()
+
+
+class UnreachableStore:
+    """A store whose Redis is gone: the job fails in the worker, not in the app."""
+
+    async def begin(self, digest: str, token: str, path: str) -> float:
+        raise ConnectionError("Redis went away")
+
+
+async def test_a_job_that_fails_in_the_worker_itself_is_counted_failed(config: Config) -> None:
+    snapshot = RequestSnapshot(
+        scheme="http",
+        host="example.com",
+        root_path="",
+        path="/reports/1",
+        raw_path=None,
+        query_string=b"",
+        headers=(),
+    )
+    observer = PrometheusObserver()
+    app = create_app(config)
+    observer.bind(app)
+    with pytest.raises(ConnectionError):
+        await run_job(
+            app,
+            UnreachableStore(),
+            config,
+            encode_snapshot(snapshot),
+            "t",
+            observer=observer,  # type: ignore[arg-type]
+        )
+    found = samples(generate_latest(observer.registry).decode())
+    assert value(found, "asgi_worker_jobs_total", outcome="failed", route="/reports/{year}") == 1
+    assert value(found, "asgi_worker_replay_seconds_count", route="/reports/{year}") == 0
 
 
 # -- route labels are bounded ------------------------------------------------------------

@@ -28,6 +28,7 @@ from .jobs import run_job
 from .keys import RedisKeys
 from .memory import InProcessQueue, MemoryStore
 from .near import NearCache, response_cost
+from .observe import Observer
 from .queue import ArqQueue, Job, JobQueue
 from .store import RedisStore, Store
 from .waiting import Waiters
@@ -86,8 +87,17 @@ class Backend:
         return self.near
 
 
-def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) -> Backend:
-    """The backend `config` asks for. In-process jobs replay through `entry()`."""
+def open_backend(
+    config: Config,
+    *,
+    entry: EntryProvider,
+    state: StateProvider,
+    observer: Observer | None = None,
+) -> Backend:
+    """The backend `config` asks for. In-process jobs replay through `entry()`.
+
+    `observer` sees the in-process jobs (the arq worker has its own).
+    """
     waiters = Waiters(config.max_waiters)
     closers: list[Closer] = []
     store: Store
@@ -125,6 +135,8 @@ def open_backend(config: Config, *, entry: EntryProvider, state: StateProvider) 
                 job.claimed_at,
                 state=state(),
                 mounted=where.mounted,
+                observer=observer,
+                trace=job.trace,
             )
 
         queue = InProcessQueue(run, max_jobs=config.max_jobs, max_queued=config.max_queued)

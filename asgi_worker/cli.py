@@ -20,7 +20,9 @@ from .config import ENV_PREFIX, Config, ConfigurationError, display_url
 from .connections import redis_client
 from .discovery import find_config
 from .failover import RedisUnreachable
+from .instrument import observer_for
 from .invalidation import Invalidator
+from .observe import Observer, Observers
 from .stats import DEFAULT_MAX_AGE, QueueCheck, Stats, check_queue, collect_stats
 from .worker import worker_settings
 
@@ -110,8 +112,23 @@ EXIT_REDIS_UNREACHABLE = os.EX_UNAVAILABLE
 @click.option(
     "-v", "--verbose", is_flag=True, help="Debug logging (jobs are logged at INFO already)."
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port at /metrics (needs asgi-worker[metrics]).",
+)
+@click.option(
+    "--metrics-host", default="0.0.0.0", show_default=True, help="Interface for --metrics-port."
+)
 def worker(
-    app_spec: str, config_spec: str | None, burst: bool, wait_for_redis: bool, verbose: bool
+    app_spec: str,
+    config_spec: str | None,
+    burst: bool,
+    wait_for_redis: bool,
+    verbose: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
     app = import_object(app_spec)
@@ -119,12 +136,34 @@ def worker(
     log_config = default_log_config(verbose)
     log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
     logging.config.dictConfig(log_config)
-    settings = worker_settings(app, config)
+    observer = None if metrics_port is None else _serve_metrics(config, metrics_port, metrics_host)
+    settings = worker_settings(app, config, observer=observer)
     try:
         ReplayWorker(**settings, burst=burst, wait_for_redis=wait_for_redis).run()
     except RedisUnreachable:
         # Logged already, in one line; a supervisor restarts the worker (with its backoff).
         sys.exit(EXIT_REDIS_UNREACHABLE)
+
+
+def _serve_metrics(config: Config, port: int, host: str) -> Observer:
+    """The worker's observer, its metrics served on `host:port`.
+
+    Bound now: a port in use is a usage error before the worker starts, not a traceback
+    in its startup.
+    """
+    try:
+        from .metrics import PrometheusObserver
+    except ImportError:
+        raise click.UsageError(
+            "--metrics-port needs prometheus-client: pip install 'asgi-worker[metrics]'"
+        ) from None
+    metrics = PrometheusObserver()
+    try:
+        metrics.serve(port, host)
+    except ConfigurationError as error:
+        raise click.UsageError(str(error)) from None
+    tracing = observer_for(config, metrics=False)
+    return metrics if tracing is None else Observers(metrics, tracing)
 
 
 @main.command()

@@ -123,6 +123,10 @@ async def fetch(
 
     Any status other than 202 (200, 404, a stored 500, a 503 while the cache is down) is
     returned as it is. Transport errors (`httpx.TransportError`) are not retried.
+
+    Tracing: every request sends the same W3C `traceparent`, so the 202s, the job they
+    started and the final response are one trace (docs/tracing.md): the one in `headers`
+    if given, else, with the OpenTelemetry API installed, the current span's.
     """
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"timeout must be a finite number > 0, not {timeout!r}")
@@ -137,10 +141,24 @@ async def fetch(
             "asgi_worker.client needs httpx: pip install 'asgi-worker[client]'"
         ) from error
 
+    headers = _traced(headers)
     if client is not None:
         return await _poll(client, url, timeout, wait, headers, max_retry_after)
     async with httpx.AsyncClient() as own_client:
         return await _poll(own_client, url, timeout, wait, headers, max_retry_after)
+
+
+def _traced(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """`headers` with the current span's `traceparent`, taken once for every poll."""
+    if headers is not None and any(name.lower() == "traceparent" for name in headers):
+        return headers
+    try:
+        from opentelemetry.propagate import inject
+    except ImportError:  # no OpenTelemetry: nothing to carry
+        return headers
+    carrier = dict(headers or {})
+    inject(carrier)  # adds nothing outside a span
+    return carrier if "traceparent" in carrier else headers
 
 
 async def _poll(

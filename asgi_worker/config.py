@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -143,6 +144,14 @@ class Config:
     replay, e.g. `("utm_*", "fbclid", "gclid")`."""
     sort_query: bool = False
     """Key and replay query parameters in order of name (repeated names keep their order)."""
+    metrics: bool = False
+    """Prometheus metrics of the web process (`pip install 'asgi-worker[metrics]'`), served
+    by the middleware at `metrics_path`; see docs/metrics.md."""
+    metrics_path: str = "/metrics"
+    """Where the middleware serves the metrics, with `metrics` on (never cached)."""
+    tracing: bool = False
+    """OpenTelemetry spans for requests and jobs, one trace across the queue
+    (`pip install 'asgi-worker[otel]'`); see docs/tracing.md."""
 
     def __post_init__(self) -> None:
         _require(self.prefix != "", "prefix", "must not be empty")
@@ -240,6 +249,19 @@ class Config:
         )
         object.__setattr__(self, "ignore_params", tuple(p.strip() for p in self.ignore_params))
         _require(self.queue_name != "", "queue_name", "must not be empty (use None)")
+        _require(
+            self.metrics_path.startswith("/"), "metrics_path", "must be a path starting with /"
+        )
+        _require(
+            not self.metrics or _installed("prometheus_client"),
+            "metrics",
+            "needs prometheus-client: pip install 'asgi-worker[metrics]'",
+        )
+        _require(
+            not self.tracing or _installed("opentelemetry.trace"),
+            "tracing",
+            "needs the OpenTelemetry API: pip install 'asgi-worker[otel]'",
+        )
         vary = tuple(name.strip().lower() for name in self.vary)
         for name in vary:
             _require(bool(_HEADER_NAME.match(name)), "vary", f"{name!r} is not a header name")
@@ -484,6 +506,14 @@ def _duration(value: Any, name: str) -> float:
     if not math.isfinite(value):
         return math.nan
     return float(value)
+
+
+def _installed(module: str) -> bool:
+    """True if `module` can be imported (an optional extra), without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def _require(ok: bool, name: str, problem: str) -> None:

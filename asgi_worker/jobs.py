@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 from starlette.types import ASGIApp
@@ -21,6 +22,7 @@ from .codec import CorruptEntryError, StoredResponse, decode_snapshot, encode_re
 from .config import Config
 from .freshness import entity_tag, lifetime, shareable
 from .keys import Headers, RequestSnapshot
+from .observe import JobRecord, Observer
 from .replay import BodyTooLargeError, ReplayedResponse, ReplayError, replay
 from .store import Committed, Store, Write
 
@@ -57,6 +59,9 @@ class Commit:
     outcome: str
     """The replay's word for the job log: "stored", "timeout", "error", ..."""
     snapshot: RequestSnapshot
+    record: JobRecord | None = None
+    """With an observer: the job, reported once this commit's result is known."""
+    observer: Observer | None = None
 
     async def send(self, store: Store) -> Committed:
         """`Store.commit` of this result (unbounded: the caller sets the timeout)."""
@@ -64,6 +69,8 @@ class Commit:
 
     def report(self, committed: Committed) -> str:
         """Log a commit that stored nothing; return the job's word for the log."""
+        refused = committed is Committed.REFUSED
+        self._observe(committed.value, "refused" if refused else None)
         if committed is Committed.STORED:
             return self.outcome
         logger.info("asgi-worker: %s: %s, %s", _where(self.snapshot), self.outcome, committed.value)
@@ -74,6 +81,7 @@ class Commit:
 
         The next request after the lease enqueues a new job.
         """
+        self._observe("failed", "commit-failed")
         logger.error(
             "asgi-worker: %s: %s, but the commit failed (%s: %s)",
             _where(self.snapshot),
@@ -81,6 +89,17 @@ class Commit:
             type(error).__name__,
             error,
         )
+
+    def _observe(self, result: str, outcome: str | None) -> None:
+        record, observer = self.record, self.observer
+        if record is None or observer is None:
+            return
+        observer.committed(result)
+        if outcome is not None:
+            record.outcome = outcome
+        if record.deferred:  # run_job has returned: the job ends here
+            record.finish()
+            observer.job_ended(record)
 
 
 HandOff = Callable[[Commit], bool]
@@ -98,6 +117,8 @@ async def run_job(
     state: Mapping[str, Any] | None = None,
     hand_off: HandOff | None = None,
     mounted: bool = False,
+    observer: Observer | None = None,
+    trace: str | None = None,
 ) -> str:
     """Replay one request and store the result; returns a word for the job log.
 
@@ -113,26 +134,52 @@ async def run_job(
     sub-app below the `Mount` that leads to the middleware (see `replay.build_scope`).
 
     Each job that has a readable snapshot logs one line as it ends (`log_job`).
+
+    `observer` sees the job (`trace`: the enqueuing request's `traceparent`, if any).
     """
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
     except CorruptEntryError as error:
         # Without a snapshot there is no key to release; the claim lease runs out.
         logger.error("asgi-worker: dropping a job with an unreadable snapshot: %s", error)
+        if observer is not None:
+            corrupt = JobRecord(None, trace, outcome="corrupt-job")
+            corrupt.finish()
+            observer.job_ended(corrupt)
         return "corrupt-job"
     began = time.monotonic()
     outcome = "cancelled"
+    record = None if observer is None else JobRecord(snapshot, trace)
+    # The span (with tracing) covers the job; `record` is final before the span ends.
+    span = nullcontext() if observer is None or record is None else observer.job(record)
     try:
-        outcome = await _run(
-            app, store, config, snapshot, token, claimed_at, state, hand_off, mounted
-        )
-    except asyncio.CancelledError:
-        raise
-    except BaseException as error:
-        outcome = f"failed ({type(error).__name__})"
-        raise
+        with span:
+            try:
+                outcome = await _run(
+                    app,
+                    store,
+                    config,
+                    snapshot,
+                    token,
+                    claimed_at,
+                    state,
+                    hand_off,
+                    mounted,
+                    record,
+                    observer,
+                )
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:
+                outcome = f"failed ({type(error).__name__})"
+                raise
+            finally:
+                if record is not None:
+                    record.finish(outcome)
     finally:
         log_job(snapshot, outcome, time.monotonic() - began)
+        if observer is not None and record is not None and not record.deferred:
+            observer.job_ended(record)
     return outcome
 
 
@@ -185,6 +232,8 @@ async def _run(
     state: Mapping[str, Any] | None,
     hand_off: HandOff | None,
     mounted: bool,
+    record: JobRecord | None = None,
+    observer: Observer | None = None,
 ) -> str:
     digest = snapshot.digest
     started = claimed_at
@@ -197,12 +246,21 @@ async def _run(
         if started is None:
             return "superseded"  # its lease ran out and a newer job holds the claim
     began = time.monotonic()
-    replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
+    if observer is None or record is None:
+        replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
+    else:
+        with observer.replay(record):
+            replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
+        record.replay_seconds = time.monotonic() - began
+        passed = outcome == "stored" and _private(replayed, snapshot, config)
+        record.outcome = "pass" if passed else outcome
     write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
     if outcome == "stored" and (config.adaptive_retry_after or config.fair_queueing):
         write = dataclasses.replace(write, duration=time.monotonic() - began)
-    commit = Commit(digest, token, started, write, outcome, snapshot)
+    commit = Commit(digest, token, started, write, outcome, snapshot, record, observer)
     if hand_off is not None and hand_off(commit):
+        if record is not None:
+            record.deferred = True
         return outcome  # the worker commits it as it marks the job done
     async with asyncio.timeout(config.redis_timeout):
         committed = await commit.send(store)
@@ -225,8 +283,7 @@ def to_write(
             retry_after=config.error_ttl,
         )
     life = lifetime(replayed.status, replayed.headers, snapshot.path, config)
-    if not life.shared or (replayed.leaving is not None and not shareable(replayed.leaving)):
-        # Private as the app answered, or as a layer outside the middleware sent it on.
+    if _private(replayed, snapshot, config, life.shared):
         marker = StoredResponse(0, (), b"", time.time(), hit_for_pass=True)
         return Write(
             encode_response(marker),
@@ -259,6 +316,22 @@ def to_write(
         failed=replayed.status >= 500,
         retry_after=config.error_ttl,
     )
+
+
+def _private(
+    replayed: ReplayedResponse,
+    snapshot: RequestSnapshot,
+    config: Config,
+    shared: bool | None = None,
+) -> bool:
+    """Private as the app answered, or as a layer outside the middleware sent it on.
+
+    Such an answer is stored as a hit-for-pass marker. `shared`: what the answer's
+    lifetime says, if known already.
+    """
+    if shared is None:
+        shared = lifetime(replayed.status, replayed.headers, snapshot.path, config).shared
+    return not shared or (replayed.leaving is not None and not shareable(replayed.leaving))
 
 
 def _where(snapshot: RequestSnapshot) -> str:

@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,12 @@ from .apptree import walk
 from .backend import Backend, Entry, open_backend
 from .codec import CorruptEntryError, StoredResponse, decode_response, encode_snapshot
 from .config import Config
+from .instrument import observer_for
 from .keymemo import KeyMemo
 from .keys import HostNotAllowedError, InvalidHostError, RedisKeys, RequestSnapshot
 from .memory import InProcessQueue
 from .normalize import KeyRules
+from .observe import Observer, RequestRecord
 from .policy import Policy
 from .queue import ArqQueue, Job, QueueFull
 from .replay import replay_marker
@@ -35,6 +38,9 @@ logger = logging.getLogger("asgi_worker")
 # Errors that mean "the backend cannot answer now", as opposed to bugs.
 _BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 
+# What `_serve` says it did, for an observer; cheap constants when there is none.
+_HIT, _NEAR_HIT, _STALE, _MISS = "hit", "near-hit", "stale", "miss"
+
 
 class WorkerMiddleware:
     """Pure ASGI middleware: GET and HEAD are answered only from the cache.
@@ -46,9 +52,16 @@ class WorkerMiddleware:
     wrapped app, whose answer this middleware hands to the replay as the one to store.
     """
 
-    def __init__(self, app: ASGIApp, *, config: Config) -> None:
+    def __init__(self, app: ASGIApp, *, config: Config, observer: Observer | None = None) -> None:
+        """Wrap `app`; `observer` measures or traces requests.
+
+        By default the observer is what `config` asks for (`instrument.observer_for`); with
+        none, the request paths are exactly those of a build without observers.
+        """
         self.app = app
         self.config = config
+        self._observer = observer if observer is not None else observer_for(config)
+        self._exposition = None if self._observer is None else self._observer.exposition()
         self._policy = Policy(config)
         self._keys = RedisKeys(config.prefix)
         self._guard = config.credential_guard()
@@ -71,14 +84,50 @@ class WorkerMiddleware:
             self._lifespan_state = scope.get("state")
             await self.app(scope, self._closing_at_shutdown(receive), send)
         elif self._policy.handles(scope):
-            await self._serve(scope, receive, send)
+            if self._observer is None:
+                await self._serve(scope, receive, send)
+            else:
+                await self._serve_observed(self._observer, scope, receive, send)
         else:
             marker = replay_marker(scope) if scope["type"] == "http" else None
             if marker is not None and marker.take(self.config.prefix):
                 send = marker.tee(send)  # our inner app's answer is the one stored
+            elif self._observer is not None and marker is None and scope["type"] == "http":
+                if self._serves_metrics(scope):  # a scrape with credentials, or excluded
+                    await self._exposition(scope, receive, send)  # type: ignore[misc]
+                    return
+                self._observer.bypassed(scope)
             await self.app(scope, receive, send)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _serves_metrics(self, scope: Scope) -> bool:
+        return self._exposition is not None and scope["path"] == self.config.metrics_path
+
+    async def _serve_observed(
+        self, observer: Observer, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """`_serve`, measured and traced; also serves the metrics at `metrics_path`."""
+        if self._serves_metrics(scope):
+            await self._exposition(scope, receive, send)  # type: ignore[misc]
+            return
+        if self._entry is None:
+            self._first_request(scope)  # binds the observer: a span is named by its route
+        record = RequestRecord(scope)
+        with observer.request(record):
+            outcome = await self._serve(scope, receive, send, record)
+            if outcome == _NEAR_HIT:
+                record.near = True
+                outcome = _HIT
+            elif outcome == _MISS:
+                outcome = "miss-enqueued" if record.enqueued else "miss-queued"
+            record.outcome = outcome
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord | None = None
+    ) -> str:
+        """Answer one cache request; returns what it did (for an observer).
+
+        `record` (with an observer) is marked if this request's lookup enqueued the job.
+        """
         head = scope["method"] == "HEAD"
         try:
             snapshot, digest = self._key_memo.key(scope)
@@ -86,23 +135,25 @@ class WorkerMiddleware:
             logger.info("asgi-worker: 400 for %s", error)
             reason = b"host not served" if isinstance(error, HostNotAllowedError) else b"bad Host"
             await send_bad_request(send, head=head, reason=reason)
-            return
+            return "bad-request"
         if self._entry is None:
             self._first_request(scope)
         applied: list[tuple[bytes, bytes]] = []
+        waited = False
         try:
-            found = await self._lookup(snapshot, digest)
+            found = await self._lookup(snapshot, digest, record)
             if found is None:
                 preference = parse_prefer(_headers(scope, b"prefer"))
                 # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
                 # "respond-async, wait=N") we hold up to N seconds, then answer 202.
                 seconds = min(preference.wait or 0.0, self.config.max_wait)
                 if seconds > 0:
-                    waited = await self._wait_for(snapshot, digest, seconds, receive)
-                    if isinstance(waited, Gone):
-                        return  # the client went away while waiting: nobody to answer
-                    found = waited
+                    held = await self._wait_for(snapshot, digest, seconds, receive, record)
+                    if isinstance(held, Gone):
+                        return "gone"  # the client went away while waiting: nobody to answer
+                    found = held
                     if found is not None:
+                        waited = True
                         # The hold we granted: the client's wait, or less if capped.
                         applied.append((b"preference-applied", b"wait=%d" % math.ceil(seconds)))
                 if found is None and preference.respond_async:
@@ -112,14 +163,14 @@ class WorkerMiddleware:
             logger.warning("asgi-worker: 503, %s", error)
             retry_after = self.config.retry_after
             await send_unavailable(send, retry_after=retry_after, head=head, queue_full=True)
-            return
+            return "queue-full"
         except _BACKEND_ERRORS as error:
             logger.error("asgi-worker: cache backend unavailable: %r", error)
             if self.config.fail_open:
                 await self.app(scope, receive, send)
             else:
                 await send_unavailable(send, retry_after=self.config.retry_after, head=head)
-            return
+            return "unavailable"
         if found is None:
             await send_accepted(
                 send,
@@ -127,18 +178,22 @@ class WorkerMiddleware:
                 extra=applied,
                 no_worker=await self._no_worker(),
             )
-        elif found.response.hit_for_pass:
+            return _MISS
+        if found.response.hit_for_pass:
             await self.app(scope, receive, send)  # the app said private: never share it
-        else:
-            if_none_match = _headers(scope, b"if-none-match")
-            await send_stored(
-                found.response,
-                send,
-                head=head,
-                stale=found.stale,
-                if_none_match=b", ".join(if_none_match) if if_none_match else None,
-                extra=applied,
-            )
+            return "pass"
+        if_none_match = _headers(scope, b"if-none-match")
+        await send_stored(
+            found.response,
+            send,
+            head=head,
+            stale=found.stale,
+            if_none_match=b", ".join(if_none_match) if if_none_match else None,
+            extra=applied,
+        )
+        if waited:
+            return "waited"
+        return _STALE if found.stale else _NEAR_HIT if found.near else _HIT
 
     async def _retry_after(self, snapshot: RequestSnapshot) -> int:
         """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive."""
@@ -166,36 +221,68 @@ class WorkerMiddleware:
         return await queue.worker_watch.check(self.config.redis_timeout)
 
     async def _wait_for(
-        self, snapshot: RequestSnapshot, digest: str, seconds: float, receive: Receive
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        seconds: float,
+        receive: Receive,
+        record: RequestRecord | None,
     ) -> _Found | Gone | None:
         """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
         backend = self._open()
         await backend.listen(min(seconds, self.config.redis_timeout))
-        return await hold(
-            backend.waiters, digest, lambda: self._lookup(snapshot, digest), seconds, receive
-        )
+        observer = self._observer
+        if observer is not None:
+            observer.waiting(1)
+        try:
+            return await hold(
+                backend.waiters,
+                digest,
+                lambda: self._lookup(snapshot, digest, record),
+                seconds,
+                receive,
+            )
+        finally:
+            if observer is not None:
+                observer.waiting(-1)
 
-    async def _lookup(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
+    async def _lookup(
+        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+    ) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant.
 
         With `Config.coalesce`, a request arriving while a lookup of the same key is on its
         way in this process waits for that one instead of sending its own (single-flight):
-        a hot key costs one round trip per round-trip time, not one per request.
+        a hot key costs one round trip per round-trip time, not one per request. The
+        `record` of the request whose lookup is sent is the one marked as the enqueuer.
         """
         # The near cache is a dict read: no round trip to share, nothing to time out.
         near = self._open().near_cache()
         if near is not None and (cached := near.get(digest)) is not None:
-            return _Found(cached, stale=False)
+            return _Found(cached, stale=False, near=True)
         if not self.config.coalesce:
-            return await self._timed_lookup(snapshot, digest)
-        return await self._inflight.run(digest, lambda: self._timed_lookup(snapshot, digest))
+            return await self._timed_lookup(snapshot, digest, record)
+        return await self._inflight.run(
+            digest, lambda: self._timed_lookup(snapshot, digest, record)
+        )
 
-    async def _timed_lookup(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
+    async def _timed_lookup(
+        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+    ) -> _Found | None:
         # One timer for the whole lookup (the web client has no per-read timeout).
+        observer = self._observer
+        if observer is None:
+            async with asyncio.timeout(self.config.redis_timeout):
+                return await self._lookup_now(snapshot, digest, None)
+        began = time.perf_counter()
         async with asyncio.timeout(self.config.redis_timeout):
-            return await self._lookup_now(snapshot, digest)
+            found = await self._lookup_now(snapshot, digest, record)
+        observer.lookup(time.perf_counter() - began)
+        return found
 
-    async def _lookup_now(self, snapshot: RequestSnapshot, digest: str) -> _Found | None:
+    async def _lookup_now(
+        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+    ) -> _Found | None:
         backend = self._open()
         near = backend.near_cache()
         token = f"{self._token_prefix}{next(self._token_counter):x}"
@@ -212,7 +299,9 @@ class WorkerMiddleware:
         if found.claimed_at is not None:
             payload = encode_snapshot(snapshot, self._guard)
             job_id = self._keys.job_id(digest, token)
-            job = Job(job_id, payload, token, found.claimed_at, snapshot.path)
+            observer = self._observer
+            trace = None if observer is None else observer.carry()
+            job = Job(job_id, payload, token, found.claimed_at, snapshot.path, trace)
             try:
                 await backend.queue.enqueue(job)
             except BaseException as error:
@@ -222,6 +311,9 @@ class WorkerMiddleware:
                     raise
                 # A stale copy is better than a 503: serve it, refresh on a later request.
                 logger.error("asgi-worker: could not enqueue a refresh: %r", error)
+            else:
+                if record is not None:
+                    record.enqueued = True
         if response is None:
             return None
         if near is not None and not found.stale:
@@ -257,6 +349,7 @@ class WorkerMiddleware:
                 self.config,
                 entry=lambda: self._entry or Entry(self),
                 state=lambda: self._lifespan_state,
+                observer=self._observer,
             )
         return self._backend
 
@@ -278,6 +371,8 @@ class WorkerMiddleware:
         Middlewares of one app with equal configs share one backend, as they share Redis.
         """
         self._entry = self._entry_for(scope)
+        if self._observer is not None:
+            self._observer.bind(self._entry.app)
         app = scope.get("app")
         if self._backend is not None or app is None:
             return
@@ -323,6 +418,7 @@ class WorkerMiddleware:
 class _Found:
     response: StoredResponse
     stale: bool
+    near: bool = False
 
 
 def _headers(scope: Scope, name: bytes) -> list[bytes]:

@@ -61,6 +61,8 @@ class Job:
     """`Lookup.claimed_at` of the claim: the job's start time (see `jobs.run_job`)."""
     path: str = ""
     """The request's path: jobs of one path share a fair-queueing clock."""
+    trace: str | None = None
+    """The W3C `traceparent` of the enqueuing request's span, with tracing on."""
 
 
 class QueueFull(Exception):
@@ -245,9 +247,12 @@ class ArqQueue:
     async def enqueue(self, job: Job) -> None:
         """See `JobQueue.enqueue`."""
         now_ms = round(time.time() * 1000)
+        arguments_of_job: tuple[object, ...] = (job.snapshot, job.token, job.claimed_at)
+        if job.trace is not None:  # only then: without tracing the job is as it always was
+            arguments_of_job += (job.trace,)
         payload = serialize_job(
             JOB_FUNCTION,
-            (job.snapshot, job.token, job.claimed_at),
+            arguments_of_job,
             {},
             None,
             now_ms,

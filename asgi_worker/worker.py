@@ -25,7 +25,9 @@ from .config import Config, ConfigurationError, is_sentinel_url, parse_sentinel_
 from .connections import redis_client
 from .discovery import config_mismatch, find_config
 from .failover import FailoverWatch
+from .instrument import observer_for
 from .jobs import HandOff, run_job
+from .observe import Observer
 from .queue import JOB_FUNCTION, deserialize, serialize
 from .store import RedisStore
 
@@ -52,7 +54,9 @@ class _Runtime:
     store_client: ArqRedis
 
 
-def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any]:
+def worker_settings(
+    app: ASGIApp, config: Config | None = None, *, observer: Observer | None = None
+) -> dict[str, Any]:
     """Settings for an arq worker that replays requests through `app`.
 
     `config` defaults to the one of the `WorkerMiddleware` inside `app` (found through
@@ -72,6 +76,10 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
     and `redis+sentinel://` support; on Sentinel the worker's startup also starts the
     `FailoverWatch` over it and the store. `ReplayWorker` waits out Redis outages; arq's
     own `Worker` ends on one that outlasts a command's retries.
+
+    `observer` sees every job (`asgi-worker worker --metrics-port` passes a Prometheus
+    one); by default, spans if `config.tracing` is on, and no metrics: a worker's
+    metrics need a port of their own to be scraped from.
     """
     if config is None:
         config = find_config(app)
@@ -82,10 +90,16 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
             "Config.redis_url is memory://: jobs run inside the web process, "
             "there is nothing for an arq worker to do"
         )
+    if observer is None:
+        observer = observer_for(config, metrics=False)
 
     async def startup(ctx: dict[Any, Any]) -> None:
         runtime = ctx[_CONTEXT_KEY] = await _start(app, config)
         _watch_failovers(runtime, ctx.get("redis"), config)
+        if observer is not None:
+            observer.bind(app)
+            if ctx.get("redis") is not None:
+                observer.watch_queue(ctx["redis"], config.queue, config.redis_timeout)
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # The worker was told to stop while the app's lifespan started, and the
@@ -100,9 +114,14 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
             await runtime.exit_stack.aclose()
 
     async def replay_job(
-        ctx: dict[Any, Any], snapshot: bytes, token: str, claimed_at: float | None = None
+        ctx: dict[Any, Any],
+        snapshot: bytes,
+        token: str,
+        claimed_at: float | None = None,
+        trace: str | None = None,
     ) -> str:
         # A job enqueued by an earlier version has no claim time: run_job renews the claim.
+        # `trace` is there only if the enqueuing request was traced.
         runtime: _Runtime = ctx[_CONTEXT_KEY]
         return await run_job(
             app,
@@ -113,6 +132,8 @@ def worker_settings(app: ASGIApp, config: Config | None = None) -> dict[str, Any
             claimed_at,
             state=runtime.state,
             hand_off=runtime.hand_off,
+            observer=observer,
+            trace=trace,
         )
 
     return {

@@ -148,7 +148,11 @@ class MemoryStore:
         """See `Store.commit`."""
         now = time.monotonic()
         holder = self._holder(digest, now)
-        if holder not in (None, token):
+        if holder is None:
+            # The lease ran out: refused, as RedisStore must (its path list, store.py).
+            self._job_ended(write.path, digest)
+            return Committed.REFUSED
+        if holder != token:
             return Committed.REFUSED
         stamps = [self._path_stamps.get(write.path)]
         stamps += [self._tag_stamps.get(tag) for tag in write.tags]
@@ -178,7 +182,7 @@ class MemoryStore:
             self._on_stored(digest)
         return Committed.STORED
 
-    async def release(self, digest: str, token: str) -> None:
+    async def release(self, digest: str, token: str, path: str | None = None) -> None:
         """See `Store.release`."""
         if self._holder(digest, time.monotonic()) == token:
             self._job_ended(self._claims.pop(digest).path, digest)

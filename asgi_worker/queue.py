@@ -33,7 +33,7 @@ from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from .jobs import request_line
-from .keys import RequestSnapshot
+from .keys import RedisKeys, RequestSnapshot
 from .scripts import ENQUEUE
 
 logger = logging.getLogger("asgi_worker")
@@ -246,7 +246,8 @@ class ArqQueue:
         )
         path = job.path.encode("utf-8", "surrogatepass")
         clock = f"{self._prefix}:clock:{hashlib.sha1(path, usedforsecurity=False).hexdigest()}"
-        keys = [job_key_prefix + job.job_id, self._queue_name, clock, f"{self._prefix}:durations"]
+        durations = RedisKeys(self._prefix).durations(job.path)
+        keys = [job_key_prefix + job.job_id, self._queue_name, clock, durations]
         arguments: list[bytes | str | int] = [
             payload,
             self._expires_ms,

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from typing import Any, Protocol
 import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from . import scripts
 from .keys import TAG_LENGTH, RedisKeys
@@ -166,6 +167,29 @@ StoreClient = Redis | RedisCluster
 """A client for the cache: one Redis (plain or Sentinel) or a Redis Cluster."""
 
 
+class Script:
+    """A Lua script run by its SHA-1 (EVALSHA), and sent whole (EVAL) where it is missing.
+
+    Not redis-py's `register_script`, which on a miss loads the script on the nodes its
+    client believes are masters and tries EVALSHA once more: on a Cluster whose slot has
+    just moved, or whose replica has just been promoted, that second try can meet a node
+    without the script again. EVAL follows the key to whichever node serves it now (MOVED
+    and ASK) and leaves the script cached there.
+    """
+
+    def __init__(self, client: StoreClient, text: str) -> None:
+        self._client: Any = client  # redis-py types eval/evalsha for one client class each
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        """The script's reply for `keys` and `args`."""
+        try:
+            return await self._client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a new or restarted node, or one the slot just moved to
+            return await self._client.eval(self.text, len(keys), *keys, *args)
+
+
 class RedisStore:
     """A `Store` on one Redis or a Redis Cluster (the same scripts; see keys.py).
 
@@ -182,17 +206,15 @@ class RedisStore:
         self._stamp_ms = self._claim_ms + 60_000
         keys = self._keys
         self._path_list = [keys.paths(), keys.paths_by_expiry(), keys.path_listings()]
-        # redis-py's stubs type register_script for Redis only; RedisCluster has it too.
-        client: Any = redis
-        self._lookup: AsyncScript = client.register_script(scripts.LOOKUP)
-        self._begin: AsyncScript = client.register_script(scripts.BEGIN)
-        self._list_path: AsyncScript = client.register_script(scripts.LIST_PATH)
-        self._delist_path: AsyncScript = client.register_script(scripts.DELIST_PATH)
-        self._tag_add: AsyncScript = client.register_script(scripts.TAG_ADD)
-        self._commit: AsyncScript = client.register_script(scripts.COMMIT)
-        self._release: AsyncScript = client.register_script(scripts.RELEASE)
-        self._stamp: AsyncScript = client.register_script(scripts.STAMP)
-        self._drop: AsyncScript = client.register_script(scripts.DROP)
+        self._lookup = Script(redis, scripts.LOOKUP)
+        self._begin = Script(redis, scripts.BEGIN)
+        self._list_path = Script(redis, scripts.LIST_PATH)
+        self._delist_path = Script(redis, scripts.DELIST_PATH)
+        self._tag_add = Script(redis, scripts.TAG_ADD)
+        self._commit = Script(redis, scripts.COMMIT)
+        self._release = Script(redis, scripts.RELEASE)
+        self._stamp = Script(redis, scripts.STAMP)
+        self._drop = Script(redis, scripts.DROP)
 
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`. A claim also lists the path, one more round trip."""

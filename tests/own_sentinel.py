@@ -24,6 +24,7 @@ from typing import IO, Any
 import pytest
 import redis
 
+from .own_redis import server_binary
 from .processes import free_port
 
 MASTER_NAME = "mymaster"
@@ -32,8 +33,8 @@ HOST = "127.0.0.1"
 
 
 def _binary() -> str:
-    found = shutil.which("redis-server")
-    assert found is not None, "redis-server is not installed"
+    found = shutil.which(server_binary())
+    assert found is not None, f"{server_binary()} is not installed"
     return found
 
 

@@ -44,6 +44,8 @@ from starlette.routing import Route
 from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.testing import run_pending
 
+from .worker_bench import _asgi_get as asgi_get  # one GET, in process
+
 QUERIES = 5
 CALLERS = 64
 BODY = "x" * 1024
@@ -116,32 +118,7 @@ def url_mix(paths: int) -> list[str]:
 
 async def call(app: Starlette, url: str) -> int:
     path, _, query = url.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 1),
-        "server": ("bench", 80),
-    }
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = int(message["status"])
-
-    await app(scope, receive, send)
-    return status
+    return await asgi_get(app, path, query)
 
 
 async def fill(app: Starlette, urls: list[str]) -> None:

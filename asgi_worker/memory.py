@@ -144,6 +144,9 @@ class MemoryStore:
         self._claim(digest, token, path, now)
         return now
 
+    async def list_path(self, path: str) -> None:
+        """See `Store.list_path`: nothing to do, a claim here lists its path itself."""
+
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """See `Store.commit`."""
         now = time.monotonic()
@@ -182,7 +185,7 @@ class MemoryStore:
             self._on_stored(digest)
         return Committed.STORED
 
-    async def release(self, digest: str, token: str, path: str | None = None) -> None:
+    async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
         if self._holder(digest, time.monotonic()) == token:
             self._job_ended(self._claims.pop(digest).path, digest)

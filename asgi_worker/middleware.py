@@ -217,7 +217,7 @@ class WorkerMiddleware:
                 await backend.queue.enqueue(job)
             except BaseException as error:
                 # Let the next request claim again rather than wait for the lease.
-                await _quietly(backend.store.release(digest, token, snapshot.path))
+                await _quietly(backend.store.release(digest, token))
                 if response is None or not isinstance(error, (*_BACKEND_ERRORS, QueueFull)):
                     raise
                 # A stale copy is better than a 503: serve it, refresh on a later request.

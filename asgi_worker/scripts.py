@@ -14,8 +14,8 @@ page's keys), so no index size ever holds Redis for long.
 What spans slots is done in separate single-slot steps, ordered so that the races the
 one-script version closed stay closed (store.py walks through each):
 
-- the path list (`LIST_PATH`, `DELIST_PATH`) is written after the claim and before the
-  job is enqueued, so a job's app never runs before its path is listed;
+- the path list (`LIST_PATH`, `DELIST_PATH`) is written by each job after its claim and
+  before its app runs, so no app runs before its path is listed;
 - a job's tags are indexed (`TAG_ADD`, refusing a job that a tag invalidation
   overtook) before its commit stores the entry, and a tag invalidation stamps each entry
   it reaches (`DROP`), so a commit still on its way is refused.

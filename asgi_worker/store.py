@@ -11,8 +11,8 @@ Every entry stored before the stamp is expired; an entry a job stores meanwhile 
 (the job began after the stamp, or its commit would be refused) and may or may not be.
 
 Invalidation races are settled with times, not locks. The claim that starts a job is
-taken at a time on the store's clock (`Lookup.claimed_at`), and registers the job's path
-for prefix invalidation in the same step; every invalidation stamps the paths and tags it
+taken at a time on the store's clock (`Lookup.claimed_at`), and the job lists its path
+for prefix invalidation before its app runs; every invalidation stamps the paths and tags it
 touches; and `commit` refuses a result whose claim was taken no later than an invalidation
 of its path or of one of its tags. The app runs only after its job was claimed, so a job
 never stores what it computed before an invalidation. A job that waited in the queue for
@@ -22,13 +22,13 @@ Every script touches one Redis Cluster slot (keys.py), so the same code runs on 
 Redis and on a Cluster. What spans slots is a series of single-slot steps, ordered so that
 the guarantees above still hold:
 
-- The path list (prefix and glob invalidation). A claim is listed (`LIST_PATH`) after the
-  claim and before `lookup` returns, so before the job is enqueued: the app never runs
-  before its path is listed. An invalidation that reads the list before that began before
-  the app ran, so the app sees the new data. A path is delisted (`DELIST_PATH`) only if
-  its index held nothing live when read and no claim was listed since; a commit stores
-  only under a live claim, whose member keeps the index live, so no stored entry's path
-  is ever missing from the list.
+- The path list (prefix and glob invalidation). A job lists its path (`list_path`)
+  after its claim and before its app runs. An invalidation that reads the list before
+  that began before the app ran, so the app sees the new data; one that reads it after
+  stamps the path, later than the claim, and refuses the job. A path is delisted
+  (`DELIST_PATH`) only if its index held nothing live when read and no claim was listed
+  since; a commit stores only under a live claim, whose member keeps the index live, so
+  no stored entry's path is ever missing from the list.
 - Tags. A job's tags are indexed (`TAG_ADD`) before its commit stores the entry; a tag
   invalidated since the job began refuses it there. A tag invalidation stamps the tag
   first, then stamps each entry it reaches in the tag's index (`DROP`): a commit that
@@ -108,8 +108,8 @@ class Store(Protocol):
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """Return the entry; claim the key for `token` if it is missing or stale and free.
 
-        A claim also registers `path` (the request's), so that a prefix or glob
-        invalidation while its job runs finds the path and refuses the job's commit.
+        `path` is the request's: its claim counts in the path's index while the job runs
+        (the job lists the path itself, `list_path`).
         """
         ...
 
@@ -124,6 +124,14 @@ class Store(Protocol):
         """
         ...
 
+    async def list_path(self, path: str) -> None:
+        """Make `path` findable by prefix and glob invalidation.
+
+        A job calls it before its app runs, so an invalidation that misses the path
+        began before the app ran.
+        """
+        ...
+
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """Store the job's result (see `Write`, `Committed`) and release the claim.
 
@@ -131,11 +139,8 @@ class Store(Protocol):
         """
         ...
 
-    async def release(self, digest: str, token: str, path: str | None = None) -> None:
-        """Give up the claim `token` holds (e.g. the job could not be enqueued).
-
-        `path`, the request's, lets the path list forget the path sooner.
-        """
+    async def release(self, digest: str, token: str) -> None:
+        """Give up the claim `token` holds (e.g. the job could not be enqueued)."""
         ...
 
     async def discard(self, digest: str) -> None:
@@ -217,7 +222,7 @@ class RedisStore:
         self._drop = Script(redis, scripts.DROP)
 
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
-        """See `Store.lookup`. A claim also lists the path, one more round trip."""
+        """See `Store.lookup`."""
         keys = self._keys
         entry, stale, claimed_at = await self._lookup(
             keys=[
@@ -230,16 +235,10 @@ class RedisStore:
         )
         if claimed_at == 0:
             return Lookup(entry, stale == 1)
-        try:
-            await self._list(path)
-        except Exception:
-            # Unlisted, the job must not run: let the next request claim again.
-            await self.release(digest, token, path)
-            raise
         return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
 
-    async def _list(self, path: str) -> None:
-        """List `path` for prefix queries; a new path delists a few dead ones."""
+    async def list_path(self, path: str) -> None:
+        """See `Store.list_path`. A new path also delists a few dead ones."""
         due = await self._list_path(keys=self._path_list, args=[_text(path), self._claim_ms])
         await asyncio.gather(
             *(self._delist_if_dead(due[i], due[i + 1]) for i in range(0, len(due), 2))
@@ -291,7 +290,7 @@ class RedisStore:
         if committed is Committed.STORED:
             # The path was listed until the end of the claim's lease; look again when the
             # entry ends, so that the list stays near the live paths.
-            await self._due_at(write.path, round(time.time() * 1000) + _milliseconds(write.keep))
+            await self._due_at(write.path, _expiry_ms(write))
         return committed
 
     def commit_command(
@@ -300,13 +299,21 @@ class RedisStore:
         """`commit` as one EVALSHA command, to send in a caller's own transaction.
 
         Only for a `write` without tags (those are indexed in steps of their own first:
-        use `commit`). `commit_outcome` reads its reply. It assumes the script is loaded:
-        if Redis answers `NoScriptError` instead (a first commit, or Redis restarted),
-        call `commit`, which loads it.
+        use `commit`); send `due_command` with it. `commit_outcome` reads its reply. It
+        assumes the script is loaded: if Redis answers `NoScriptError` instead (a first
+        commit, or Redis restarted), call `commit`, which loads it.
         """
         assert not write.tags, "a tagged commit takes steps of its own: use commit()"
         keys, args = self._commit_arguments(digest, token, started, write, False)
         return ("EVALSHA", self._commit.sha, len(keys), *keys, *args)
+
+    def due_command(self, write: Write) -> tuple[bytes | str | int, ...]:
+        """What `commit` does after storing, as a command for the same transaction.
+
+        Only a hint to the path list (when to look at the path again), so it may go
+        with a commit that is refused.
+        """
+        return ("ZADD", self._keys.paths_by_expiry(), "XX", _expiry_ms(write), _text(write.path))
 
     def _commit_arguments(
         self, digest: str, token: str, started: float, write: Write, tag_refused: bool
@@ -325,11 +332,9 @@ class RedisStore:
             [write.entry, _commit_meta(keys, digest, token, started, write, tag_refused)],
         )
 
-    async def release(self, digest: str, token: str, path: str | None = None) -> None:
+    async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
-        released = await self._release(keys=[self._keys.claim(digest)], args=[token])
-        if released and path is not None:
-            await self._due_at(path, 0)  # no job: the path may leave the list at once
+        await self._release(keys=[self._keys.claim(digest)], args=[token])
 
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""
@@ -478,6 +483,11 @@ def _commit_meta(
 
 def _text(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
+
+
+def _expiry_ms(write: Write) -> int:
+    """When the entry `write` stores ends (ms, this process's clock; a hint is enough)."""
+    return round(time.time() * 1000) + _milliseconds(write.keep)
 
 
 def _milliseconds(seconds: float) -> int:

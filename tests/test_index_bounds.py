@@ -84,6 +84,7 @@ async def store(request: pytest.FixtureRequest, redis: Redis, prefix: str) -> As
 async def store_one(store: Store, n: int, path: str, **changes: Any) -> None:
     claimed = await store.lookup(digest(n), "t", path)
     assert claimed.claimed_at is not None
+    await store.list_path(path)  # as the job does before its app runs
     stored = await store.commit(digest(n), "t", claimed.claimed_at, write(path, **changes))
     assert stored is Committed.STORED
 
@@ -178,6 +179,7 @@ async def test_a_path_whose_job_runs_stays_listed_through_churn(
     # invalidation finds it and refuses the job's result.
     claimed = await store.lookup(digest(10**6), "slow", "/slow/report")
     assert claimed.claimed_at is not None
+    await store.list_path("/slow/report")
 
     async def one(n: int) -> None:
         await store_one(store, n, f"/item/{n}")
@@ -200,6 +202,7 @@ async def test_a_claim_is_listed_until_its_job_ends_and_given_up_claims_do_not_p
     assert await redis.zcard(index) == 1  # the claims of one request share a member
     started = (await store.lookup(DIGEST, "job", "/claimed")).claimed_at
     assert started is not None
+    await store.list_path("/claimed")
     lease_end = await redis.zscore(keys.paths_by_expiry(), "/claimed")
     assert lease_end is not None
     stored = await store.commit(DIGEST, "job", started, write("/claimed", b"q=1"))
@@ -337,14 +340,17 @@ async def test_a_query_invalidation_of_a_large_index_pages_and_counts_each_entry
 
 async def test_a_prefix_invalidation_pages_through_many_paths(redis: Redis, prefix: str) -> None:
     store = RedisStore(redis, prefix=prefix, claim_ttl=LONG_LEASE)
-    for n in range(1_200):  # each path listed, as its claim would
+    for n in range(1_200):  # each path claimed and listed, as its job would
         await store.lookup(digest(n), "t", f"/many/{n}")
+        await store.list_path(f"/many/{n}")
+    await store.lookup(digest(5_000), "t", "/other")
+    await store.list_path("/other")
+    await store.commit(digest(5_000), "t", 0, write("/other", keep=60))  # loads the script
     async with redis.pipeline(transaction=False) as pipe:
         for n in range(1_200):
-            pipe.execute_command(*store.commit_command(digest(n), "t", 0, write(f"/many/{n}")))
-        await pipe.execute()
-    await store.lookup(digest(5_000), "t", "/other")
-    await store.commit(digest(5_000), "t", 0, write("/other", keep=60))
+            entry = write(f"/many/{n}", keep=60)  # outlives the invalidation's many steps
+            pipe.execute_command(*store.commit_command(digest(n), "t", 0, entry))
+        assert set(await pipe.execute()) == {b"stored"}
     assert await store.invalidate(ByGlob("/many/*")) == 1_200
     assert await redis.exists(RedisKeys(prefix).response(digest(5_000))) == 1
 
@@ -386,6 +392,7 @@ async def test_keys_left_in_the_old_layout_break_nothing(redis: Redis, prefix: s
     await client.sadd(f"{prefix}:tag:{hashlib.sha1(b'old').hexdigest()}", "x" * 32)
     claimed = await store.lookup(digest(1), "t", "/old")
     assert claimed.claimed_at is not None
+    await store.list_path("/old")
     tagged = write("/old", tags=("old",), keep=60)
     assert await store.commit(digest(1), "t", claimed.claimed_at, tagged) is Committed.STORED
     assert await store.invalidate(ByTag("old"), soft=True) == 1

@@ -40,9 +40,12 @@ def write(entry: bytes = b"entry", **changes: object) -> Write:
 async def claim(
     store: Store, digest: str = DIGEST, token: str = "job", path: str = "/report"
 ) -> float:
-    """Claim `digest` for `token`; returns the claim time, the job's start for `commit`."""
+    """Claim `digest` for `token` and list its path, as a job does before its app runs.
+
+    Returns the claim time, the job's start for `commit`."""
     claimed_at = (await store.lookup(digest, token, path)).claimed_at
     assert claimed_at is not None
+    await store.list_path(path)
     return claimed_at
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.crc import key_slot
 
+from asgi_worker.codec import decode_snapshot, encode_snapshot
 from asgi_worker.keys import RedisKeys, RequestSnapshot, path_tag, snapshot_from_scope
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -226,3 +230,102 @@ def test_paths_sharing_a_hash_tag_keep_indexes_of_their_own() -> None:
     keys = RedisKeys("aw")
     assert keys.path_index("/a") != keys.path_index("/b")
     assert keys.path_stamp("/a") != keys.path_stamp("/b")
+
+
+@pytest.mark.parametrize("path", ["/caf\udce9", "/\ud800", "/\udfff/x", "/\ud83d\ude00"])
+def test_paths_with_lone_surrogates_do_not_crash(path: str) -> None:
+    snapshot = snapshot_from_scope(scope(path=path, root_path="/r\udc80"), VARY)
+    assert snapshot.path == path
+    assert HEX32.match(snapshot.digest)
+    assert snapshot.digest != digest(path="/caf\u00e9")
+    again = decode_snapshot(encode_snapshot(snapshot))
+    assert again == snapshot
+    assert again.digest == snapshot.digest
+
+
+# --- properties ------------------------------------------------------------------------------
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=12)  # surrogates too
+plain_text = st.text(max_size=12)
+header_pairs = st.lists(
+    st.tuples(st.binary(min_size=1, max_size=6), st.binary(max_size=6)), max_size=3
+).map(lambda pairs: tuple(sorted(pairs, key=lambda pair: pair[0])))
+
+snapshots = st.builds(
+    RequestSnapshot,
+    scheme=st.sampled_from(["http", "https"]) | plain_text,
+    host=plain_text,
+    root_path=any_text,
+    path=any_text,
+    raw_path=st.none() | st.binary(max_size=12),
+    query_string=st.binary(max_size=12),
+    headers=header_pairs,
+)
+
+# `credentials` are keyed only through `credential_id` (a MAC), never directly.
+FIELDS = [
+    field.name for field in dataclasses.fields(RequestSnapshot) if field.name != "credentials"
+]
+FIELD_VALUES = {
+    "credential_id": st.binary(max_size=16),
+    "scheme": plain_text,
+    "host": plain_text,
+    "root_path": any_text,
+    "path": any_text,
+    "raw_path": st.none() | st.binary(max_size=12),
+    "query_string": st.binary(max_size=12),
+    "headers": header_pairs,
+    "server_root_path": st.none() | any_text,
+}
+
+
+@given(snapshots, snapshots)
+def test_property_different_snapshots_never_share_a_digest(
+    first: RequestSnapshot, second: RequestSnapshot
+) -> None:
+    if first == second:
+        assert first.digest == second.digest
+    else:
+        assert first.digest != second.digest
+
+
+@given(snapshots, st.data())
+def test_property_one_changed_field_changes_the_digest(
+    snapshot: RequestSnapshot, data: st.DataObject
+) -> None:
+    name = data.draw(st.sampled_from(FIELDS))
+    value = data.draw(FIELD_VALUES[name].filter(lambda v: v != getattr(snapshot, name)))
+    changed = dataclasses.replace(snapshot, **{name: value})
+    assert changed.digest != snapshot.digest
+
+
+@given(snapshots)
+def test_property_same_snapshot_same_digest(snapshot: RequestSnapshot) -> None:
+    copy = RequestSnapshot(**{name: getattr(snapshot, name) for name in FIELDS})
+    assert copy.digest == snapshot.digest
+    assert HEX32.match(snapshot.digest)
+    # What the worker computes after the job crossed Redis is the same key.
+    assert decode_snapshot(encode_snapshot(snapshot)).digest == snapshot.digest
+
+
+header_names = st.sampled_from(
+    [b"accept-language", b"x-tenant", b"user-agent", b"x-forwarded-host"]
+)
+
+
+@given(
+    st.lists(st.tuples(header_names, st.binary(max_size=4)), max_size=6, unique_by=lambda p: p[0]),
+    st.randoms(use_true_random=False),
+)
+def test_property_case_and_order_of_distinct_headers_do_not_matter(
+    pairs: list[tuple[bytes, bytes]], rnd: Any
+) -> None:
+    vary = ("accept-language", "x-tenant")
+    base = scope(headers=[(b"host", b"example.com"), *pairs])
+    shuffled = [(b"host", b"example.com"), *pairs]
+    rnd.shuffle(shuffled)
+    recased = [(name.upper() if rnd.random() < 0.5 else name, value) for name, value in shuffled]
+    assert (
+        snapshot_from_scope(base, vary).digest
+        == snapshot_from_scope(scope(headers=recased), vary).digest
+    )

@@ -498,7 +498,7 @@ def _address(entry: str, default_port: int, kind: str) -> tuple[str, int]:
 
 def _check_url(url: Any, name: str, plain: str) -> None:
     """`url` is a Redis URL this library can connect with, or a clear error naming `name`."""
-    kinds = f"{plain}, redis+sentinel://, rediss+sentinel:// or redis+cluster://"
+    kinds = f"{plain}, redis+cluster://, redis+sentinel:// or rediss+sentinel://"
     _require(isinstance(url, str), name, f"must be a {kinds} URL, got {url!r}")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     _require(scheme in _URL_SCHEMES, name, f"must be a {kinds} URL, got {display_url(url)!r}")

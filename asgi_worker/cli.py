@@ -13,11 +13,12 @@ from typing import Any
 
 import click
 from arq.logs import default_log_config
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .completion import ReplayWorker
 from .config import ENV_PREFIX, Config, ConfigurationError, display_url
-from .connections import redis_client
+from .connections import close_client, redis_client, store_client
 from .discovery import find_config
 from .failover import RedisUnreachable
 from .instrument import observer_for
@@ -291,16 +292,17 @@ def stats(
         raise click.UsageError("memory:// lives inside the web process; no stats to read")
 
     async def run() -> Stats | QueueCheck:
-        store = redis_client(config.redis_url, config)
+        store = store_client(config.redis_url, config)
         queue = redis_client(config.queue_redis_url, config) if config.queue_redis_url else store
+        assert isinstance(queue, Redis)  # Config requires queue_redis_url with a Cluster
         try:
             if check:
                 return await check_queue(config, queue, max_age=max_age)
             return await collect_stats(config, store, queue)
         finally:
-            await store.aclose(close_connection_pool=True)
+            await close_client(store)
             if queue is not store:
-                await queue.aclose(close_connection_pool=True)
+                await close_client(queue)
 
     try:
         found = asyncio.run(run())

@@ -83,9 +83,13 @@ class _Pending:
     timeout: float
     """Seconds for a commit sent on its own (`Config.redis_timeout`)."""
 
-    def command(self) -> tuple[bytes | str | int, ...]:
+    def commands(self) -> list[tuple[bytes | str | int, ...]]:
+        """The commit's commands; its script's reply is the last one."""
         commit = self.commit
-        return self.store.commit_command(commit.digest, commit.token, commit.started, commit.write)
+        return [
+            self.store.due_command(commit.write),
+            self.store.commit_command(commit.digest, commit.token, commit.started, commit.write),
+        ]
 
     async def settle(self, reply: object) -> None:
         """Log what the commit's reply says; commit on its own if the script was missing."""
@@ -111,7 +115,8 @@ class _Pending:
 def hand_off(store: RedisStore, timeout: float, commit: Commit) -> bool:
     """Leave `commit` for the `ReplayWorker` running this job; False if there is none."""
     slot = _slot.get()
-    if slot is None:
+    if slot is None or commit.write.tags:
+        # A tagged commit indexes its tags in steps of their own first (store.py).
         return False
     slot.pending = _Pending(commit, store, timeout)
     return True
@@ -323,7 +328,8 @@ class ReplayWorker(Worker):
             )
             # ...and the commit. An error in one command does not undo the others (Redis
             # has no rollback), so a failed commit cannot keep the job from ending.
-            transaction.execute_command(*pending.command())
+            for command in pending.commands():
+                transaction.execute_command(*command)
             replies = await transaction.execute(raise_on_error=False)
         await pending.settle(replies[-1])
         for reply in replies[:-1]:

@@ -23,8 +23,10 @@ MEMORY_URL = "memory://"
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # RFC 9110 token, lowercased
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 _SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel"})
-_URL_SCHEMES = _REDIS_SCHEMES | _SENTINEL_SCHEMES
+_CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
+_URL_SCHEMES = _REDIS_SCHEMES | _SENTINEL_SCHEMES | _CLUSTER_SCHEMES
 _SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
 _SENTINEL_PARAMETERS = ("sentinel_password", "sentinel_username")
 # Query parameters whose value display_url masks (redis-py takes `?password=` too).
 _SECRET_PARAMETERS = frozenset({"password", "sentinel_password"})
@@ -55,9 +57,11 @@ class Config:
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis holding the stored responses and claims; `memory://` for the embedded backend
-    (one process, jobs run as tasks in it: for demos, tests and single-process apps)."""
+    (one process, jobs run as tasks in it: for demos, tests and single-process apps);
+    `redis+cluster://host:port,host:port/` for a Redis Cluster (see docs/cluster.md)."""
     queue_redis_url: str | None = None
-    """Redis holding the arq queue, if not `redis_url` (arq does not support Cluster)."""
+    """Redis holding the arq queue, if not `redis_url`. arq cannot use a Cluster: with a
+    Cluster `redis_url` this one is required (unless `inline_worker`), and not a Cluster."""
     prefix: str = "aw"
     """Prefix of every Redis key the cache writes."""
     ttl: float = 300.0
@@ -164,6 +168,19 @@ class Config:
             _check_url(self.redis_url, "redis_url", "redis://, rediss://, unix://, memory://")
         if self.queue_redis_url is not None:
             _check_url(self.queue_redis_url, "queue_redis_url", "redis://, rediss://, unix://")
+            _require(
+                not is_cluster_url(self.queue_redis_url),
+                "queue_redis_url",
+                "must not be a Redis Cluster: arq's queue needs one Redis (a plain or "
+                "redis+sentinel:// URL)",
+            )
+        if is_cluster_url(self.redis_url) and not self.inline_worker:
+            _require(
+                self.queue_redis_url is not None,
+                "queue_redis_url",
+                "is required when redis_url is a Redis Cluster: arq's queue cannot live "
+                "on a Cluster, so name a separate (non-Cluster) Redis for it",
+            )
         for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout", "pass_ttl"):
             _require(_duration(getattr(self, name), name) > 0, name, "must be a finite number > 0")
         for name in ("stale_ttl", "min_ttl"):
@@ -383,7 +400,7 @@ class SentinelURL:
 
 def is_sentinel_url(url: str) -> bool:
     """True for a `redis+sentinel://` or `rediss+sentinel://` URL."""
-    return url.partition("://")[0].lower() in _SENTINEL_SCHEMES
+    return _scheme(url) in _SENTINEL_SCHEMES
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
@@ -403,12 +420,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         raise ValueError("has a #fragment; a Sentinel URL takes none")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
+    username, password, hosts = _credentials(netloc)
     sentinels = tuple(_sentinel_address(entry) for entry in hosts.split(","))
     names = [unquote(part) for part in path.split("/")] if slash else []
     if not names or not names[0]:
@@ -433,30 +445,96 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterURL:
+    """A `redis+cluster://` URL taken apart (see `parse_cluster_url`)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    """Startup nodes, as (host, port): any reachable one tells the client the rest."""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ssl: bool = False
+    """`rediss+cluster://`: TLS to every node."""
+
+
+def is_cluster_url(url: str) -> bool:
+    """True for a `redis+cluster://` or `rediss+cluster://` URL."""
+    return _scheme(url) in _CLUSTER_SCHEMES
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
+def _credentials(netloc: str) -> tuple[str | None, str | None, str]:
+    """`[user:password@]hosts` taken apart: (username, password, hosts), unquoted."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return None, None, hosts
+    user, colon, secret = userinfo.partition(":")
+    return unquote(user) or None, unquote(secret) if colon else None, hosts
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """Take apart `redis+cluster://[user:password@]host1[:port1][,host2[:port2]...][/]`.
+
+    Ports default to 6379. A Cluster has one database: the path may only be `/` or `/0`;
+    no query parameter is accepted. Raises `ValueError` saying what is wrong; its message
+    never holds a password.
+    """
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in _CLUSTER_SCHEMES:
+        raise ValueError("is not a redis+cluster:// or rediss+cluster:// URL")
+    if "?" in rest or "#" in rest:
+        raise ValueError("takes no ?query or #fragment")
+    netloc, _, path = rest.partition("/")
+    if path not in ("", "0"):
+        raise ValueError("has a database; a Cluster has only database 0 (end the URL with /)")
+    username, password, hosts = _credentials(netloc)
+    nodes = tuple(_address(entry, _REDIS_PORT, "node") for entry in hosts.split(","))
+    return ClusterURL(
+        nodes=nodes, username=username, password=password, ssl=scheme.lower() == "rediss+cluster"
+    )
+
+
 def _sentinel_address(entry: str) -> tuple[str, int]:
     """One `host[:port]` (or `[v6]:port`) of a Sentinel URL."""
+    return _address(entry, _SENTINEL_PORT, "Sentinel")
+
+
+def _address(entry: str, default_port: int, kind: str) -> tuple[str, int]:
+    """One `host[:port]` (or `[v6]:port`) of a Sentinel or Cluster URL."""
     if entry.startswith("["):
         host, bracket, port = entry[1:].partition("]")
         if not bracket or (port and not port.startswith(":")):
-            raise ValueError(f"has a malformed IPv6 Sentinel address {quote(entry)!r}")
+            raise ValueError(f"has a malformed IPv6 {kind} address {quote(entry)!r}")
         port = port[1:]
     else:
         host, _, port = entry.partition(":")
     if not host:
         raise ValueError("needs host[:port] entries separated by commas, with no empty one")
     if port == "":
-        return host, _SENTINEL_PORT
+        return host, default_port
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"has a bad Sentinel port {port!r} (for {host!r})")
+        raise ValueError(f"has a bad {kind} port {port!r} (for {host!r})")
     return host, int(port)
 
 
 def _check_url(url: Any, name: str, plain: str) -> None:
     """`url` is a Redis URL this library can connect with, or a clear error naming `name`."""
-    kinds = f"{plain}, redis+sentinel:// or rediss+sentinel://"
+    kinds = f"{plain}, redis+cluster://, redis+sentinel:// or rediss+sentinel://"
     _require(isinstance(url, str), name, f"must be a {kinds} URL, got {url!r}")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     _require(scheme in _URL_SCHEMES, name, f"must be a {kinds} URL, got {display_url(url)!r}")
+    if scheme in _CLUSTER_SCHEMES:
+        try:
+            parse_cluster_url(url)
+        except ValueError as error:
+            raise ConfigurationError(
+                f"Config.{name} {display_url(url)!r} {error}. Expected "
+                "redis+cluster://[user:password@]host1:6379[,host2:6379...]/",
+                field=name,
+            ) from None
     if scheme in _SENTINEL_SCHEMES:
         try:
             parse_sentinel_url(url)

@@ -20,15 +20,23 @@ another redis-py), the pool falls back to redis-py's own check.
 node the Sentinels name master, through redis-py's `SentinelConnectionPool` with the same
 check (`SentinelPool`). What drops its connections when the master changes is in
 `failover.py`.
+
+`store_client` also takes `redis+cluster://` URLs: a redis-py `RedisCluster` with the same
+timeouts and retries, which follows MOVED and ASK redirections (and refreshes its slot
+map) on its own. A Cluster has no cluster-wide pub/sub in redis-py 5, but a PUBLISH on
+any node reaches every node: `NodeSubscriber` subscribes on one node at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, ClassVar, Protocol
 
 from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, DefaultParser
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
@@ -37,7 +45,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config import Config, SentinelURL, display_url, is_sentinel_url, parse_sentinel_url
+from .config import (
+    Config,
+    SentinelURL,
+    display_url,
+    is_cluster_url,
+    is_sentinel_url,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 # How long a pooled connection may sit idle before its next use PINGs it first.
 _HEALTH_CHECK_SECONDS = 15
@@ -241,6 +257,109 @@ def redis_client(
         pool = BufferCheckingPool.from_url(url, **options)
     pool.shown_url = display_url(url)
     return ArqRedis(pool_or_conn=pool, default_queue_name=config.queue)
+
+
+def store_client(url: str, config: Config, *, read_timeout: bool = True) -> Redis | RedisCluster:
+    """A client for the cache at `url`: `cluster_client` for a Cluster, else `redis_client`."""
+    if is_cluster_url(url):
+        return cluster_client(url, config, read_timeout=read_timeout)
+    return redis_client(url, config, read_timeout=read_timeout)
+
+
+async def close_client(client: Redis | RedisCluster) -> None:
+    """Close `client` and its connections (a Cluster client closes every node's)."""
+    if isinstance(client, Redis):
+        await client.aclose(close_connection_pool=True)
+    else:
+        await client.aclose()
+
+
+# How often a command is tried again after a redirection it could not follow at once, a
+# node that went away, or "cluster down" (redis-py re-reads the slot map between tries).
+_CLUSTER_ATTEMPTS = 3
+
+
+def cluster_client(url: str, config: Config, *, read_timeout: bool = True) -> RedisCluster:
+    """A `RedisCluster` for a `redis+cluster://` URL, with `redis_client`'s timeouts.
+
+    It learns the slot map from the first startup node that answers, sends each command
+    to the master of its key's slot, and follows MOVED (and re-reads the map) and ASK
+    (a slot being migrated) by itself. A dead pooled connection is retried once on a
+    new one, as in `redis_client`.
+    """
+    target = parse_cluster_url(url)
+    cluster: RedisCluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        username=target.username,
+        password=target.password,
+        ssl=target.ssl,
+        socket_timeout=config.redis_timeout if read_timeout else None,
+        socket_connect_timeout=config.redis_timeout,
+        socket_keepalive=True,
+        health_check_interval=_HEALTH_CHECK_SECONDS,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        cluster_error_retry_attempts=_CLUSTER_ATTEMPTS,
+    )
+    return cluster
+
+
+class PubSubSource(Protocol):
+    """Where the event listener opens its subscription (see events.py)."""
+
+    def __call__(self) -> AbstractAsyncContextManager[Redis]:
+        """A connection to subscribe on, for as long as the subscription lasts."""
+        ...
+
+
+def shared_source(client: Redis) -> PubSubSource:
+    """Subscribe through `client` itself (one Redis, or Sentinel's master)."""
+
+    @asynccontextmanager
+    async def source() -> AsyncIterator[Redis]:
+        yield client
+
+    return source
+
+
+class NodeSubscriber:
+    """Plain connections to a Cluster's nodes for pub/sub, one node after another.
+
+    Redis Cluster forwards every PUBLISH to every node, so one subscription on any node
+    hears them all. Each call picks the next node the cluster client knows (masters and
+    replicas), so a subscription lost with its node comes back on another.
+    """
+
+    def __init__(self, cluster: RedisCluster, url: str, config: Config) -> None:
+        self._cluster = cluster
+        self._target = parse_cluster_url(url)
+        self._timeout = config.redis_timeout
+        self._tries = 0
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[Redis]:
+        """A client on the next node; closed when the subscription ends."""
+        nodes = self._cluster.get_nodes()
+        if not nodes:  # the slot map is read on first use
+            await self._cluster.initialize()
+            nodes = self._cluster.get_nodes()
+        node = nodes[self._tries % len(nodes)]
+        self._tries += 1
+        target = self._target
+        client = Redis(
+            host=node.host,
+            port=int(node.port),
+            username=target.username,
+            password=target.password,
+            ssl=target.ssl,
+            socket_connect_timeout=self._timeout,
+            socket_keepalive=True,
+            health_check_interval=_HEALTH_CHECK_SECONDS,
+        )
+        try:
+            yield client
+        finally:
+            await client.aclose(close_connection_pool=True)
 
 
 def _sentinel_pool(target: SentinelURL, config: Config, options: dict[str, Any]) -> SentinelPool:

@@ -13,8 +13,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from .connections import PubSubSource
 
 logger = logging.getLogger("asgi_worker")
 
@@ -25,17 +26,21 @@ _RECONNECT_DELAY = 1.0
 
 
 class EventListener:
-    """One pub/sub subscription to the store's events, started on first need."""
+    """One pub/sub subscription to the store's events, started on first need.
+
+    `source` opens the connection to subscribe on (`connections.shared_source`, or on a
+    Cluster a `NodeSubscriber`, which moves to another node after a failure).
+    """
 
     def __init__(
         self,
-        redis: Redis,
+        source: PubSubSource,
         channel: str,
         *,
         on_event: Callable[[str], None],
         on_resync: Callable[[], None],
     ) -> None:
-        self._redis = redis
+        self._source = source
         self._channel = channel
         self._on_event = on_event
         self._on_resync = on_resync
@@ -75,7 +80,10 @@ class EventListener:
     async def _listen(self) -> None:
         while True:
             try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with (
+                    self._source() as redis,
+                    redis.pubsub(ignore_subscribe_messages=True) as pubsub,
+                ):
                     await pubsub.subscribe(self._channel)
                     self._subscribed.set()
                     self._on_resync()  # anything published while we were away was missed

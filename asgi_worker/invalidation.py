@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from starlette.types import ASGIApp
 
 from .config import Config
-from .connections import redis_client
+from .connections import close_client, store_client
 from .discovery import find_all
 from .store import RedisStore, Store
 from .targets import ByGlob, ByPath, ByQuery, ByTag, Target
@@ -47,11 +47,11 @@ class Invalidator:
             raise ValueError(
                 "memory:// entries live inside the web process: use Invalidator.for_app(app)"
             )
-        client = redis_client(config.redis_url, config)
+        client = store_client(config.redis_url, config)
         try:
             yield cls(RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease))
         finally:
-            await client.aclose(close_connection_pool=True)
+            await close_client(client)
 
     @classmethod
     def for_app(cls, app: ASGIApp) -> Invalidator:

@@ -239,12 +239,14 @@ async def _run(
     started = claimed_at
     # Long enough for the app and the commit after it.
     needed = config.job_timeout + config.redis_timeout
-    if started is None or store.lease_left(started) < needed:
-        # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
-        async with asyncio.timeout(config.redis_timeout):
+    # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
+    async with asyncio.timeout(config.redis_timeout):
+        if started is None or store.lease_left(started) < needed:
             started = await store.begin(digest, token, snapshot.path)
-        if started is None:
-            return "superseded"  # its lease ran out and a newer job holds the claim
+            if started is None:
+                return "superseded"  # its lease ran out and a newer job holds the claim
+        # Before the app runs: a prefix invalidation from now on finds the path.
+        await store.list_path(snapshot.path)
     began = time.monotonic()
     if observer is None or record is None:
         replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)

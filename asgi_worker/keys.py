@@ -19,7 +19,7 @@ from .credentials import CREDENTIAL_HEADERS, CredentialGuard
 from .normalize import KeyRules, normalize_percent
 
 # Bumped when the canonical form changes, so old entries are simply never looked up again.
-_KEY_VERSION = b"aw2"
+_KEY_VERSION = b"aw3"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 """The port each scheme has when a URL names none."""
 
@@ -164,9 +164,14 @@ class RequestSnapshot:
 
     @property
     def digest(self) -> str:
-        """A fixed-length hash of the canonical request: 32 hex digits (128 bits)."""
+        """A fixed-length hash of the request: 32 hex digits, its path's slot tag first.
+
+        The first 8 (`path_tag` of the path) put every key of the request in the Redis
+        Cluster slot of its path, beside the path's index, stamp and durations, so one
+        script may touch them all; the other 24 are a 96-bit hash of the canonical request.
+        """
         packed = msgpack.packb([_KEY_VERSION, *self.canonical()], use_bin_type=True)
-        return hashlib.blake2b(packed, digest_size=16).hexdigest()
+        return path_tag(self.path) + hashlib.blake2b(packed, digest_size=12).hexdigest()
 
 
 def snapshot_from_scope(
@@ -247,78 +252,121 @@ def _text(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
+TAG_LENGTH = 8
+"""Hex digits of a path's hash tag (32 bits: slots spread evenly, keys stay short)."""
+
+
+def path_tag(path: str) -> str:
+    """The Redis Cluster hash tag of `path`: every key of the path and its requests has it."""
+    return _sha1(path)[:TAG_LENGTH]
+
+
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
     """Every Redis key name the cache writes, in one place (as arq's constants.py does).
 
-    The digest is wrapped in braces, a Redis Cluster hash tag, so all keys of one request
-    live in one slot and one Lua script may touch them all.
+    One layout on a single Redis and on a Cluster. Every name holds a Cluster hash tag
+    (`{...}`), and what one script touches shares one:
+
+    - a path's tag (`path_tag`, the digest's first 8 hex digits): its requests' entries,
+      freshness marks, claims and stamps, and the path's index, stamp and durations;
+    - a tag's own (`{tag:<sha1>}`): its index and stamp;
+    - `{paths}`: the path list for prefix and glob invalidation, in two sorted sets.
+
+    Work that spans them (the path list, tags) is done in separate single-slot steps;
+    scripts.py and store.py say how each race between them is closed.
     """
 
     prefix: str
 
+    def _request(self, digest: str) -> str:
+        return f"{self.prefix}:{{{digest[:TAG_LENGTH]}}}{digest[TAG_LENGTH:]}"
+
     def response(self, digest: str) -> str:
         """Where the encoded stored response lives."""
-        return f"{self.prefix}:{{{digest}}}:resp"
+        return f"{self._request(digest)}:resp"
 
     def fresh(self, digest: str) -> str:
         """Present while the entry is fresh; the entry outlives it by the stale window."""
-        return f"{self.prefix}:{{{digest}}}:fresh"
+        return f"{self._request(digest)}:fresh"
 
     def claim(self, digest: str) -> str:
         """The lease that says one job for this request exists."""
-        return f"{self.prefix}:{{{digest}}}:claim"
+        return f"{self._request(digest)}:claim"
+
+    def entry_stamp(self, digest: str) -> str:
+        """When a tag invalidation last reached this entry (store clock, µs).
+
+        Refuses a job of the entry that began before, whose commit had not yet stored
+        when the invalidation walked the tag's index (see scripts.TAG_ADD).
+        """
+        return f"{self._request(digest)}:inv"
 
     def events(self) -> str:
         """Pub/sub channel of stored digests and invalidations (see events.py)."""
         return f"{self.prefix}:events"
 
-    # Invalidation indexes. Names hash the path or tag with SHA-1, which the Lua scripts
-    # can compute too (redis.sha1hex); it bounds the key length, nothing more. The commit
-    # script names these keys itself (store.py); a store test checks that the two agree.
-    # Every index is a sorted set scored by when what it names expires (ms, store clock),
-    # so each write can forget a few expired members (see scripts.py): bounded size.
+    # Invalidation indexes. Every index is a sorted set scored by when what it names
+    # expires (ms, store clock), so each write can forget a few expired members (see
+    # scripts.py): bounded size. Names hold the full SHA-1 of the path or tag: paths
+    # that share a hash tag still have indexes of their own.
+
+    def _path(self, path: str, kind: str) -> str:
+        digest = _sha1(path)
+        return f"{self.prefix}:{{{digest[:TAG_LENGTH]}}}:{kind}:{digest}"
 
     def paths(self) -> str:
         """Sorted set (all scores 0, so ordered by bytes) of stored paths: prefix queries."""
-        return f"{self.prefix}:paths"
+        return f"{self.prefix}:{{paths}}"
 
     def paths_by_expiry(self) -> str:
-        """The same paths scored by when their newest entry or claim expires: for pruning."""
-        return f"{self.prefix}:paths:expiry"
+        """The same paths scored by when to check whether they still hold anything live."""
+        return f"{self.prefix}:{{paths}}:expiry"
+
+    def path_listings(self) -> str:
+        """Hash of path -> how often a claim listed it.
+
+        A path is delisted only if its count did not move since its index was read
+        (scripts.DELIST_PATH).
+        """
+        return f"{self.prefix}:{{paths}}:listings"
 
     def path_index(self, path: str) -> str:
         """Sorted set of one path's entries and running claims, scored by when each ends.
 
         An entry's member is its digest and raw query (the digest has a fixed length, 32
         hex digits, so the query is the rest); a claim's, `~` and the `claim` key's name,
-        until its job commits. A new name (the older hash was `<prefix>:path:<sha1>`), so
-        a key left in the old layout is never read as the new one.
+        until its job commits.
         """
-        return f"{self.prefix}:idx:path:{_sha1(path)}"
+        return self._path(path, "idx")
 
     def path_stamp(self, path: str) -> str:
         """When the path was last invalidated (store clock, µs)."""
-        return f"{self.prefix}:inv:path:{_sha1(path)}"
+        return self._path(path, "inv")
 
-    def durations(self) -> str:
-        """Hash of path -> moving average of its job durations in ms (adaptive Retry-After)."""
-        return f"{self.prefix}:durations"
+    def durations(self, path: str) -> str:
+        """Hash of path -> moving average of its job durations in ms (adaptive Retry-After).
+
+        One hash per path, in the path's slot (the commit updates it); the field is the
+        path, so the fair-queueing clock (scripts.ENQUEUE) reads it as before.
+        """
+        return self._path(path, "dur")
+
+    def durations_pattern(self) -> str:
+        """Matches every `durations` key (for SCAN: `asgi-worker stats`)."""
+        return f"{_glob_escape(self.prefix)}:{{*}}:dur:*"
 
     def tag_hash(self, tag: str) -> str:
         """The part of a tag's key names that stands for the tag."""
         return _sha1(tag)
 
     def tag(self, tag: str) -> str:
-        """Sorted set of the digests of entries that carried the tag, scored by expiry.
-
-        A new name for the same reason as `path_index` (the older set was `<prefix>:tag:`).
-        """
-        return f"{self.prefix}:idx:tag:{_sha1(tag)}"
+        """Sorted set of the digests of entries that carried the tag, scored by expiry."""
+        return f"{self.prefix}:{{tag:{_sha1(tag)}}}:idx"
 
     def tag_stamp(self, tag: str) -> str:
         """When the tag was last invalidated (store clock, µs)."""
-        return f"{self.prefix}:inv:tag:{_sha1(tag)}"
+        return f"{self.prefix}:{{tag:{_sha1(tag)}}}:inv"
 
     def job_id(self, digest: str, token: str) -> str:
         """The arq job id: unique per claim, so a re-claim never collides with a dead job."""
@@ -328,8 +376,8 @@ class RedisKeys:
     # backslash, which is escaped here.
 
     def requests_pattern(self) -> str:
-        """Matches the `response`, `fresh` and `claim` keys of every request."""
-        return f"{_glob_escape(self.prefix)}:{{*}}:*"
+        """Matches the `response`, `fresh` and `claim` keys of every request (and more)."""
+        return f"{_glob_escape(self.prefix)}:{{*}}*"
 
     def job_ids_pattern(self) -> str:
         """Matches every `job_id` (and not those of a prefix that merely starts with ours)."""

@@ -144,11 +144,18 @@ class MemoryStore:
         self._claim(digest, token, path, now)
         return now
 
+    async def list_path(self, path: str) -> None:
+        """See `Store.list_path`: nothing to do, a claim here lists its path itself."""
+
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """See `Store.commit`."""
         now = time.monotonic()
         holder = self._holder(digest, now)
-        if holder not in (None, token):
+        if holder is None:
+            # The lease ran out: refused, as RedisStore must (its path list, store.py).
+            self._job_ended(write.path, digest)
+            return Committed.REFUSED
+        if holder != token:
             return Committed.REFUSED
         stamps = [self._path_stamps.get(write.path)]
         stamps += [self._tag_stamps.get(tag) for tag in write.tags]

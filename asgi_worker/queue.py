@@ -36,7 +36,7 @@ from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from .jobs import request_line
-from .keys import RequestSnapshot
+from .keys import RedisKeys, RequestSnapshot
 from .queue_scripts import ENQUEUE, WAKE_TOKENS
 
 logger = logging.getLogger("asgi_worker")
@@ -264,7 +264,7 @@ class ArqQueue:
             job_key_prefix + job.job_id,
             self._queue_name,
             clock,
-            f"{self._prefix}:durations",
+            RedisKeys(self._prefix).durations(job.path),
             self._wake_key,
         ]
         arguments: list[bytes | str | int] = [

@@ -13,6 +13,7 @@ from typing import Any
 
 from arq.constants import health_check_key_suffix, in_progress_key_prefix
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from .config import Config
 from .keys import RedisKeys
@@ -55,16 +56,19 @@ class Stats:
         return dataclasses.asdict(self)
 
 
-async def collect_stats(config: Config, store: Redis, queue: Redis) -> Stats:
+async def collect_stats(config: Config, store: Redis | RedisCluster, queue: Redis) -> Stats:
     """Count what `config`'s cache holds in `store` and its jobs in `queue`.
 
-    `store` and `queue` may be the same client (the usual case: one Redis). Both must
+    `store` and `queue` may be the same client (the usual case: one Redis); `store` may
+    be a Redis Cluster client. Both must
     return bytes, as `Redis.from_url(url)` does by default (not `decode_responses=True`).
     """
     began = time.perf_counter()
     keys = RedisKeys(config.prefix)
     stored = fresh = claims = 0
-    # One pass over the per-request keys, told apart by their suffix.
+    duration_keys: list[bytes] = []
+    # One pass over the per-request and per-path keys, told apart by their suffix (on a
+    # Cluster, redis-py scans every master).
     async for key in store.scan_iter(match=keys.requests_pattern(), count=_SCAN_BATCH):
         if key.endswith(b":resp"):
             stored += 1
@@ -72,14 +76,19 @@ async def collect_stats(config: Config, store: Redis, queue: Redis) -> Stats:
             fresh += 1
         elif key.endswith(b":claim"):
             claims += 1
+        elif b"}:dur:" in key:
+            duration_keys.append(key)
     running = 0
     in_progress = in_progress_key_prefix + keys.job_ids_pattern()
     async for _ in queue.scan_iter(match=in_progress, count=_SCAN_BATCH):
         running += 1
+    # Each path's durations are a hash of their own, in its slot (keys.durations).
     async with store.pipeline(transaction=False) as pipeline:
         pipeline.zcard(keys.paths())
-        pipeline.hgetall(keys.durations())
-        paths, durations = await pipeline.execute()
+        for key in duration_keys:
+            pipeline.hgetall(key.decode())
+        paths, *per_path = await pipeline.execute()
+    durations = {path: ms for found in per_path for path, ms in found.items()}
     async with queue.pipeline(transaction=False) as pipeline:
         pipeline.zcard(config.queue)
         pipeline.get(config.queue + health_check_key_suffix)

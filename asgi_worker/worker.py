@@ -14,6 +14,8 @@ from typing import Any
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import func
 from asgi_lifespan import LifespanManager, LifespanNotSupported
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .completion import hand_off
 from .config import Config, ConfigurationError, is_sentinel_url, parse_sentinel_url
-from .connections import redis_client
+from .connections import close_client, redis_client, store_client
 from .discovery import config_mismatch, find_config
 from .failover import FailoverWatch
 from .instrument import observer_for
@@ -51,7 +53,7 @@ class _Runtime:
     hand_off: HandOff | None
     """Set when the queue is on the store's Redis: a `ReplayWorker` may then send a
     job's commit in the transaction that ends the job."""
-    store_client: ArqRedis
+    store_client: Redis | RedisCluster
 
 
 def worker_settings(
@@ -224,8 +226,8 @@ async def _start(app: ASGIApp, config: Config) -> _Runtime:
             await stack.enter_async_context(manager)
         except LifespanNotSupported:
             logger.info("asgi-worker: the app does not support lifespan; running without it")
-        client = redis_client(config.redis_url, config, read_timeout=False)  # see run_job
-        stack.push_async_callback(client.aclose, close_connection_pool=True)
+        client = store_client(config.redis_url, config, read_timeout=False)  # see run_job
+        stack.push_async_callback(close_client, client)
         store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
         shared = config.queue_redis_url in (None, config.redis_url)
         commit_with_job = partial(hand_off, store, config.redis_timeout) if shared else None
@@ -240,7 +242,9 @@ def _watch_failovers(runtime: _Runtime, queue: ArqRedis | None, config: Config) 
 
     The watch stops with the rest of the runtime at shutdown.
     """
-    pools = [runtime.store_client.connection_pool]
+    store = runtime.store_client
+    # A Cluster fails over by itself (its client re-reads the slot map): nothing to drop.
+    pools: list[ConnectionPool] = [store.connection_pool] if isinstance(store, Redis) else []
     if queue is not None:
         pools.append(queue.connection_pool)
     watch = FailoverWatch.for_pools(*pools, connect_timeout=config.redis_timeout)

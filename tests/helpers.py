@@ -150,12 +150,11 @@ async def serve(app: ASGIApp, *, worker: Config | None = None) -> AsyncIterator[
         yield http
 
 
-BACKENDS = ["arq", "inline", "memory"]
-"""arq: Redis store, real arq worker. inline: Redis store, jobs in process. memory: memory://."""
-
-
 def backend_config(kind: str, base: Config, **changes: Any) -> Config:
-    """`base` moved onto the backend `kind`, with `changes` applied."""
+    """`base` moved onto the backend `kind`, with `changes` applied.
+
+    `cluster` is arq's: its store URL is set by conftest's `config`.
+    """
     if kind == "memory":
         changes.setdefault("redis_url", "memory://")
     elif kind == "inline":

@@ -7,6 +7,7 @@ always stop it on the way out.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,11 @@ from .processes import free_port
 READY_SECONDS = 10.0
 
 
+def server_binary() -> str:
+    """The server to start: `redis-server`, or another (Valkey's) from `REDIS_SERVER`."""
+    return os.environ.get("REDIS_SERVER", "redis-server")
+
+
 class OwnRedis:
     """One redis-server process at a time, always on the same port."""
 
@@ -39,8 +45,8 @@ class OwnRedis:
     def start(self) -> None:
         """Start redis-server on `port` and wait until it answers PING."""
         assert self.process is None, "already running"
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server is not installed"
+        binary = shutil.which(server_binary())
+        assert binary is not None, f"{server_binary()} is not installed"
         self.starts += 1
         self._log = (self.directory / f"redis-{self.port}-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(
@@ -56,6 +62,7 @@ class OwnRedis:
                 "no",
                 "--dir",
                 str(self.directory),
+                *self.extra_arguments(),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -76,6 +83,10 @@ class OwnRedis:
                 time.sleep(0.02)
         finally:
             client.close()
+
+    def extra_arguments(self) -> list[str]:
+        """More redis-server arguments (a cluster node's, see own_cluster.py)."""
+        return []
 
     def kill(self) -> None:
         """Crash it (SIGKILL): every key is gone, and connections drop."""

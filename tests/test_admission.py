@@ -244,7 +244,7 @@ async def test_a_flooded_path_is_spread_and_other_paths_are_due_at_once(
     client = redis_client(config.redis_url, config)
     keys = RedisKeys(prefix)
     # The flooded path's jobs take 1 s (as the commit script would have recorded).
-    await redis.hset(keys.durations(), "/flood", 1000)
+    await redis.hset(keys.durations("/flood"), "/flood", 1000)
     queue = ArqQueue(
         client, queue_name=config.queue, expires=90, prefix=prefix, fair_slots=10, horizon=2.0
     )
@@ -281,14 +281,14 @@ async def test_a_shorter_typical_duration_retimes_the_backlog(prefix: str, redis
     config = make_config(prefix)
     client = redis_client(config.redis_url, config)
     keys = RedisKeys(prefix)
-    await redis.hset(keys.durations(), "/p", 1000)
+    await redis.hset(keys.durations("/p"), "/p", 1000)
     queue = ArqQueue(
         client, queue_name=config.queue, expires=90, prefix=prefix, fair_slots=10, horizon=30.0
     )
     for n in range(10):
         await queue.enqueue(Job(f"{prefix}:a{n}", b"x", "t", 0.0, "/p"))
     # The path turns out fast: 10 ms jobs. The backlog ahead is re-timed at 1 ms spacing.
-    await redis.hset(keys.durations(), "/p", 10)
+    await redis.hset(keys.durations("/p"), "/p", 10)
     now = time.time() * 1000
     await queue.enqueue(Job(f"{prefix}:b", b"x", "t", 0.0, "/p"))
     score = await redis.zscore(config.queue, f"{prefix}:b")

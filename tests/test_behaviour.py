@@ -3,6 +3,8 @@
 - `arq`: Redis store, jobs on an arq queue, run by a real arq worker (burst mode).
 - `inline`: Redis store, jobs run as tasks in the web process (`inline_worker=True`).
 - `memory`: the embedded `memory://` store and in-process jobs.
+- `cluster`: the store on a Redis Cluster of 3 masters (started once for this module),
+  jobs on an arq queue on the plain test Redis, run by a real arq worker.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from asgi_worker import Config
 from asgi_worker.testing import run_pending
 
 from .apps import make_app
+from .conftest import WITH_CLUSTER, backend
 from .helpers import backend_config, serve
 
 
@@ -38,6 +41,9 @@ async def harness_for(config: Config) -> AsyncIterator[Harness]:
     app = make_app(config, calls)
     async with serve(app) as http:
         yield Harness(app, http, calls)
+
+
+kind = pytest.fixture(params=WITH_CLUSTER, name="kind")(backend)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ async def stored(
 ) -> None:
     store = RedisStore(redis, prefix=config.prefix, claim_ttl=config.claim_lease)
     started = (await store.lookup(digest, "t", path)).claimed_at
+    await store.list_path(path)  # as the job does before its app runs
     assert started is not None
     await store.commit(
         digest, "t", started, Write(b"x", fresh=60, keep=60, path=path, query=query, tags=tags)

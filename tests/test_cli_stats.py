@@ -65,7 +65,7 @@ async def test_stats_follow_jobs_from_queued_to_running_to_stored(
         assert await get(app, url) == 202
     queued = await collect_stats(config, redis, redis)
     assert (queued.claims, queued.queued, queued.running, queued.stored) == (3, 3, 0, 0)
-    assert queued.paths == 3  # a claim registers its path (prefix invalidation)
+    assert queued.paths == 0  # a job lists its path as it starts (prefix invalidation)
 
     worker = ReplayWorker(**worker_settings(app, config), burst=True, handle_signals=False)
     draining = asyncio.create_task(worker.main())
@@ -79,6 +79,7 @@ async def test_stats_follow_jobs_from_queued_to_running_to_stored(
         gate.set()
         await worker.close()
     assert (running.claims, running.queued, running.running, running.stored) == (1, 1, 1, 2)
+    assert running.paths == 3  # the running job's path too
     assert running.worker_health is not None
     assert "j_complete=" in running.worker_health  # arq's own words
 

@@ -18,7 +18,8 @@ from asgi_worker.credentials import CredentialGuard
 from asgi_worker.keys import snapshot_from_scope
 from asgi_worker.testing import run_pending
 
-from .helpers import BACKENDS, backend_config
+from .conftest import BACKENDS
+from .helpers import backend_config
 
 SECRET = "correct horse battery staple"
 TOKEN_A = "Bearer alice-9f2d1c"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from asgi_worker import Config
-from asgi_worker.connections import redis_client
+from asgi_worker.connections import redis_client, shared_source
 from asgi_worker.events import EventListener
 
 from .conftest import REDIS_URL
@@ -19,7 +19,10 @@ async def test_an_idle_subscription_stays_up_and_hears_every_event(prefix: str) 
     heard: list[str] = []
     channel = f"{prefix}:events"
     listener = EventListener(
-        client, channel, on_event=heard.append, on_resync=lambda: heard.append("resync")
+        shared_source(client),
+        channel,
+        on_event=heard.append,
+        on_resync=lambda: heard.append("resync"),
     )
     try:
         await listener.ready(1.0)

@@ -18,10 +18,15 @@ from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.testing import run_pending
 
+from .conftest import WITH_CLUSTER, backend
 from .helpers import backend_config, serve
 
 HIT = "asgi-worker; hit"
 STALE = "asgi-worker; hit; fwd=stale"
+
+
+# Every test here runs on the Cluster too.
+kind = pytest.fixture(params=WITH_CLUSTER, name="kind")(backend)
 
 
 @dataclass

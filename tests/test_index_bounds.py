@@ -84,6 +84,7 @@ async def store(request: pytest.FixtureRequest, redis: Redis, prefix: str) -> As
 async def store_one(store: Store, n: int, path: str, **changes: Any) -> None:
     claimed = await store.lookup(digest(n), "t", path)
     assert claimed.claimed_at is not None
+    await store.list_path(path)  # as the job does before its app runs
     stored = await store.commit(digest(n), "t", claimed.claimed_at, write(path, **changes))
     assert stored is Committed.STORED
 
@@ -178,6 +179,7 @@ async def test_a_path_whose_job_runs_stays_listed_through_churn(
     # invalidation finds it and refuses the job's result.
     claimed = await store.lookup(digest(10**6), "slow", "/slow/report")
     assert claimed.claimed_at is not None
+    await store.list_path("/slow/report")
 
     async def one(n: int) -> None:
         await store_one(store, n, f"/item/{n}")
@@ -200,6 +202,7 @@ async def test_a_claim_is_listed_until_its_job_ends_and_given_up_claims_do_not_p
     assert await redis.zcard(index) == 1  # the claims of one request share a member
     started = (await store.lookup(DIGEST, "job", "/claimed")).claimed_at
     assert started is not None
+    await store.list_path("/claimed")
     lease_end = await redis.zscore(keys.paths_by_expiry(), "/claimed")
     assert lease_end is not None
     stored = await store.commit(DIGEST, "job", started, write("/claimed", b"q=1"))
@@ -207,22 +210,42 @@ async def test_a_claim_is_listed_until_its_job_ends_and_given_up_claims_do_not_p
     # The job ended: its claim left the index, and the path lives as long as its entry.
     [(member, expiry)] = await redis.zrange(index, 0, -1, withscores=True)
     assert member == DIGEST.encode() + b"q=1"
-    assert await redis.zscore(keys.paths_by_expiry(), "/claimed") == expiry < lease_end
+    listed = await redis.zscore(keys.paths_by_expiry(), "/claimed")
+    assert listed is not None
+    assert abs(listed - expiry) < 1_000
+    assert listed < lease_end
 
 
 async def commit_many(
     redis: Redis, store: RedisStore, count: int, path: str, tag: str, keep: float = 600
 ) -> None:
-    """Store `count` entries of `path` fast: commit commands pipelined, no claims."""
-    first = write(path, b"n=0", (tag,), keep)
+    """Store `count` entries of `path` fast: claims set and commits pipelined.
+
+    The tag is indexed directly (a commit command carries none): as `TAG_ADD` would."""
+    keys = RedisKeys(store_prefix(store))
+    await redis.set(keys.claim(digest(0)), "t")
+    first = write(path, b"n=0", keep=keep)
     assert await store.commit(digest(0), "t", 0, first) is Committed.STORED  # loads the script
     chunk = 2_000
-    for start in range(1, count, chunk):
+    for start in range(0, count, chunk):
         async with redis.pipeline(transaction=False) as pipe:
             for n in range(start, min(start + chunk, count)):
-                entry = write(path, f"n={n}".encode(), (tag,), keep)
-                pipe.execute_command(*store.commit_command(digest(n), "t", 0, entry))
-            assert set(await pipe.execute()) == {b"stored"}
+                if n:
+                    pipe.set(keys.claim(digest(n)), "t")
+                    entry = write(path, f"n={n}".encode(), keep=keep)
+                    pipe.execute_command(*store.commit_command(digest(n), "t", 0, entry))
+                pipe.zadd(keys.tag(tag), {digest(n): 1e15})
+            assert set(await pipe.execute()) <= {b"stored", True, 0}
+
+
+def store_prefix(store: RedisStore) -> str:
+    return store._keys.prefix
+
+
+async def claimed_commands(store: RedisStore, pipe: Any, n: int, entry: Write) -> None:
+    """Queue on `pipe` a claim for digest(n), then its commit command."""
+    pipe.set(RedisKeys(store_prefix(store)).claim(digest(n)), "t")
+    pipe.execute_command(*store.commit_command(digest(n), "t", 0, entry))
 
 
 async def count_existing(redis: Redis, keys: list[str]) -> int:
@@ -295,11 +318,12 @@ async def test_a_query_invalidation_of_a_large_index_pages_and_counts_each_entry
     keys = RedisKeys(prefix)
     total = 5_000
     first = write("/q", b"n=0&even=1", keep=600)
+    await redis.set(keys.claim(digest(0)), "t")
     assert await store.commit(digest(0), "t", 0, first) is Committed.STORED
     async with timed.pipeline(transaction=False) as pipe:
         for n in range(1, total):
             entry = write("/q", f"n={n}&even={1 - n % 2}".encode(), keep=600)
-            pipe.execute_command(*store.commit_command(digest(n), "t", 0, entry))
+            await claimed_commands(store, pipe, n, entry)
         await pipe.execute()
     # Two more members naming entry 1 (odd), both matching even=1: it counts once.
     odd = digest(1).encode()
@@ -315,13 +339,18 @@ async def test_a_query_invalidation_of_a_large_index_pages_and_counts_each_entry
 
 
 async def test_a_prefix_invalidation_pages_through_many_paths(redis: Redis, prefix: str) -> None:
-    store = RedisStore(redis, prefix=prefix, claim_ttl=LEASE)
+    store = RedisStore(redis, prefix=prefix, claim_ttl=LONG_LEASE)
+    for n in range(1_200):  # each path claimed and listed, as its job would
+        await store.lookup(digest(n), "t", f"/many/{n}")
+        await store.list_path(f"/many/{n}")
+    await store.lookup(digest(5_000), "t", "/other")
+    await store.list_path("/other")
+    await store.commit(digest(5_000), "t", 0, write("/other", keep=60))  # loads the script
     async with redis.pipeline(transaction=False) as pipe:
-        await store.commit(digest(0), "t", 0, write("/many/0", keep=60))
-        for n in range(1, 1_200):
-            pipe.execute_command(*store.commit_command(digest(n), "t", 0, write(f"/many/{n}")))
-        await pipe.execute()
-    await store.commit(digest(5_000), "t", 0, write("/other", keep=60))
+        for n in range(1_200):
+            entry = write(f"/many/{n}", keep=60)  # outlives the invalidation's many steps
+            pipe.execute_command(*store.commit_command(digest(n), "t", 0, entry))
+        assert set(await pipe.execute()) == {b"stored"}
     assert await store.invalidate(ByGlob("/many/*")) == 1_200
     assert await redis.exists(RedisKeys(prefix).response(digest(5_000))) == 1
 
@@ -363,6 +392,7 @@ async def test_keys_left_in_the_old_layout_break_nothing(redis: Redis, prefix: s
     await client.sadd(f"{prefix}:tag:{hashlib.sha1(b'old').hexdigest()}", "x" * 32)
     claimed = await store.lookup(digest(1), "t", "/old")
     assert claimed.claimed_at is not None
+    await store.list_path("/old")
     tagged = write("/old", tags=("old",), keep=60)
     assert await store.commit(digest(1), "t", claimed.claimed_at, tagged) is Committed.STORED
     assert await store.invalidate(ByTag("old"), soft=True) == 1

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from redis.crc import key_slot
 
 from asgi_worker.codec import decode_snapshot, encode_snapshot
-from asgi_worker.keys import RedisKeys, RequestSnapshot, snapshot_from_scope
+from asgi_worker.keys import RedisKeys, RequestSnapshot, path_tag, snapshot_from_scope
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -172,6 +173,7 @@ def test_huge_query_string_gives_bounded_digest_and_key_names() -> None:
     keys = RedisKeys("aw")
     assert len(keys.response(value)) == len("aw:{}:resp") + 32
     assert len(keys.claim(value)) == len("aw:{}:claim") + 32
+    assert len(keys.path_index("/" + "a" * 65536)) == len("aw:{}:idx:") + 8 + 40
     assert len(keys.job_id(value, "0123456789abcdef")) == len("aw::") + 32 + 16
 
 
@@ -199,18 +201,35 @@ def test_host_header_wins_over_server() -> None:
     assert snapshot.host == "example.com"
 
 
-def test_redis_keys_share_one_hash_tag() -> None:
+def test_a_requests_keys_share_its_paths_slot() -> None:
+    # Every key one script touches must hash to one Cluster slot: the request's own keys
+    # and its path's index, stamp and durations (scripts.LOOKUP, COMMIT).
     keys = RedisKeys("myapp")
-    value = "0" * 32
-    assert keys.response(value) == "myapp:{" + value + "}:resp"
-    assert keys.claim(value) == "myapp:{" + value + "}:claim"
-    tags = {
-        re.search(r"\{([^}]*)\}", name).group(1)
-        for name in (keys.response(value), keys.claim(value))
-    }  # type: ignore[union-attr]
-    assert tags == {value}
-    assert keys.response(value) != keys.claim(value)
+    path = "/caf\u00e9/r\u00e9sum\u00e9 \udcff"
+    value = digest(path=path)
+    assert value.startswith(path_tag(path))
+    names = [
+        keys.response(value),
+        keys.fresh(value),
+        keys.claim(value),
+        keys.entry_stamp(value),
+        keys.path_index(path),
+        keys.path_stamp(path),
+        keys.durations(path),
+    ]
+    assert len({key_slot(name.encode("utf-8", "surrogatepass")) for name in names}) == 1
+    assert len(set(names)) == len(names)
+    assert keys.response(value) == "myapp:{" + value[:8] + "}" + value[8:] + ":resp"
+    # The path list's two sets share a slot; a tag's index and stamp share one.
+    assert key_slot(keys.paths().encode()) == key_slot(keys.paths_by_expiry().encode())
+    assert key_slot(keys.tag("t").encode()) == key_slot(keys.tag_stamp("t").encode())
     assert keys.job_id(value, "t1") != keys.job_id(value, "t2")
+
+
+def test_paths_sharing_a_hash_tag_keep_indexes_of_their_own() -> None:
+    keys = RedisKeys("aw")
+    assert keys.path_index("/a") != keys.path_index("/b")
+    assert keys.path_stamp("/a") != keys.path_stamp("/b")
 
 
 @pytest.mark.parametrize("path", ["/caf\udce9", "/\ud800", "/\udfff/x", "/\ud83d\ude00"])

@@ -8,40 +8,48 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from asgi_worker import Config
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.keys import RedisKeys
 from asgi_worker.near import NearCache
 
+from .conftest import backend
 from .test_freshness import Site, open_site
 
+# On the Cluster, events are heard through one node while commits publish on others.
+kind = pytest.fixture(params=["arq", "inline", "cluster"], name="kind")(backend)
 
-@pytest.fixture(params=["arq", "inline"])
-async def site(request: pytest.FixtureRequest, config: Config) -> AsyncIterator[Site]:
-    async for value in open_site(str(request.param), config, near_cache_ttl=0.5):
+
+@pytest.fixture
+async def site(kind: str, config: Config) -> AsyncIterator[Site]:
+    async for value in open_site(kind, config, near_cache_ttl=0.5):
         yield value
 
 
-async def remove_behind_its_back(redis: Redis, config: Config, digest: str) -> None:
+async def remove_behind_its_back(redis: Redis | RedisCluster, config: Config, digest: str) -> None:
     """Delete the entry in Redis without announcing it, as if it had expired there."""
     keys = RedisKeys(config.prefix)
     assert await redis.delete(keys.response(digest), keys.fresh(digest)) == 2
 
 
-async def digest_of_counter(redis: Redis, config: Config) -> str:
-    entries = [key async for key in redis.scan_iter(match=f"{config.prefix}:{{*}}:resp")]
+async def digest_of_counter(redis: Redis | RedisCluster, config: Config) -> str:
+    pattern = f"{config.prefix}:{{*}}*:resp"
+    entries = [key.decode() async for key in redis.scan_iter(match=pattern)]
     assert len(entries) == 1
-    return entries[0].decode().split("{")[1].split("}")[0]
+    named = entries[0][len(config.prefix) + 1 : -len(":resp")]
+    return named.replace("{", "").replace("}", "")
 
 
 async def test_hot_hits_are_served_in_process_for_the_micro_ttl(
-    site: Site, config: Config, redis: Redis
+    site: Site, config: Config, store_redis: Redis | RedisCluster
 ) -> None:
     await site.ready("/counter")  # that hit started the event listener
     await asyncio.sleep(0.1)  # subscribed by now: the near cache is in use
     await site.http.get("/counter")  # puts it in the near cache
-    await remove_behind_its_back(redis, config, await digest_of_counter(redis, config))
+    digest = await digest_of_counter(store_redis, config)
+    await remove_behind_its_back(store_redis, config, digest)
     near_hit = await site.http.get("/counter")
     assert (near_hit.status_code, near_hit.text) == (200, "run 1")
     await asyncio.sleep(0.55)

@@ -19,7 +19,11 @@ from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.testing import find_middleware
 from asgi_worker.waiting import Preference, parse_prefer
 
+from .conftest import WITH_CLUSTER, backend
 from .helpers import backend_config, serve
+
+# Every test here runs on the Cluster too.
+kind = pytest.fixture(params=WITH_CLUSTER, name="kind")(backend)
 
 
 @dataclass

@@ -33,6 +33,7 @@ import contextvars
 import dataclasses
 import logging
 import signal
+from functools import partial
 from typing import Any
 
 from arq.constants import (
@@ -142,6 +143,7 @@ class ReplayWorker(Worker):
         self._taker_of: JobTaker | None = None
         self._slot_freed = asyncio.Event()
         self._waiting_for_slot = False
+        self._failed_runs: list[BaseException] = []
         self._wait = 0.0  # before the next look (see `_look_at_queue`)
         # arq's poll loop sleeps what is left of `poll_delay` after each iteration; ours
         # sleeps inside the iteration (until woken), so the loop must not add to it.
@@ -200,12 +202,14 @@ class ReplayWorker(Worker):
             for job_id, score in taken.jobs:
                 await self._start(job_id, score)
             due_in_ms = taken.due_in_ms
+        elif wait > 0:
+            # Taking nothing (stopping: arq's signal handler turned `allow_pick_jobs` off),
+            # the loop still must not spin.
+            await asyncio.sleep(wait)
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
-        for job_id, task in list(self.tasks.items()):
-            if task.done():
-                del self.tasks[job_id]
-                task.result()  # an error of run_job itself ends the worker, as under arq
+        if self._failed_runs:
+            raise self._failed_runs[0]  # an error of run_job itself ends the worker, as arq's
         await self.heart_beat()
         # Burst mode ends once the queue is empty (arq's loop checks after each look): a
         # job ending may be the last, so it wakes the loop; else a short poll, as arq's.
@@ -222,12 +226,18 @@ class ReplayWorker(Worker):
         await self.sem.acquire()
         self.job_counter += 1
         task = self.loop.create_task(self.run_job(job_id, score))
-        task.add_done_callback(self._job_ended)
+        task.add_done_callback(partial(self._job_ended, job_id))
         self.tasks[job_id] = task
 
-    def _job_ended(self, _: asyncio.Task[None]) -> None:
+    def _job_ended(self, job_id: str, task: asyncio.Task[None]) -> None:
+        # Gone from `tasks` at once, not at the next look (arq's way), which may be seconds
+        # away: a worker told to stop waits until `tasks` is empty.
+        if self.tasks.get(job_id) is task:  # not a later run of the same job, taken again
+            del self.tasks[job_id]
         self._release_sem_dec_counter_on_complete()
         self._slot_freed.set()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._failed_runs.append(error)
 
     def _lease_ms(self) -> int:
         # arq's in-progress lifetime: a job whose worker died is taken again after it.

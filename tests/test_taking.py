@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -266,3 +267,23 @@ async def test_a_wait_ends_at_a_wake_token_and_takes_in_the_same_round_trip(
     assert await redis.llen(f"{queue_name}:wake") == 0
     await redis.delete(queue_name, in_progress_key_prefix + "job")
     await redis.aclose()
+
+
+async def test_a_worker_told_to_stop_stops_at_once_not_at_its_next_look(
+    server: OwnRedis, prefix: str
+) -> None:
+    # arq's stop waits until the worker's `tasks` is empty; a job that ended stayed there
+    # until the next look, up to IDLE_LOOK_EVERY later, under a BLPOP.
+    config = _config(server, prefix)
+    app = build_app(config)
+    worker = ReplayWorker(**worker_settings(app, config), handle_signals=False)
+    run = asyncio.create_task(worker.async_run())
+    async with _http(app) as http:
+        assert (await http.get("/echo?stop=1")).status_code == 202
+        await _until_ready(http, "/echo?stop=1", within=5)
+    await asyncio.sleep(0.2)  # idle, on the wake list
+    started = time.monotonic()
+    worker.handle_sig_wait_for_completion(signal.SIGTERM)
+    await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), IDLE_LOOK_EVERY + 2)
+    assert time.monotonic() - started < 1.0
+    await worker.close()

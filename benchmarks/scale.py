@@ -150,7 +150,7 @@ async def drain(kind: str, count: int, jobs: int, redis_url: str) -> dict[str, f
     }
 
 
-IDLE_SECONDS = 4.0
+IDLE_SECONDS = 6.0  # two idle looks (taking.IDLE_LOOK_EVERY)
 
 
 async def time_to_ready(kind: str, urls: int, redis_url: str) -> dict[str, float]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -33,6 +32,7 @@ from starlette.types import ASGIApp, Scope
 from .config import ConfigurationError
 from .observe import JobRecord, NoObserver, RequestRecord
 from .routes import DEFAULT_MAX_LABELS, RouteFunction, RouteLabels
+from .stats import seconds_past_due
 
 logger = logging.getLogger("asgi_worker")
 
@@ -294,6 +294,4 @@ async def _read_queue(redis: Any, queue_name: str) -> tuple[int, float | None]:
         pipeline.zcard(queue_name)
         pipeline.zrange(queue_name, 0, 0, withscores=True)
         depth, first = await pipeline.execute()
-    if not first:
-        return int(depth), None
-    return int(depth), max(0.0, time.time() - float(first[0][1]) / 1000)
+    return int(depth), seconds_past_due(first)

@@ -109,7 +109,7 @@ async def collect_stats(config: Config, store: Redis | RedisCluster, queue: Redi
         slowest=tuple(typical[:_SLOWEST]),
         worker_health=health.decode("utf-8", "replace") if health is not None else None,
         seconds=time.perf_counter() - began,
-        oldest_queued=_age(first),
+        oldest_queued=seconds_past_due(first),
     )
 
 
@@ -166,13 +166,18 @@ async def check_queue(
         queue=config.queue,
         worker_health=health.decode("utf-8", "replace") if health is not None else None,
         queued=int(queued),
-        oldest_queued=_age(first),
+        oldest_queued=seconds_past_due(first),
         max_age=max_age,
     )
 
 
-def _age(first: list[tuple[bytes, float]]) -> float | None:
-    """Seconds since the earliest-due job (arq scores jobs by due time, in ms) was due."""
+def seconds_past_due(first: list[tuple[bytes, float]]) -> float | None:
+    """Seconds since the earliest-due job (arq scores jobs by due time, in ms) was due.
+
+    `first` is the queue's first member with its score. A job being run is scored at the
+    end of its lease (`queue_scripts.TAKE`): only a job waiting for a worker, or whose
+    worker died, makes this grow.
+    """
     if not first:
         return None
     return max(0.0, time.time() - float(first[0][1]) / 1000)

@@ -11,9 +11,9 @@ import asyncio
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from asgi_worker.connections import NodeSubscriber, close_client, store_client
 from asgi_worker.events import EventListener
 from asgi_worker.keys import RedisKeys
 
-from .own_redis import OwnRedis
+from .own_redis import OwnRedis, wait_until
 
 READY_SECONDS = 20.0
 BUS_OFFSET = 10_000  # Redis Cluster's node-to-node bus listens on port + 10000
@@ -104,24 +104,17 @@ class OwnCluster:
 
     def wait_ok(self, within: float = READY_SECONDS) -> None:
         """Wait until every running node says `cluster_state:ok` and knows all slots."""
-        deadline = time.monotonic() + within
         for node in self.nodes:
             if node.process is None:
                 continue
             client = node.client()
             try:
-                while True:
-                    try:
-                        info = client.execute_command("CLUSTER INFO")  # parsed into a dict
-                        if info.get("cluster_state") == "ok" and (
-                            str(info.get("cluster_slots_ok")) == "16384"
-                        ):
-                            break
-                    except redis.RedisError:
-                        pass
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"cluster node {node.port} not ok within {within} s")
-                    time.sleep(0.05)
+                wait_until(
+                    partial(_knows_every_slot, client),
+                    f"cluster node {node.port} ok",
+                    within=within,
+                    step=0.05,
+                )
             finally:
                 client.close()
 
@@ -132,11 +125,12 @@ class OwnCluster:
         stay ok) until the others mark it failed and promote its replica.
         """
         running = {node.port for node in self.nodes if node.process is not None}
-        deadline = time.monotonic() + within
-        while not all(self._masters_seen(node) <= running for node in self.nodes if node.process):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the cluster did not settle within {within} s")
-            time.sleep(0.05)
+        wait_until(
+            lambda: all(self._masters_seen(node) <= running for node in self.nodes if node.process),
+            "the cluster settled",
+            within=within,
+            step=0.05,
+        )
         self.wait_ok(within)
 
     @staticmethod
@@ -215,3 +209,9 @@ async def cluster_listener(
     finally:
         await listener.close()
         await close_client(cluster)
+
+
+def _knows_every_slot(client: redis.Redis) -> bool:
+    """Whether `client`'s node says `cluster_state:ok` and serves every slot."""
+    info = client.execute_command("CLUSTER INFO")  # parsed into a dict
+    return info.get("cluster_state") == "ok" and str(info.get("cluster_slots_ok")) == "16384"

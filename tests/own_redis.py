@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -23,6 +23,41 @@ import redis
 from .processes import free_port
 
 READY_SECONDS = 10.0
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    what: str,
+    *,
+    within: float = READY_SECONDS,
+    process: subprocess.Popen[bytes] | None = None,
+    step: float = 0.02,
+) -> None:
+    """Poll `ready` until it is true; a Redis error counts as not yet.
+
+    Fails the test naming `what` after `within` seconds, or at once if `process` (the
+    server being waited for) has exited.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"{what}: the server exited with {process.returncode}")
+        try:
+            if ready():
+                return
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {within} s")
+        time.sleep(step)
+
+
+def wait_answering(client: redis.Redis, what: str, process: subprocess.Popen[bytes]) -> None:
+    """Wait until `client`'s server answers PING (`wait_until`); closes `client`."""
+    try:
+        wait_until(lambda: bool(client.ping()), f"{what} answering", process=process)
+    finally:
+        client.close()
 
 
 def server_binary() -> str:
@@ -68,21 +103,7 @@ class OwnRedis:
             stderr=subprocess.STDOUT,
         )
         client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + READY_SECONDS
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    pytest.fail(f"redis-server exited with {self.process.returncode}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"redis-server on port {self.port} not ready")
-                time.sleep(0.02)
-        finally:
-            client.close()
+        wait_answering(client, f"redis-server on port {self.port}", self.process)
 
     def extra_arguments(self) -> list[str]:
         """More redis-server arguments (a cluster node's, see own_cluster.py)."""

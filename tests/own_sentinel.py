@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +24,7 @@ from typing import IO, Any
 import pytest
 import redis
 
-from .own_redis import server_binary
+from .own_redis import server_binary, wait_answering, wait_until
 from .processes import free_port
 
 MASTER_NAME = "mymaster"
@@ -71,23 +71,8 @@ class _Process:
         )
 
     def wait_answering(self) -> None:
-        deadline = time.monotonic() + READY_SECONDS
-        client = self.client(0.5)
-        try:
-            while True:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    pytest.fail(f"{self.name} exited with {self.process.returncode}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{self.name} on port {self.port} not answering")
-                time.sleep(0.02)
-        finally:
-            client.close()
+        assert self.process is not None
+        wait_answering(self.client(0.5), f"{self.name} on port {self.port}", self.process)
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to anyone, connections just drop."""
@@ -318,17 +303,12 @@ class Topology:
                 return False
         return True
 
-    def _wait(self, ready: Any, what: str) -> None:
-        deadline = time.monotonic() + READY_SECONDS
-        while True:
-            try:
-                if ready():
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{what}: not within {READY_SECONDS}s\n{self.logs()}")
-            time.sleep(0.05)
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        try:
+            wait_until(ready, what, within=READY_SECONDS, step=0.05)
+        except pytest.fail.Exception:
+            print(self.logs())  # the servers' logs, shown with the failure
+            raise
 
 
 @contextmanager

@@ -19,7 +19,6 @@ What must hold (docs/sentinel.md):
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from asgi_worker.failover import FailoverWatch
 
 from .own_sentinel import MASTER_NAME, Topology, own_sentinel
 from .processes import Processes, asgi_worker_command, free_port, processes
+from .stack import environment
 
 pytestmark = pytest.mark.e2e
 
@@ -97,16 +97,7 @@ def running(
     topology: Topology, prefix: str, directory: Path, redis_url: str, *, worker: bool = True
 ) -> Iterator[Stack]:
     """uvicorn (and a worker) on `redis_url`; both stopped on the way out."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("ASGI_")}
-    env.update(
-        ASGI_WORKER_REDIS_URL=redis_url,
-        ASGI_WORKER_PREFIX=prefix,
-        ASGI_WORKER_TTL="60",
-        ASGI_WORKER_RETRY_AFTER="1",
-        ASGI_WORKER_EXCLUDE="/health",
-        ASGI_WORKER_REDIS_TIMEOUT=str(REDIS_TIMEOUT),
-        PYTHONUNBUFFERED="1",
-    )
+    env = environment(prefix, redis_url, redis_timeout=str(REDIS_TIMEOUT))
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     with processes(directory, env) as group:

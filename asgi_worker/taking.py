@@ -71,16 +71,13 @@ class JobTaker:
         # would ask SCRIPT EXISTS first on every execute, a round trip more.)
         # BLPOP takes a timeout in seconds with a resolution of 1 ms; 0 would block for
         # ever, so a wait is never shorter than that.
-        for attempt in (1, 2):
-            async with self.pool.pipeline(transaction=False) as pipe:
-                pipe.blpop([self._wake_key], timeout=max(0.001, wait))  # type: ignore[arg-type]
-                pipe.execute_command("EVALSHA", self._script.sha, 1, self._queue_name, *arguments)
-                _, reply = await pipe.execute(raise_on_error=False)
-            if not isinstance(reply, NoScriptError) or attempt == 2:
-                break
-            # Redis restarted, or never ran the take: load it, then take without waiting
-            # (the wait is over, and a job may have come).
-            await self.pool.script_load(TAKE)
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.blpop([self._wake_key], timeout=max(0.001, wait))  # type: ignore[arg-type]
+            pipe.execute_command("EVALSHA", self._script.sha, 1, self._queue_name, *arguments)
+            _, reply = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, NoScriptError):
+            # Redis restarted, or never ran the take: the script call loads it and takes
+            # now, without another wait (the wait is over, and a job may have come).
             return await self._script([self._queue_name], arguments)
         if isinstance(reply, Exception):
             raise reply

@@ -63,8 +63,9 @@ return due - now
 """
 )
 
-# KEYS: queue. ARGV: now ms (0: Redis's clock), most jobs to take, lease ms, in-progress
-# key prefix.
+# KEYS: queue. ARGV: now ms (0: Redis's clock), most jobs to take, lease ms, and arq's
+# in-progress key prefix, job key prefix, retry key prefix, retry key life (s), and
+# aborted set ('' if the worker does not abort jobs).
 # Takes up to that many due jobs for this worker: each gets its in-progress key (as arq's
 # own WATCH/MULTI per job sets it) and is rescored to the end of its lease, so that no
 # other worker's TAKE reads it again. Under arq's own polling every worker reads every due
@@ -75,9 +76,11 @@ return due - now
 # rescore) is rescored to its in-progress key's end, when it may be taken again anyway.
 # Redis's clock (see `_CLOCK`); and the take is sent before the worker's wait for a wake
 # token (taking.py), so only Redis knows when it runs.
-# Returns {id, score, id, score, ...} of the jobs taken (their scores before the lease),
-# and in how many ms the earliest job left is due (0: now; false: no job left), so that
-# the worker knows how long it may sleep.
+# Each job taken is read as arq's run_job reads it first (taking.ReadAnswered): the job,
+# its try counted, and whether it was aborted; so it runs with no further round trip.
+# Returns {id, score, job or false, try, aborted 0/1, ...} for the jobs taken (their scores
+# before the lease), and in how many ms the earliest job left is due (0: now; false: no
+# job left), so that the worker knows how long it may sleep.
 TAKE = (
     _CLOCK
     + """
@@ -89,15 +92,25 @@ local first = redis.call('ZRANGE', KEYS[1], 0, most, 'WITHSCORES')
 local taken, due_in = {}, false
 for i = 1, #first, 2 do
   local id, score = first[i], tonumber(first[i + 1])
-  if score > now or #taken == 2 * most then
+  if score > now or #taken == 5 * most then
     due_in = math.max(0, score - now)
     break
   end
   local in_progress = ARGV[4] .. id
   if redis.call('SET', in_progress, '1', 'NX', 'PX', lease) then
+    redis.call('ZADD', KEYS[1], 'XX', now + lease, id)
+    -- What arq's run_job reads first, in its own MULTI: the job, its try (counted), and
+    -- whether it was aborted.
+    local retry = ARGV[6] .. id
+    local tries = redis.call('INCR', retry)
+    redis.call('EXPIRE', retry, ARGV[7])
+    local aborted = 0
+    if ARGV[8] ~= '' then aborted = redis.call('ZREM', ARGV[8], id) end
     taken[#taken + 1] = id
     taken[#taken + 1] = first[i + 1]
-    redis.call('ZADD', KEYS[1], 'XX', now + lease, id)
+    taken[#taken + 1] = redis.call('GET', ARGV[5] .. id)
+    taken[#taken + 1] = tries
+    taken[#taken + 1] = aborted
   else
     redis.call('ZADD', KEYS[1], 'XX', now + math.max(1, redis.call('PTTL', in_progress)), id)
   end

@@ -17,14 +17,14 @@ from typing import Any
 import httpx
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
 from asgi_worker import Config
 from asgi_worker.completion import ReplayWorker
-from asgi_worker.taking import IDLE_LOOK_EVERY, JobTaker, Taken
+from asgi_worker.taking import IDLE_LOOK_EVERY, JobTaker, ReadAnswered, Taken, TakenJob
 from asgi_worker.worker import worker_settings
 
 from .helpers import BASE_URL, build_app
@@ -235,17 +235,18 @@ async def test_the_take_skips_jobs_in_progress_elsewhere_and_says_what_is_due(
     taker = JobTaker(redis, queue_name)
 
     first = await taker.take(1, now_ms=now, lease_ms=60_000)
-    assert first.jobs == [("b", now - 20)]
+    assert [(job.job_id, job.score) for job in first.jobs] == [("b", now - 20)]
     assert first.due_in_ms == 0  # read only `a` and `b`: `c` may be due, look again
     score_a = await redis.zscore(queue_name, "a")
     assert score_a is not None
     assert now + 2000 < score_a <= now + 3000  # a's lease end
 
     second = await taker.take(5, now_ms=now, lease_ms=60_000)
-    assert second.jobs == [("c", now - 10)]
+    assert [(job.job_id, job.score) for job in second.jobs] == [("c", now - 10)]
     assert second.due_in_ms == int(score_a) - now  # `a` comes due first, then `d`
     assert await taker.take(5, now_ms=now, lease_ms=60_000) == Taken([], int(score_a) - now)
     await redis.delete(queue_name, *(in_progress_key_prefix + job for job in "abcd"))
+    await redis.delete(*(retry_key_prefix + job for job in "bc"))
     await redis.aclose()
 
 
@@ -263,9 +264,9 @@ async def test_a_wait_ends_at_a_wake_token_and_takes_in_the_same_round_trip(
     started = time.monotonic()
     taken = await taker.take(5, lease_ms=60_000, wait=5.0)
     assert time.monotonic() - started < 1.0
-    assert [job for job, _ in taken.jobs] == ["job"]
+    assert [job.job_id for job in taken.jobs] == ["job"]
     assert await redis.llen(f"{queue_name}:wake") == 0
-    await redis.delete(queue_name, in_progress_key_prefix + "job")
+    await redis.delete(queue_name, in_progress_key_prefix + "job", retry_key_prefix + "job")
     await redis.aclose()
 
 
@@ -287,3 +288,79 @@ async def test_a_worker_told_to_stop_stops_at_once_not_at_its_next_look(
     await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), IDLE_LOOK_EVERY + 2)
     assert time.monotonic() - started < 1.0
     await worker.close()
+
+
+async def test_the_take_reads_each_job_as_arqs_run_job_would(server: OwnRedis, prefix: str) -> None:
+    queue_name = f"{prefix}:queue"
+    ids = [f"{prefix}:{name}" for name in ("kept", "gone", "aborted")]
+    kept, gone, aborted = ids
+    redis = ArqRedis.from_url(server.url)
+    now = timestamp_ms()
+    await redis.zadd(queue_name, {job_id: now - 10 for job_id in ids})
+    await redis.set(job_key_prefix + kept, b"the job")
+    await redis.set(job_key_prefix + aborted, b"another job")
+    await redis.set(retry_key_prefix + kept, 2)  # run twice already, by workers that died
+    await redis.zadd(abort_jobs_ss, {aborted: now})
+
+    taken = await JobTaker(redis, queue_name, read_aborts=True).take(5, lease_ms=60_000)
+
+    by_id = {job.job_id: job for job in taken.jobs}
+    assert (by_id[kept].payload, by_id[kept].tries, by_id[kept].aborted) == (b"the job", 3, False)
+    assert (by_id[gone].payload, by_id[gone].tries) == (None, 1)  # expired: arq fails it
+    assert by_id[aborted].aborted
+    assert await redis.zscore(abort_jobs_ss, aborted) is None  # as arq's read removes it
+    assert 88000 < await redis.ttl(retry_key_prefix + kept) <= 88400  # arq's retry key life
+    await redis.delete(
+        queue_name,
+        *(key + job_id for job_id in ids for key in (job_key_prefix, retry_key_prefix)),
+        *(in_progress_key_prefix + job_id for job_id in ids),
+    )
+    await redis.aclose()
+
+
+async def test_a_job_starts_without_a_read_of_its_own(
+    server: OwnRedis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # arq's run_job reads each job in a MULTI of its own, and its end is another: the take
+    # answers the read, so each job is one MULTI (its end, with the commit) and no more.
+    config = _config(server, prefix)
+    app = build_app(config)
+    redis = Redis.from_url(server.url)
+    urls = [f"/echo?read={n}" for n in range(20)]
+    async with _workers(app, config) as workers, _http(app) as http:
+        await _started_idle(workers)
+        before = await _multi_count(redis)
+        for url in urls:
+            assert (await http.get(url)).status_code == 202
+            await _until_ready(http, url, within=5)
+        assert await _multi_count(redis) - before == len(urls)
+    assert workers[0].jobs_complete == len(urls)
+    assert "is not the take's" not in caplog.text
+    await redis.aclose()
+
+
+async def _multi_count(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_multi", {}).get("calls", 0))
+
+
+async def test_a_read_the_take_did_not_expect_goes_to_redis(
+    server: OwnRedis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Should an arq release read a job differently, the job still gets Redis's answers.
+    redis = ArqRedis.from_url(server.url)
+    job_id = f"{prefix}:job"
+    await redis.set(job_key_prefix + job_id, b"stored")
+    used: list[bool] = []
+    read = TakenJob(job_id, 0, b"from the take", 1, aborted=False)
+    pool = ReadAnswered(redis, read, lambda: used.append(True))
+    async with pool.pipeline(transaction=True) as pipe:
+        pipe.get(job_key_prefix + job_id)
+        pipe.exists(job_key_prefix + job_id)
+        replies = await pipe.execute()
+    assert used == [True]
+    assert replies == [b"stored", 1]
+    assert "is not the take's" in caplog.text
+    assert await pool.get(job_key_prefix + job_id) == b"stored"  # the rest: the pool's
+    await redis.delete(job_key_prefix + job_id)
+    await redis.aclose()

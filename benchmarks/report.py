@@ -32,7 +32,7 @@ PEERS = ("fastapi-cache2", "cashews", "cashews (protected=False)")
 TARGET_PEERS = ("fastapi-cache2", "cashews")  # with their defaults
 HIT_TARGET = 0.9
 WORKER_TARGET = 0.7
-TTR_TARGET_MS = 20.0
+TTR_TARGET_MS = 3.0
 STORAGE_TARGET = 256
 # The reference ratios (wrk -c32), for comparison only.
 REFERENCE = {
@@ -366,13 +366,13 @@ def _throughput(results: dict[str, Any]) -> list[str]:
 
 
 def _ttr(t: dict[str, Any]) -> list[str]:
-    return [
+    rows = [
         "## Time-to-ready",
         "",
-        f"A real `asgi-worker worker` with the default `Config` (only `prefix` set; "
-        f"`poll_delay` 0.01 s), a trivial endpoint, {t['urls']} cold URLs one after the other "
-        f"(a random 0-20 ms pause between them). Clock: from sending the first GET (202) to "
-        f"receiving the first 200; the client polls every {t['poll_interval_ms']:g} ms.",
+        f"A real `asgi-worker worker` with the default `Config` (only `prefix` set), a "
+        f"trivial endpoint, {t['urls']} cold URLs one after the other (a random 0-20 ms "
+        f"pause between them). Clock: from sending the first GET (202) to receiving the "
+        f"first 200; the client polls every {t['poll_interval_ms']:g} ms.",
         "",
         "| p50 | p95 | p99 | min | max |",
         "| --- | --- | --- | --- | --- |",
@@ -380,6 +380,15 @@ def _ttr(t: dict[str, Any]) -> list[str]:
         f"| {t['min_ms']:.1f} ms | {t['max_ms']:.1f} ms |",
         "",
     ]
+    if "floor_p50_ms" in t:
+        rows += [
+            f"Ready by the client's first poll: {t['first_poll_share']:.0%} of the URLs. "
+            f"What this client could not beat had the response been there at once (the "
+            f"202's round trip, one pause, the 200's round trip), p50: "
+            f"{t['floor_p50_ms']:.1f} ms.",
+            "",
+        ]
+    return rows
 
 
 def _worker(w: dict[str, Any]) -> list[str]:

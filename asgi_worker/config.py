@@ -28,6 +28,16 @@ _URL_SCHEMES = _REDIS_SCHEMES | _SENTINEL_SCHEMES | _CLUSTER_SCHEMES
 _SENTINEL_PORT = 26379
 _REDIS_PORT = 6379
 _SENTINEL_PARAMETERS = ("sentinel_password", "sentinel_username")
+# TLS query parameters of rediss+sentinel:// and rediss+cluster:// URLs, named as redis-py
+# names them in its own rediss:// URLs (see `TLSOptions`).
+_TLS_PARAMETERS = (
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+)
+_CERT_REQS = ("required", "optional", "none")
 # Query parameters whose value display_url masks (redis-py takes `?password=` too).
 _SECRET_PARAMETERS = frozenset({"password", "sentinel_password"})
 # Credentials make a response private to one client: a shared cache must not key on them
@@ -372,11 +382,39 @@ def display_url(url: str) -> str:
         parts = parts._replace(netloc=f"{user}:***@{host}")
     if secret_parameter:
         masked = [(n, "***" if n in _SECRET_PARAMETERS else v) for n, v in pairs]
-        parts = parts._replace(query=urlencode(masked, safe="*"))
+        parts = parts._replace(query=urlencode(masked, safe="*/"))  # paths stay readable
     # Not geturl(): it drops the "//" of an empty host (unix:///path).
     query = f"?{parts.query}" if parts.query else ""
     fragment = f"#{parts.fragment}" if parts.fragment else ""
     return f"{parts.scheme}://{parts.netloc}{parts.path}{query}{fragment}"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSOptions:
+    """How a `rediss+sentinel://` or `rediss+cluster://` client checks its servers.
+
+    Taken from the URL's `ssl_*` query parameters (the names redis-py gives them in its
+    own `rediss://` URLs). They apply to every server the URL leads to alike: each
+    Sentinel and the master, or each Cluster node. `connections.tls_kwargs` turns them
+    into redis-py's keyword arguments.
+    """
+
+    ca_certs: str | None = None
+    """`ssl_ca_certs`: path of a CA bundle (PEM) the servers' certificates must chain to,
+    instead of the system's CAs: for a private CA."""
+    certfile: str | None = None
+    """`ssl_certfile`: path of the client certificate (PEM) shown to the servers, for
+    servers with `tls-auth-clients yes`. Given with `keyfile`."""
+    keyfile: str | None = None
+    """`ssl_keyfile`: path of the client certificate's private key (PEM)."""
+    cert_reqs: str = "required"
+    """`ssl_cert_reqs`: `required` (a server whose certificate does not verify is refused),
+    `optional` or `none` (not checked: the traffic is encrypted, but any server is
+    trusted)."""
+    check_hostname: bool = False
+    """`ssl_check_hostname`: the server's certificate must also name the host connected to
+    (as the URL or the Sentinels give it, often an IP address). Off by default, as in
+    redis-py 5."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,8 +432,14 @@ class SentinelURL:
     """For the master (and its replicas), not for the Sentinels."""
     sentinel_username: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
-    ssl: bool = False
-    """`rediss+sentinel://`: TLS to the Sentinels and to the master."""
+    tls: TLSOptions | None = None
+    """`rediss+sentinel://`: TLS to the Sentinels and to the master, as these options say;
+    None for `redis+sentinel://`."""
+
+    @property
+    def ssl(self) -> bool:
+        """True for `rediss+sentinel://`: TLS to the Sentinels and to the master."""
+        return self.tls is not None
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -408,8 +452,9 @@ def parse_sentinel_url(url: str) -> SentinelURL:
 
     Ports default to 26379. Query parameters: `sentinel_password` and
     `sentinel_username`, the Sentinels' own credentials (the ones before the `@` are the
-    master's). Raises `ValueError` saying what is wrong; its message never holds a
-    password.
+    master's); with `rediss+sentinel://`, the `ssl_*` ones of `TLSOptions`, for the
+    Sentinels and the master alike. Raises `ValueError` saying what is wrong; its message
+    never holds a password.
     """
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in _SENTINEL_SCHEMES:
@@ -427,12 +472,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         raise ValueError("needs the master's name after the hosts: .../mymaster or .../mymaster/0")
     if len(names) > 2 or (len(names) == 2 and not names[1].isdigit()):
         raise ValueError("path must be /<master name> or /<master name>/<db number>")
-    options: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name not in _SENTINEL_PARAMETERS:
-            supported = ", ".join(_SENTINEL_PARAMETERS)
-            raise ValueError(f"has an unknown query parameter {name!r} (supported: {supported})")
-        options[name] = value
+    options = _query(query, _SENTINEL_PARAMETERS)
     return SentinelURL(
         sentinels=sentinels,
         master=names[0],
@@ -441,7 +481,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         password=password,
         sentinel_username=options.get("sentinel_username") or None,
         sentinel_password=options.get("sentinel_password"),
-        ssl=scheme.lower() == "rediss+sentinel",
+        tls=_tls_options(scheme.lower(), options),
     )
 
 
@@ -453,8 +493,14 @@ class ClusterURL:
     """Startup nodes, as (host, port): any reachable one tells the client the rest."""
     username: str | None = None
     password: str | None = field(default=None, repr=False)
-    ssl: bool = False
-    """`rediss+cluster://`: TLS to every node."""
+    tls: TLSOptions | None = None
+    """`rediss+cluster://`: TLS to every node, as these options say; None for
+    `redis+cluster://`."""
+
+    @property
+    def ssl(self) -> bool:
+        """True for `rediss+cluster://`: TLS to every node."""
+        return self.tls is not None
 
 
 def is_cluster_url(url: str) -> bool:
@@ -478,22 +524,82 @@ def _credentials(netloc: str) -> tuple[str | None, str | None, str]:
 def parse_cluster_url(url: str) -> ClusterURL:
     """Take apart `redis+cluster://[user:password@]host1[:port1][,host2[:port2]...][/]`.
 
-    Ports default to 6379. A Cluster has one database: the path may only be `/` or `/0`;
-    no query parameter is accepted. Raises `ValueError` saying what is wrong; its message
-    never holds a password.
+    Ports default to 6379. A Cluster has one database: the path may only be `/` or `/0`.
+    The only query parameters are the `ssl_*` ones of `TLSOptions`, with
+    `rediss+cluster://`. Raises `ValueError` saying what is wrong; its message never holds
+    a password.
     """
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in _CLUSTER_SCHEMES:
         raise ValueError("is not a redis+cluster:// or rediss+cluster:// URL")
-    if "?" in rest or "#" in rest:
-        raise ValueError("takes no ?query or #fragment")
+    if "#" in rest:
+        raise ValueError("has a #fragment; a Cluster URL takes none")
+    rest, _, query = rest.partition("?")
+    options = _query(query, ())
     netloc, _, path = rest.partition("/")
     if path not in ("", "0"):
         raise ValueError("has a database; a Cluster has only database 0 (end the URL with /)")
     username, password, hosts = _credentials(netloc)
     nodes = tuple(_address(entry, _REDIS_PORT, "node") for entry in hosts.split(","))
     return ClusterURL(
-        nodes=nodes, username=username, password=password, ssl=scheme.lower() == "rediss+cluster"
+        nodes=nodes,
+        username=username,
+        password=password,
+        tls=_tls_options(scheme.lower(), options),
+    )
+
+
+def _query(query: str, own: tuple[str, ...]) -> dict[str, str]:
+    """A Sentinel or Cluster URL's query parameters: `own` ones and the TLS ones."""
+    supported = (*own, *_TLS_PARAMETERS)
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in supported:
+            listed = ", ".join(supported)
+            raise ValueError(f"has an unknown query parameter {name!r} (supported: {listed})")
+        options[name] = value
+    return options
+
+
+def _tls_options(scheme: str, options: Mapping[str, str]) -> TLSOptions | None:
+    """The `ssl_*` parameters in `options`, checked: None for a scheme without TLS."""
+    given = {name: value for name, value in options.items() if name in _TLS_PARAMETERS}
+    if not scheme.startswith("rediss+"):
+        if given:
+            secure = scheme.replace("redis+", "rediss+", 1)
+            raise ValueError(
+                f"has {next(iter(given))!r}, a TLS parameter, but {scheme}:// is not TLS "
+                f"(use {secure}://)"
+            )
+        return None
+    for name, value in given.items():
+        if not value:
+            raise ValueError(f"has an empty {name!r}")
+    cert_reqs = given.get("ssl_cert_reqs", "required").lower()
+    if cert_reqs not in _CERT_REQS:
+        raise ValueError(
+            f"has ssl_cert_reqs={given['ssl_cert_reqs']!r}; it takes {', '.join(_CERT_REQS)}"
+        )
+    check_hostname = given.get("ssl_check_hostname", "false").lower()
+    if check_hostname not in _TRUE | _FALSE:
+        raise ValueError(
+            f"has ssl_check_hostname={given['ssl_check_hostname']!r}; it takes true or false"
+        )
+    if check_hostname in _TRUE and cert_reqs == "none":
+        raise ValueError(
+            "has ssl_check_hostname=true with ssl_cert_reqs=none: a certificate that is not "
+            "verified names no host"
+        )
+    if ("ssl_certfile" in given) != ("ssl_keyfile" in given):
+        raise ValueError(
+            "has only one of ssl_certfile and ssl_keyfile; a client certificate needs both"
+        )
+    return TLSOptions(
+        ca_certs=given.get("ssl_ca_certs"),
+        certfile=given.get("ssl_certfile"),
+        keyfile=given.get("ssl_keyfile"),
+        cert_reqs=cert_reqs,
+        check_hostname=check_hostname in _TRUE,
     )
 
 
@@ -532,7 +638,8 @@ def _check_url(url: Any, name: str, plain: str) -> None:
         except ValueError as error:
             raise ConfigurationError(
                 f"Config.{name} {display_url(url)!r} {error}. Expected "
-                "redis+cluster://[user:password@]host1:6379[,host2:6379...]/",
+                "redis+cluster://[user:password@]host1:6379[,host2:6379...]/"
+                "[?ssl_ca_certs=... with rediss+cluster://]",
                 field=name,
             ) from None
     if scheme in _SENTINEL_SCHEMES:
@@ -542,7 +649,7 @@ def _check_url(url: Any, name: str, plain: str) -> None:
             raise ConfigurationError(
                 f"Config.{name} {display_url(url)!r} {error}. Expected "
                 "redis+sentinel://[user:password@]host1:26379,host2:26379/mymaster[/db]"
-                "[?sentinel_password=...]",
+                "[?sentinel_password=...][&ssl_ca_certs=... with rediss+sentinel://]",
                 field=name,
             ) from None
 

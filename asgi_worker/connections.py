@@ -48,6 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .config import (
     Config,
     SentinelURL,
+    TLSOptions,
     display_url,
     is_cluster_url,
     is_sentinel_url,
@@ -57,6 +58,25 @@ from .config import (
 
 # How long a pooled connection may sit idle before its next use PINGs it first.
 _HEALTH_CHECK_SECONDS = 15
+
+
+def tls_kwargs(tls: TLSOptions | None) -> dict[str, Any]:
+    """redis-py's keyword arguments for connecting with `tls` (None: no TLS).
+
+    One set of names serves every client built for a Sentinel or Cluster URL: `Redis`
+    (a Sentinel, a Cluster node), a Sentinel's `sentinel_kwargs`, the master's
+    `SentinelConnectionPool`, `RedisCluster`, and arq's `RedisSettings`.
+    """
+    if tls is None:
+        return {"ssl": False}
+    return {
+        "ssl": True,
+        "ssl_ca_certs": tls.ca_certs,
+        "ssl_certfile": tls.certfile,
+        "ssl_keyfile": tls.keyfile,
+        "ssl_cert_reqs": tls.cert_reqs,
+        "ssl_check_hostname": tls.check_hostname,
+    }
 
 
 class BufferCheckingPool(ConnectionPool):
@@ -292,7 +312,7 @@ def cluster_client(url: str, config: Config, *, read_timeout: bool = True) -> Re
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         username=target.username,
         password=target.password,
-        ssl=target.ssl,
+        **tls_kwargs(target.tls),
         socket_timeout=config.redis_timeout if read_timeout else None,
         socket_connect_timeout=config.redis_timeout,
         socket_keepalive=True,
@@ -351,7 +371,7 @@ class NodeSubscriber:
             port=int(node.port),
             username=target.username,
             password=target.password,
-            ssl=target.ssl,
+            **tls_kwargs(target.tls),
             socket_connect_timeout=self._timeout,
             socket_keepalive=True,
             health_check_interval=_HEALTH_CHECK_SECONDS,
@@ -368,7 +388,7 @@ def _sentinel_pool(target: SentinelURL, config: Config, options: dict[str, Any])
         sentinel_kwargs={
             "username": target.sentinel_username,
             "password": target.sentinel_password,
-            "ssl": target.ssl,
+            **tls_kwargs(target.tls),
             "socket_timeout": config.redis_timeout,
             "socket_connect_timeout": config.redis_timeout,
             "socket_keepalive": True,
@@ -382,7 +402,7 @@ def _sentinel_pool(target: SentinelURL, config: Config, options: dict[str, Any])
         db=target.db,
         username=target.username,
         password=target.password,
-        ssl=target.ssl,
+        **tls_kwargs(target.tls),
         **options,
     )
     pool.sentinel_url = target

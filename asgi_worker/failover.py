@@ -40,7 +40,7 @@ from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import SentinelURL
-from .connections import SentinelPool
+from .connections import SentinelPool, tls_kwargs
 
 logger = logging.getLogger("asgi_worker")
 
@@ -128,7 +128,7 @@ class FailoverWatch:
             port=port,
             username=target.sentinel_username,
             password=target.sentinel_password,
-            ssl=target.ssl,
+            **tls_kwargs(target.tls),
             # No read timeout: the subscription sits idle between failovers. Keepalives
             # find a dead Sentinel; the other Sentinels announce the switch too.
             socket_connect_timeout=self._connect_timeout,

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .completion import hand_off
 from .config import Config, ConfigurationError, is_sentinel_url, parse_sentinel_url
-from .connections import close_client, redis_client, store_client
+from .connections import close_client, redis_client, store_client, tls_kwargs
 from .discovery import config_mismatch, find_config
 from .failover import FailoverWatch
 from .instrument import observer_for
@@ -202,7 +202,8 @@ def _redis_settings(config: Config) -> RedisSettings:
             database=target.db,
             username=target.username,
             password=target.password,
-            ssl=target.ssl,
+            # arq's own Sentinel client takes only `ssl` of these (arq 0.28).
+            **tls_kwargs(target.tls),
         )
     else:
         settings = RedisSettings.from_dsn(url)

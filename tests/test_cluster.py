@@ -16,7 +16,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_worker import Config
-from asgi_worker.config import ConfigurationError, display_url, parse_cluster_url
+from asgi_worker.config import ConfigurationError, TLSOptions, display_url, parse_cluster_url
 from asgi_worker.connections import close_client, store_client
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.keys import RedisKeys
@@ -48,7 +48,10 @@ def test_a_cluster_url_without_a_queue_redis_is_a_clear_error() -> None:
         ("redis_url", "redis+cluster://h:7000/3", "only database 0"),
         ("redis_url", "redis+cluster://h:notaport/", "bad node port"),
         ("redis_url", "redis+cluster://h:7000,/", "no empty one"),
-        ("redis_url", "redis+cluster://h:7000/?x=1", r"no \?query"),
+        ("redis_url", "redis+cluster://h:7000/?x=1", "unknown query parameter 'x'"),
+        ("redis_url", "redis+cluster://h:7000/#x", "has a #fragment"),
+        ("redis_url", "redis+cluster://h:7000/?ssl_ca_certs=/ca", r"use rediss\+cluster://"),
+        ("redis_url", "rediss+cluster://h:7000/?ssl_cert_reqs=no", "it takes required"),
     ],
 )
 def test_a_malformed_cluster_url_names_the_field(field: str, url: str, problem: str) -> None:
@@ -66,6 +69,12 @@ def test_a_cluster_url_is_taken_apart_and_its_password_masked() -> None:
     assert (target.username, target.password, target.ssl) == ("user", "s@cret", True)
     assert "s%40cret" not in display_url(url)
     assert "***" in display_url(url)
+    assert target.tls == TLSOptions()
+    assert parse_cluster_url("redis+cluster://a/").tls is None
+    secure = parse_cluster_url(
+        "rediss+cluster://a:7000/?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem"
+    )
+    assert secure.tls == TLSOptions(ca_certs="/ca.pem", certfile="/c.pem", keyfile="/k.pem")
 
 
 async def test_requests_spread_over_every_master_and_invalidate_across_them(

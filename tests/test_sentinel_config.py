@@ -13,7 +13,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from asgi_worker import Config, ConfigurationError
-from asgi_worker.config import SentinelURL, display_url, parse_sentinel_url
+from asgi_worker.config import SentinelURL, TLSOptions, display_url, parse_sentinel_url
 from asgi_worker.connections import BufferCheckingPool, NewestSentinel, SentinelPool, redis_client
 from asgi_worker.failover import FailoverWatch
 from asgi_worker.worker import _redis_settings, worker_settings
@@ -43,8 +43,29 @@ from .helpers import build_app
                 password="p@ss",
                 sentinel_username="watcher",
                 sentinel_password="s&p",
-                ssl=True,
+                tls=TLSOptions(),
             ),
+        ),
+        (
+            "rediss+sentinel://h1/m?ssl_ca_certs=/etc/ca.pem&ssl_certfile=/c.pem"
+            "&ssl_keyfile=/k.pem&ssl_cert_reqs=Optional&ssl_check_hostname=yes"
+            "&sentinel_password=spw",
+            SentinelURL(
+                sentinels=(("h1", 26379),),
+                master="m",
+                sentinel_password="spw",
+                tls=TLSOptions(
+                    ca_certs="/etc/ca.pem",
+                    certfile="/c.pem",
+                    keyfile="/k.pem",
+                    cert_reqs="optional",
+                    check_hostname=True,
+                ),
+            ),
+        ),
+        (
+            "rediss+sentinel://h1/m?ssl_cert_reqs=none&ssl_check_hostname=false",
+            SentinelURL(sentinels=(("h1", 26379),), master="m", tls=TLSOptions(cert_reqs="none")),
         ),
         (
             "REDIS+SENTINEL://:only-password@h/m/1",
@@ -72,6 +93,21 @@ def test_sentinel_urls_are_taken_apart(url: str, parsed: SentinelURL) -> None:
         ("redis+sentinel://[::1/m", "malformed IPv6 Sentinel address"),
         ("redis+sentinel://h1/m?db=2", "unknown query parameter 'db'"),
         ("redis+sentinel://h1/m#x", "has a #fragment"),
+        (
+            "redis+sentinel://h1/m?ssl_ca_certs=/ca.pem",
+            "has 'ssl_ca_certs', a TLS parameter, but redis+sentinel:// is not TLS "
+            "(use rediss+sentinel://)",
+        ),
+        ("rediss+sentinel://h1/m?ssl_cert_reqs=maybe", "ssl_cert_reqs='maybe'; it takes required"),
+        ("rediss+sentinel://h1/m?ssl_check_hostname=sure", "it takes true or false"),
+        ("rediss+sentinel://h1/m?ssl_ca_certs=", "has an empty 'ssl_ca_certs'"),
+        ("rediss+sentinel://h1/m?ssl_certfile=/c.pem", "only one of ssl_certfile and"),
+        ("rediss+sentinel://h1/m?ssl_keyfile=/k.pem", "only one of ssl_certfile and"),
+        (
+            "rediss+sentinel://h1/m?ssl_cert_reqs=none&ssl_check_hostname=1",
+            "ssl_check_hostname=true with ssl_cert_reqs=none",
+        ),
+        ("rediss+sentinel://h1/m?ssl_ca_cert=/ca.pem", "unknown query parameter 'ssl_ca_cert'"),
     ],
 )
 def test_malformed_sentinel_urls_are_refused_saying_why(url: str, says: str) -> None:
@@ -89,6 +125,8 @@ def test_refusals_never_show_a_password() -> None:
     for url in (
         "redis+sentinel://u:hunter22@h1:bad/m",
         "redis+sentinel://h1/m?sentinel_password=hunter22&nope=1",
+        "redis+sentinel://:hunter22@h1/m?sentinel_password=hunter22&ssl_ca_certs=/ca",
+        "rediss+sentinel://:hunter22@h1/m?sentinel_password=hunter22&ssl_cert_reqs=x",
         "amqp://u:hunter22@h/0",
     ):
         with pytest.raises(ConfigurationError) as raised:
@@ -128,7 +166,10 @@ def test_repr_masks_the_sentinel_password() -> None:
 
 
 async def test_a_sentinel_url_gives_a_checking_pool_on_the_master_with_our_settings() -> None:
-    url = "rediss+sentinel://u:pw@h1:26379,h2:26380/mymaster/2?sentinel_password=spw"
+    url = (
+        "rediss+sentinel://u:pw@h1:26379,h2:26380/mymaster/2?sentinel_password=spw"
+        "&ssl_ca_certs=/ca.pem"
+    )
     config = Config(redis_url=url, redis_timeout=1.5)
     client = redis_client(url, config, read_timeout=False)
     pool = client.connection_pool
@@ -138,6 +179,7 @@ async def test_a_sentinel_url_gives_a_checking_pool_on_the_master_with_our_setti
         assert (
             pool.shown_url
             == "rediss+sentinel://u:***@h1:26379,h2:26380/mymaster/2?sentinel_password=***"
+            "&ssl_ca_certs=/ca.pem"
         )
         assert pool.service_name == "mymaster"
         assert pool.is_master
@@ -163,6 +205,9 @@ async def test_a_sentinel_url_gives_a_checking_pool_on_the_master_with_our_setti
         sentinel_kwargs = manager.sentinels[0].connection_pool.connection_kwargs
         assert sentinel_kwargs["password"] == "spw"  # the Sentinels' own, not the master's
         assert sentinel_kwargs["socket_timeout"] == 1.5
+        # TLS as the URL says, to the master and to the Sentinels alike.
+        for tls in (kwargs, sentinel_kwargs):
+            assert (tls["ssl_ca_certs"], tls["ssl_cert_reqs"]) == ("/ca.pem", "required")
     finally:
         await client.aclose(close_connection_pool=True)
 
@@ -180,6 +225,9 @@ def test_the_worker_builds_arqs_pool_itself_with_retries_on_sentinel() -> None:
     assert arq_settings.sentinel is True
     assert arq_settings.host == [("h1", 26379), ("h2", 26380)]
     assert (arq_settings.sentinel_master, arq_settings.database) == ("mymaster", 1)
+    assert arq_settings.ssl is False
+    secure = Config(redis_url="rediss+sentinel://h1/m?ssl_ca_certs=/ca.pem", prefix="p")
+    assert (_redis_settings(secure).ssl, _redis_settings(secure).ssl_ca_certs) == (True, "/ca.pem")
 
 
 def test_a_watch_is_only_made_for_sentinel_pools() -> None:

@@ -2,7 +2,9 @@
 
 Three masters, not one: a script may touch keys of other slots held by the *same* node
 without an error, so a one-master cluster would hide every cross-slot mistake. The nodes
-run without persistence and are always stopped (by PID) on the way out.
+run without persistence and are always stopped (by PID) on the way out. With `tls`
+(own_redis.ServerTLS) the nodes listen, and talk to each other on the cluster bus, over
+TLS only; `url` is then a `rediss+cluster://` URL.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from asgi_worker.connections import NodeSubscriber, close_client, store_client
 from asgi_worker.events import EventListener
 from asgi_worker.keys import RedisKeys
 
-from .own_redis import OwnRedis, wait_until
+from .own_redis import OwnRedis, ServerTLS, wait_until
 
 READY_SECONDS = 20.0
 BUS_OFFSET = 10_000  # Redis Cluster's node-to-node bus listens on port + 10000
@@ -55,12 +57,13 @@ def _free_cluster_port(taken: set[int]) -> int:
 class ClusterNode(OwnRedis):
     """One cluster-enabled redis-server."""
 
-    def __init__(self, directory: Path, taken: set[int]) -> None:
-        super().__init__(directory, _free_cluster_port(taken))
+    def __init__(self, directory: Path, taken: set[int], tls: ServerTLS | None = None) -> None:
+        super().__init__(directory, _free_cluster_port(taken), tls=tls)
         self.node_conf = directory / f"nodes-{self.port}.conf"
 
     def extra_arguments(self) -> list[str]:
         return [
+            *(["--tls-cluster", "yes"] if self.tls else []),
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -78,18 +81,27 @@ class ClusterNode(OwnRedis):
 class OwnCluster:
     """Masters first, then their replicas; `url` is the `redis+cluster://` URL of all."""
 
-    def __init__(self, directory: Path, masters: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        masters: int = 3,
+        replicas: int = 0,
+        tls: ServerTLS | None = None,
+    ) -> None:
         taken: set[int] = set()
-        self.nodes = [ClusterNode(directory, taken) for _ in range(masters * (1 + replicas))]
+        self.nodes = [ClusterNode(directory, taken, tls) for _ in range(masters * (1 + replicas))]
         self.replicas = replicas
+        self.tls = tls
         hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
-        self.url = f"redis+cluster://{hosts}/"
+        self.url = (
+            f"rediss+cluster://{hosts}/?{tls.query()}" if tls else f"redis+cluster://{hosts}/"
+        )
 
     def start(self) -> None:
         for node in self.nodes:
             node.start()
         command = [
-            _cli(),
+            *self._cli(),
             "--cluster",
             "create",
             *(f"127.0.0.1:{node.port}" for node in self.nodes),
@@ -146,7 +158,13 @@ class OwnCluster:
     def cli(self, *arguments: str, timeout: float = 60) -> str:
         """Run `redis-cli --cluster <arguments>` against the first running node."""
         node = next(node for node in self.nodes if node.process is not None)
-        command = [_cli(), "--cluster", arguments[0], f"127.0.0.1:{node.port}", *arguments[1:]]
+        command = [
+            *self._cli(),
+            "--cluster",
+            arguments[0],
+            f"127.0.0.1:{node.port}",
+            *arguments[1:],
+        ]
         done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
         if done.returncode != 0:
             pytest.fail(f"{command} failed: {done.stdout!r} {done.stderr!r}")
@@ -156,17 +174,28 @@ class OwnCluster:
         for node in self.nodes:
             node.stop()
 
-
-def _cli() -> str:
-    binary = shutil.which("redis-cli")
-    assert binary is not None, "redis-cli is not installed"
-    return binary
+    def _cli(self) -> list[str]:
+        """`redis-cli`, with the CA and the client certificate if the nodes speak TLS."""
+        binary = shutil.which("redis-cli")
+        assert binary is not None, "redis-cli is not installed"
+        if self.tls is None:
+            return [binary]
+        files = self.tls
+        return [
+            binary,
+            "--tls",
+            *("--cacert", str(files.ca)),
+            *("--cert", str(files.client_cert)),
+            *("--key", str(files.client_key)),
+        ]
 
 
 @contextmanager
-def own_cluster(directory: Path, *, masters: int = 3, replicas: int = 0) -> Iterator[OwnCluster]:
+def own_cluster(
+    directory: Path, *, masters: int = 3, replicas: int = 0, tls: ServerTLS | None = None
+) -> Iterator[OwnCluster]:
     """A started cluster for a test or a module; always stopped."""
-    cluster = OwnCluster(directory, masters, replicas)
+    cluster = OwnCluster(directory, masters, replicas, tls)
     try:
         cluster.start()
         yield cluster

@@ -5,6 +5,9 @@ Every process runs on a free loopback port with no persistence, is stopped by it
 master after `down_after_ms` (1 s here; 30 s is Sentinel's default), so a failover takes
 seconds. The shared Redis on 6379 is never touched.
 
+With `tls` (own_redis.ServerTLS) every node and Sentinel listens on TLS only, and
+they talk to each other over TLS too; `url` is then a `rediss+sentinel://` URL.
+
 Which node is master changes as tests fail over and kill: `wait_healthy()` brings the
 topology back to one master, one replica in sync and three Sentinels that agree, whatever
 the previous test left (a killed node is started again as a replica of the current master).
@@ -24,7 +27,14 @@ from typing import IO, Any
 import pytest
 import redis
 
-from .own_redis import server_binary, wait_answering, wait_until
+from .own_redis import (
+    ServerTLS,
+    listen_arguments,
+    probe_client,
+    server_binary,
+    wait_answering,
+    wait_until,
+)
 from .processes import free_port
 
 MASTER_NAME = "mymaster"
@@ -41,10 +51,11 @@ def _binary() -> str:
 class _Process:
     """One redis-server (a data node or a Sentinel), started and stopped by PID."""
 
-    def __init__(self, directory: Path, name: str, port: int) -> None:
+    def __init__(self, directory: Path, name: str, port: int, tls: ServerTLS | None = None) -> None:
         self.directory = directory
         self.name = name
         self.port = port
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self.starts = 0
@@ -66,9 +77,7 @@ class _Process:
         )
 
     def client(self, timeout: float = 1.0) -> redis.Redis:
-        return redis.Redis(
-            host=HOST, port=self.port, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        return probe_client(self.port, self.tls, timeout)
 
     def wait_answering(self) -> None:
         assert self.process is not None
@@ -102,8 +111,7 @@ class Node(_Process):
 
     def start(self, replica_of: tuple[str, int] | None = None) -> None:
         arguments = [
-            "--port",
-            str(self.port),
+            *listen_arguments(self.port, self.tls),
             "--bind",
             HOST,
             "--save",
@@ -145,9 +153,9 @@ class SentinelProcess(_Process):
         self, master: tuple[str, int], *, down_after_ms: int, failover_timeout_ms: int
     ) -> None:
         config = self.directory / f"{self.name}.conf"
+        listen = self.tls.directives(self.port) if self.tls else [("port", str(self.port))]
         config.write_text(
-            f"port {self.port}\n"
-            f"bind {HOST}\n"
+            "".join(f"{name} {value}\n" for name, value in listen) + f"bind {HOST}\n"
             f"dir {self.directory}\n"
             f"sentinel monitor {MASTER_NAME} {master[0]} {master[1]} 2\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
@@ -179,21 +187,35 @@ class Topology:
     """Two data nodes and three Sentinels; see the module doc."""
 
     def __init__(
-        self, directory: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000
+        self,
+        directory: Path,
+        *,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.directory = directory
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.nodes = [Node(directory, f"node{i}", free_port()) for i in (1, 2)]
+        self.tls = tls
+        self.nodes = [Node(directory, f"node{i}", free_port(), tls) for i in (1, 2)]
         self.sentinels = [
-            SentinelProcess(directory, f"sentinel{i}", free_port()) for i in (1, 2, 3)
+            SentinelProcess(directory, f"sentinel{i}", free_port(), tls) for i in (1, 2, 3)
         ]
 
     @property
     def url(self) -> str:
-        """The `redis+sentinel://` URL of db 0 of the master."""
+        """The `redis+sentinel://` URL of db 0 of the master (`rediss+sentinel://` with
+        TLS, with the CA and the client certificate)."""
+        return self.url_with()
+
+    def url_with(self, query: str | None = None) -> str:
+        """`url` with the query `query` (by default, with TLS, the CA and client cert)."""
         hosts = ",".join(f"{HOST}:{sentinel.port}" for sentinel in self.sentinels)
-        return f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        if query is None:
+            query = self.tls.query() if self.tls else ""
+        return f"{scheme}://{hosts}/{MASTER_NAME}/0" + (f"?{query}" if query else "")
 
     def start(self) -> None:
         first, second = self.nodes
@@ -312,7 +334,7 @@ class Topology:
 
 
 @contextmanager
-def own_sentinel(directory: Path, **options: int) -> Iterator[Topology]:
+def own_sentinel(directory: Path, **options: Any) -> Iterator[Topology]:
     """A started topology; every process stopped on the way out."""
     topology = Topology(directory, **options)
     try:

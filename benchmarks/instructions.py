@@ -33,11 +33,12 @@ from typing import Any
 from arq.worker import Worker
 from redis.asyncio import Redis
 
-from asgi_worker import Config, ReplayWorker, worker_settings
+from asgi_worker import ReplayWorker, worker_settings
 from benchmarks.apps import create_asgi_worker_app
 from benchmarks.worker_bench import (
     PLAIN_ARQ,
     REFERENCE_JOBS,
+    backlog_config,
     cleanup,
     fill_arq,
     fill_asgi_worker,
@@ -53,7 +54,7 @@ REPLAY_KINDS = {"asgi-worker": ReplayWorker, PLAIN_ARQ: Worker}
 async def fill(kind: str, redis_url: str, prefix: str, jobs: int) -> None:
     """Queue `jobs` jobs of `kind`: cold GETs through the middleware, or arq enqueues."""
     if kind in REPLAY_KINDS:
-        app = create_asgi_worker_app(Config(redis_url=redis_url, prefix=prefix))
+        app = create_asgi_worker_app(backlog_config(redis_url, prefix))
         await fill_asgi_worker(app, jobs)
     else:
         await fill_arq(redis_url, prefix, jobs)
@@ -63,7 +64,7 @@ async def drain(kind: str, redis_url: str, prefix: str) -> int:
     """Run a burst worker for `kind` until its queue is empty; returns jobs completed."""
     client = Redis.from_url(redis_url)
     if kind in REPLAY_KINDS:
-        config = Config(redis_url=redis_url, prefix=prefix)
+        config = backlog_config(redis_url, prefix)
         app = create_asgi_worker_app(config)
         settings = worker_settings(app, config)
         worker = REPLAY_KINDS[kind](**settings, burst=True, handle_signals=False)

@@ -114,9 +114,7 @@ async def asgi_worker_round(
     worker_class: type[Worker] = ReplayWorker,
 ) -> dict[str, float]:
     redis_pid = await _redis_pid(redis_url)
-    # Defaults otherwise. A backlog of one path all due at once: fair queueing would
-    # space it out and refuse what could not start within the claim lease.
-    config = Config(redis_url=redis_url, prefix=prefix, fair_queueing=False)
+    config = backlog_config(redis_url, prefix)
     app = create_asgi_worker_app(config)
     await fill_asgi_worker(app, jobs)
     settings = worker_settings(app, config)
@@ -130,6 +128,15 @@ async def asgi_worker_round(
     settings["on_startup"] = timed_startup
     worker = worker_class(**settings, burst=True, handle_signals=False)
     return await _drain(worker, "asgi-worker", jobs, started, redis_pid, profile)
+
+
+def backlog_config(redis_url: str, prefix: str) -> Config:
+    """The defaults, but for fair queueing, for a backlog of one path all due at once.
+
+    Fair queueing would space such a backlog out, and refuse (503) what could not start
+    within the claim lease.
+    """
+    return Config(redis_url=redis_url, prefix=prefix, fair_queueing=False)
 
 
 async def fill_asgi_worker(app: Any, jobs: int) -> None:

@@ -255,7 +255,10 @@ class RedisStore:
 
     async def _due_at(self, path: str, at_ms: int) -> None:
         """Have the path list look at `path` again at `at_ms` (a hint: see DELIST_PATH)."""
-        await self._redis.zadd(self._keys.paths_by_expiry(), {_text(path): at_ms}, xx=True)
+        await self._redis.execute_command(*self._due(path, at_ms))
+
+    def _due(self, path: str, at_ms: int) -> tuple[bytes | str | int, ...]:
+        return ("ZADD", self._keys.paths_by_expiry(), "XX", at_ms, _text(path))
 
     def lease_left(self, claimed_at: float) -> float:
         """See `Store.lease_left`.
@@ -286,12 +289,17 @@ class RedisStore:
             )
         )
         keys_, args = self._commit_arguments(digest, token, started, write, 0 in indexed)
-        committed = commit_outcome(await self._commit(keys=keys_, args=args))
-        if committed is Committed.STORED:
-            # The path was listed until the end of the claim's lease; look again when the
-            # entry ends, so that the list stays near the live paths.
-            await self._due_at(write.path, _expiry_ms(write))
-        return committed
+        # The path list's hint (`due_command`) goes with the commit: one round trip. (A
+        # pipeline, not a transaction: on a Cluster the two are on different nodes.)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*self.due_command(write))
+            pipe.execute_command("EVALSHA", self._commit.sha, len(keys_), *keys_, *args)
+            _, reply = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, NoScriptError):  # Redis restarted: the script call loads it
+            reply = await self._commit(keys=keys_, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+        return commit_outcome(reply)
 
     def commit_command(
         self, digest: str, token: str, started: float, write: Write
@@ -308,12 +316,13 @@ class RedisStore:
         return ("EVALSHA", self._commit.sha, len(keys), *keys, *args)
 
     def due_command(self, write: Write) -> tuple[bytes | str | int, ...]:
-        """What `commit` does after storing, as a command for the same transaction.
+        """What `commit` sends with its script, as a command for a caller's transaction.
 
-        Only a hint to the path list (when to look at the path again), so it may go
-        with a commit that is refused.
+        The path was listed until the end of the claim's lease; this has the path list
+        look at it again when the entry ends, so that the list stays near the live paths.
+        Only a hint (see `DELIST_PATH`), so it may go with a commit that is refused.
         """
-        return ("ZADD", self._keys.paths_by_expiry(), "XX", _expiry_ms(write), _text(write.path))
+        return self._due(write.path, _expiry_ms(write))
 
     def _commit_arguments(
         self, digest: str, token: str, started: float, write: Write, tag_refused: bool

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from asgi_worker.keys import RedisKeys
+from asgi_worker.store import Committed, RedisStore, Write
 from asgi_worker.testing import run_pending
 
 from .helpers import build_app, claim_key, digest_of, make_config, serve
@@ -256,3 +259,28 @@ async def test_worker_process_survives_a_redis_restart(
         )
         assert response.status_code == 200, stack.logs()
         assert response.json()["pid"] == worker.pid
+
+
+async def test_a_commit_on_its_own_sends_the_path_hint_and_survives_a_script_flush(
+    server: OwnRedis, prefix: str
+) -> None:
+    # What `arq module.WorkerSettings` and in-process jobs send (no ReplayWorker to carry
+    # the commit): the commit script and the path list's hint, in one pipeline; without
+    # the script, the commit loads it.
+    server.start()
+    redis = Redis.from_url(server.url)
+    store = RedisStore(redis, prefix=prefix, claim_ttl=30)
+    keys = RedisKeys(prefix)
+    entry = Write(b"entry", fresh=60.0, keep=120.0, path="/report", query=b"")
+    for attempt in range(2):
+        digest = f"0123abcd{attempt:024x}"
+        claimed_at = (await store.lookup(digest, "t", "/report")).claimed_at
+        assert claimed_at is not None
+        await store.list_path("/report")
+        await redis.script_flush()  # as after a restart: the commit script is gone
+        assert await store.commit(digest, "t", claimed_at, entry) is Committed.STORED
+        assert await redis.get(keys.response(digest)) == b"entry"
+        due = await redis.zscore(keys.paths_by_expiry(), "/report")
+        assert due is not None
+        assert due > (time.time() + 100) * 1000  # the entry's end, not the lease's
+    await redis.aclose()

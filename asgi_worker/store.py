@@ -194,6 +194,10 @@ class Script:
         except NoScriptError:  # a new or restarted node, or one the slot just moved to
             return await self._client.eval(self.text, len(keys), *keys, *args)
 
+    def command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        """The EVALSHA of `__call__`, for a pipeline; a `NoScriptError` reply: call it."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
 
 class RedisStore:
     """A `Store` on one Redis or a Redis Cluster (the same scripts; see keys.py).
@@ -293,7 +297,7 @@ class RedisStore:
         # pipeline, not a transaction: on a Cluster the two are on different nodes.)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.execute_command(*self.due_command(write))
-            pipe.execute_command("EVALSHA", self._commit.sha, len(keys_), *keys_, *args)
+            pipe.execute_command(*self._commit.command(keys_, args))
             _, reply = await pipe.execute(raise_on_error=False)
         if isinstance(reply, NoScriptError):  # Redis restarted: the script call loads it
             reply = await self._commit(keys=keys_, args=args)
@@ -312,8 +316,7 @@ class RedisStore:
         commit, or Redis restarted), call `commit`, which loads it.
         """
         assert not write.tags, "a tagged commit takes steps of its own: use commit()"
-        keys, args = self._commit_arguments(digest, token, started, write, False)
-        return ("EVALSHA", self._commit.sha, len(keys), *keys, *args)
+        return self._commit.command(*self._commit_arguments(digest, token, started, write, False))
 
     def due_command(self, write: Write) -> tuple[bytes | str | int, ...]:
         """What `commit` sends with its script, as a command for a caller's transaction.

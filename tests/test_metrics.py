@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
@@ -162,10 +163,13 @@ async def test_near_cache_hits_waiting_and_unavailable(config: Config, redis: Re
     config = dataclasses.replace(config, metrics=True, near_cache_ttl=30.0)
     observer = PrometheusObserver()
     app = create_app(config, observer)
-    assert (await get(app, "/reports/1")).status_code == 202
-    await burst(app, config, PrometheusObserver())
-    for _ in range(4):
-        assert (await get(app, "/reports/1")).status_code == 200
+    # Under the app's lifespan: the near cache's event listener stops at its shutdown,
+    # not when the test's loop is torn down under it.
+    async with LifespanManager(app) as manager:
+        assert (await get(manager.app, "/reports/1")).status_code == 202
+        await burst(app, config, PrometheusObserver())
+        for _ in range(4):
+            assert (await get(manager.app, "/reports/1")).status_code == 200
     found = samples(generate_latest(observer.registry).decode())
     assert requests(found, "hit", "/reports/{year}") == 4
     assert 1 <= value(found, "asgi_worker_near_cache_hits_total") <= 3  # the first is Redis's
@@ -173,7 +177,8 @@ async def test_near_cache_hits_waiting_and_unavailable(config: Config, redis: Re
 
     down = dataclasses.replace(config, redis_url="redis://127.0.0.1:1/0", redis_timeout=0.5)
     broken = PrometheusObserver()
-    assert (await get(create_app(down, broken), "/reports/1")).status_code == 503
+    async with LifespanManager(create_app(down, broken)) as manager:
+        assert (await get(manager.app, "/reports/1")).status_code == 503
     found = samples(generate_latest(broken.registry).decode())
     assert requests(found, "unavailable", "/reports/{year}") == 1
 

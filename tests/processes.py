@@ -85,6 +85,18 @@ class Processes:
         return codes
 
 
+def http_client(base_url: str, connections: int = 10) -> httpx.AsyncClient:
+    """A client for a test server, its idle connections dropped before the server drops them.
+
+    uvicorn closes a keep-alive connection after 5 s idle, httpx by default after 5 s too:
+    a request sent on one at that moment meets a closed socket (`httpx.ReadError`).
+    """
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2.0
+    )
+    return httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30.0)
+
+
 def stop(process: subprocess.Popen[bytes]) -> int | None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from .processes import asgi_worker_command, free_port, processes
+from .processes import asgi_worker_command, free_port, http_client, processes
 from .stack import APP, HIT, MISS, REDIS_URL, environment
 
 pytestmark = pytest.mark.e2e
@@ -44,8 +44,7 @@ class Server:
         return 0 if value is None else int(value)
 
     def client(self, connections: int = 10) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        return httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=30.0)
+        return http_client(self.base_url, connections)
 
 
 @pytest.fixture

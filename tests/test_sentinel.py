@@ -39,7 +39,7 @@ from asgi_worker.connections import redis_client
 from asgi_worker.failover import FailoverWatch
 
 from .own_sentinel import MASTER_NAME, Topology, own_sentinel
-from .processes import Processes, asgi_worker_command, free_port, processes
+from .processes import Processes, asgi_worker_command, free_port, http_client, processes
 from .stack import environment
 
 pytestmark = pytest.mark.e2e
@@ -85,8 +85,7 @@ class Stack:
     directory: Path
 
     def client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
-        return httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=30.0)
+        return http_client(self.base_url, 50)
 
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text(errors="replace")

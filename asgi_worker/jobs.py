@@ -23,7 +23,16 @@ from .config import Config
 from .freshness import entity_tag, lifetime, shareable
 from .keys import Headers, RequestSnapshot
 from .observe import JobRecord, Observer
-from .replay import BodyTooLargeError, ReplayedResponse, ReplayError, replay
+from .replay import (
+    BodyTooLargeError,
+    LeftRunningError,
+    LiveStreamError,
+    ReplayedResponse,
+    ReplayError,
+    ReplayTimeoutError,
+    finish,
+    replay,
+)
 from .store import Committed, Store, Write
 
 logger = logging.getLogger("asgi_worker")
@@ -256,7 +265,7 @@ async def _run(
         record.replay_seconds = time.monotonic() - began
         passed = outcome == "stored" and _private(replayed, snapshot, config)
         record.outcome = "pass" if passed else outcome
-    write = to_write(replayed, ok=outcome == "stored", snapshot=snapshot, config=config)
+    write = to_write(replayed, outcome=outcome, snapshot=snapshot, config=config)
     if outcome == "stored" and (config.adaptive_retry_after or config.fair_queueing):
         write = dataclasses.replace(write, duration=time.monotonic() - began)
     commit = Commit(digest, token, started, write, outcome, snapshot, record, observer)
@@ -270,10 +279,16 @@ async def _run(
 
 
 def to_write(
-    replayed: ReplayedResponse, *, ok: bool, snapshot: RequestSnapshot, config: Config
+    replayed: ReplayedResponse, *, outcome: str, snapshot: RequestSnapshot, config: Config
 ) -> Write:
-    """The entry, lifetime and index data to commit for one replay's outcome."""
-    if not ok:  # our own error response: short-lived, and a stale copy is better
+    """The entry, lifetime and index data to commit for one replay's outcome.
+
+    `outcome` is `_replay_or_error`'s: "stored" (`replayed` is the app's answer),
+    "live-stream" (a hit-for-pass marker), or an error (`replayed` stands for it).
+    """
+    if outcome == "live-stream":
+        return _pass_marker(snapshot, config)
+    if outcome != "stored":  # our own error response: short-lived, and a stale copy is better
         entry = encode_response(stored(replayed))
         return Write(
             entry,
@@ -286,14 +301,7 @@ def to_write(
         )
     life = lifetime(replayed.status, replayed.headers, snapshot.path, config)
     if _private(replayed, snapshot, config, life.shared):
-        marker = StoredResponse(0, (), b"", time.time(), hit_for_pass=True)
-        return Write(
-            encode_response(marker),
-            fresh=config.pass_ttl,
-            keep=config.pass_ttl,
-            path=snapshot.path,
-            query=snapshot.query_string,
-        )
+        return _pass_marker(snapshot, config)
     # One pass: take the tags out of the headers, and see whether the app sent an ETag.
     tag_header = config.tag_header.encode()
     tags: dict[str, None] = {}
@@ -317,6 +325,18 @@ def to_write(
         tags=tuple(tags)[:_MAX_TAGS],
         failed=replayed.status >= 500,
         retry_after=config.error_ttl,
+    )
+
+
+def _pass_marker(snapshot: RequestSnapshot, config: Config) -> Write:
+    """A hit-for-pass marker: the key's requests go to the app for `pass_ttl`."""
+    marker = StoredResponse(0, (), b"", time.time(), hit_for_pass=True)
+    return Write(
+        encode_response(marker),
+        fresh=config.pass_ttl,
+        keep=config.pass_ttl,
+        path=snapshot.path,
+        query=snapshot.query_string,
     )
 
 
@@ -348,23 +368,31 @@ async def _replay_or_error(
     state: Mapping[str, Any] | None,
     mounted: bool,
 ) -> tuple[ReplayedResponse, str]:
-    """The app's response, or the error response that stands for its failure."""
-    deadline = asyncio.timeout(config.job_timeout)
+    """The app's response, or the error response that stands for its failure.
+
+    A live stream's outcome is "live-stream", with no response to store: the key
+    becomes hit-for-pass (`to_write`).
+    """
+    began = time.monotonic()
     try:
-        async with deadline:
-            response = await replay(
-                app,
-                snapshot,
-                max_body_bytes=config.max_body_bytes,
-                state=state,
-                prefix=config.prefix,
-                mounted=mounted,
-            )
-        return response, "stored"
-    except TimeoutError:
-        if not deadline.expired():
-            logger.exception("asgi-worker: %s raised", _where(snapshot))
-            return _error(500, "Internal Server Error"), "error"
+        response = await replay(
+            app,
+            snapshot,
+            max_body_bytes=config.max_body_bytes,
+            time_limit=config.job_timeout,
+            state=state,
+            prefix=config.prefix,
+            mounted=mounted,
+        )
+    except LiveStreamError as error:
+        logger.info(
+            "asgi-worker: %s is a live stream (%s): not stored, the app serves it for pass_ttl=%ss",
+            _where(snapshot),
+            error,
+            config.pass_ttl,
+        )
+        return _NO_ANSWER, "live-stream"
+    except ReplayTimeoutError:
         logger.error(
             "asgi-worker: %s took longer than job_timeout=%ss",
             _where(snapshot),
@@ -380,6 +408,23 @@ async def _replay_or_error(
     except Exception:
         logger.exception("asgi-worker: %s raised", _where(snapshot))
         return _error(500, "Internal Server Error"), "error"
+    if response.rest is not None:
+        time_left = max(0.0, config.job_timeout - (time.monotonic() - began))
+        failure = await finish(response.rest, time_left)
+        if isinstance(failure, LeftRunningError):
+            logger.error(
+                "asgi-worker: %s: the app was still running after its answer at "
+                "job_timeout=%ss, and is cancelled (its answer is stored)",
+                _where(snapshot),
+                config.job_timeout,
+            )
+        elif failure is not None:
+            logger.error(
+                "asgi-worker: %s: the app raised after its answer (its answer is stored)",
+                _where(snapshot),
+                exc_info=failure,
+            )
+    return response, "stored"
 
 
 def stored(replayed: ReplayedResponse, now: float | None = None) -> StoredResponse:
@@ -394,6 +439,10 @@ def stored(replayed: ReplayedResponse, now: float | None = None) -> StoredRespon
         body=replayed.body,
         stored_at=time.time() if now is None else now,
     )
+
+
+_NO_ANSWER = ReplayedResponse(0, (), b"")
+"""Stands for the answer of a live stream, which is never stored."""
 
 
 def _error(status: int, text: str) -> ReplayedResponse:

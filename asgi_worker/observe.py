@@ -53,6 +53,7 @@ client left while held)."""
 JOB_OUTCOMES = (
     "stored",
     "pass",
+    "live-stream",
     "error",
     "timeout",
     "too-large",
@@ -65,12 +66,13 @@ JOB_OUTCOMES = (
     "failed",
 )
 """What became of a job (the `outcome` label): stored (the app's response), pass (the
-app answered private: a hit-for-pass marker), error (the app raised; a 500 is stored),
-timeout (504 stored), too-large (502 stored), invalid (the app broke the ASGI message
-order; 502 stored), refused (an invalidation or a newer claim came first: nothing
-stored), superseded (its claim had run out and a newer job held it), commit-failed (the
-commit did not reach Redis), corrupt-job (unreadable snapshot), cancelled (the worker
-stopped it), failed (an error in the worker itself)."""
+app answered private: a hit-for-pass marker), live-stream (an event stream, or a body
+still streaming at `job_timeout` or past `max_body_bytes`: a hit-for-pass marker), error
+(the app raised; a 500 is stored), timeout (504 stored), too-large (502 stored), invalid
+(the app broke the ASGI message order; 502 stored), refused (an invalidation or a newer
+claim came first: nothing stored), superseded (its claim had run out and a newer job
+held it), commit-failed (the commit did not reach Redis), corrupt-job (unreadable
+snapshot), cancelled (the worker stopped it), failed (an error in the worker itself)."""
 
 
 @dataclass(slots=True)

@@ -14,6 +14,9 @@ from .replay import REPLAY_EXTENSION
 _CACHEABLE_METHODS = frozenset({"GET", "HEAD"})
 # A shared cache must not serve what was asked with credentials (RFC 9111 section 3.5).
 _CREDENTIAL_HEADERS = frozenset(CREDENTIAL_HEADERS)
+# A client that asks for an event stream (an `EventSource`) wants a live stream, which is
+# the app's to serve: it never waits on a 202 (docs/stored-response.md).
+_EVENT_STREAM = b"text/event-stream"
 
 
 class Policy:
@@ -45,7 +48,26 @@ class Policy:
                 return False
             if lowered == b"content-length" and bytes(value).strip() not in (b"0", b""):
                 return False
+            if lowered == b"accept" and _accepts_event_stream(bytes(value)):
+                return False
         return True
+
+
+def _accepts_event_stream(accept: bytes) -> bool:
+    """`Accept` lists `text/event-stream` with a q-value other than 0 (RFC 9110 12.5.1)."""
+    accept = accept.lower()
+    if _EVENT_STREAM not in accept:  # the common case: one substring search
+        return False
+    for item in accept.split(b","):
+        media_type, *parameters = item.split(b";")
+        if media_type.strip() != _EVENT_STREAM:
+            continue
+        for parameter in parameters:
+            name, _, weight = parameter.partition(b"=")
+            if name.strip() == b"q" and weight.strip().rstrip(b"0").rstrip(b".") in (b"0", b""):
+                return False
+        return True
+    return False
 
 
 def _compile(patterns: tuple[str, ...]) -> re.Pattern[str]:

@@ -10,6 +10,10 @@ A replay enters at the top of the app, as the server would, so every layer outsi
 runs its own inner app and sends that answer to the marker's `capture`: the stored
 response is what the app *inside* the middleware answers. The outer layers' copy of it
 is dropped, since they run again when the hit is served.
+
+The app runs in a task of its own, watched rather than awaited: the answer is final as
+soon as its last body message is sent, whatever the app does after it (see `replay`),
+and a live stream is recognised and stopped at once instead of being read to the end.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Scope, Send
 
 from .keys import DEFAULT_PORTS, Headers, RequestSnapshot
+
+logger = logging.getLogger("asgi_worker")
 
 REPLAY_EXTENSION = "asgi_worker.replay"
 """Key in `scope["extensions"]` of a replayed request; its value is a `ReplayMarker`."""
@@ -38,7 +45,31 @@ class InvalidResponseError(ReplayError):
 
 
 class BodyTooLargeError(ReplayError):
-    """The response body grew past `max_body_bytes`."""
+    """The response body, sent whole in one message, is larger than `max_body_bytes`."""
+
+
+class LiveStreamError(ReplayError):
+    """The answer is a live stream: it is the app's to serve, never stored.
+
+    An event stream (`Content-Type: text/event-stream`) is one from its first message;
+    any other answer is one if its body is still streaming when the replay's time or
+    `max_body_bytes` runs out (an endless feed, a stream larger than the cache takes).
+    """
+
+
+class ReplayTimeoutError(ReplayError):
+    """The app began no answer within the replay's time limit."""
+
+
+class LeftRunningError(Exception):
+    """The app's work after its answer was still running at the time limit: cancelled."""
+
+
+_EVENT_STREAM = b"text/event-stream"
+
+# How long a replay waits for an app it stopped (a live stream, its time run out) to
+# unwind after its cancellation; an app that ignores it is left running, and logged.
+_STOP_GRACE = 1.0
 
 
 @dataclass(slots=True)
@@ -86,6 +117,8 @@ class ReplayedResponse:
     """The headers of the same answer as it left the top of the app, after the layers
     outside the middleware (None: no middleware took the replay, `headers` are those).
     A layer outside may react to what the app did (a session written: `Set-Cookie`)."""
+    rest: asyncio.Future[None] | None = field(default=None, compare=False, repr=False)
+    """The app's run, which may go on after its answer (see `replay` and `finish`)."""
 
 
 def build_scope(
@@ -95,7 +128,7 @@ def build_scope(
     *,
     mounted: bool = False,
 ) -> Scope:
-    """An HTTP scope holding the snapshot and nothing else (no client, no other header).
+    """An HTTP scope holding the snapshot and nothing else (no other header).
 
     The scope is the server's: it enters at the top of the app, so its root path is the
     server's (`snapshot.entry_root_path`). `mounted` is for entering a sub-app instead,
@@ -116,7 +149,7 @@ def build_scope(
         "root_path": snapshot.root_path if mounted else snapshot.entry_root_path,
         "query_string": snapshot.query_string,
         "headers": headers,
-        "client": None,
+        "client": snapshot.client,
         "server": _server(snapshot.host, snapshot.scheme),
         "extensions": {REPLAY_EXTENSION: marker},
     }
@@ -133,6 +166,7 @@ async def replay(
     snapshot: RequestSnapshot,
     *,
     max_body_bytes: int,
+    time_limit: float | None = None,
     state: Mapping[str, Any] | None = None,
     prefix: str | None = None,
     mounted: bool = False,
@@ -143,21 +177,90 @@ async def replay(
     `app` captured from its inner app; if no such middleware is reached (an outer layer
     answered itself, or `app` has none), it is what `app` sent.
 
-    Exceptions the app raises propagate, except that a `ReplayError` found while
-    collecting wins (the app may have wrapped it, e.g. in an `ExceptionGroup`).
+    The answer is final once its last body message is sent, and returned then: what the
+    app does after it (a background task, code after the last `send`) cannot change it.
+    That work goes on in `ReplayedResponse.rest`, for the caller to see end (`finish`).
+
+    Raises `LiveStreamError` for an event stream (stopped at its first message) and for a
+    body still streaming when `time_limit` (seconds) runs out or it grows past
+    `max_body_bytes`; `ReplayTimeoutError` if no answer began within `time_limit`;
+    `BodyTooLargeError` for a body sent whole and larger than `max_body_bytes`. The app is
+    cancelled in each case. Other exceptions the app raises before its answer is complete
+    propagate, except that a `ReplayError` found while collecting wins (the app may have
+    wrapped it, e.g. in an `ExceptionGroup`).
     """
     exchange = _Exchange(max_body_bytes, prefix)
     scope = build_scope(snapshot, state, exchange.marker, mounted=mounted)
+    running = asyncio.ensure_future(app(scope, exchange.receive, exchange.send))
+    running.add_done_callback(exchange.app_ended)
     try:
-        await app(scope, exchange.receive, exchange.send)
-    except Exception:
-        if exchange.answer.failure is not None:
-            raise exchange.answer.failure from None
+        async with asyncio.timeout(time_limit):
+            await exchange.settled.wait()
+    except TimeoutError:
+        if not exchange.answer.complete:
+            await stop(running)
+            raise exchange.answer.timed_out() from None
+        # Complete, though the outer layers never passed its end on: the answer stands.
+    except BaseException:  # the job itself is cancelled: so is the app
+        await stop(running)
         raise
-    answer = exchange.answer.result()
+    answer = exchange.answer
+    if answer.failure is not None:
+        await stop(running)
+        raise answer.failure
+    if not answer.complete:  # the app ended before its answer did
+        error = None if running.cancelled() else running.exception()
+        if error is not None:
+            raise error
+    result = dataclasses.replace(answer.result(), rest=running)
     if exchange.marker.reached:
-        return dataclasses.replace(answer, leaving=exchange.leaving)
-    return answer
+        return dataclasses.replace(result, leaving=exchange.leaving)
+    return result
+
+
+async def finish(rest: asyncio.Future[None], time_left: float | None) -> BaseException | None:
+    """Let the app's work after its answer end, within `time_left` seconds.
+
+    Returns the exception that work raised, `LeftRunningError` if it was still running
+    when the time ran out (it is then cancelled, as a server cancels a request's leftover
+    work at shutdown), or None.
+    """
+    try:
+        async with asyncio.timeout(time_left):
+            await asyncio.shield(rest)
+    except TimeoutError:
+        if rest.done():  # the app's own TimeoutError
+            return rest.exception()
+        await stop(rest)
+        return LeftRunningError(f"still running after {time_left} s")
+    except asyncio.CancelledError:
+        if rest.cancelled() and not _cancelling():
+            return None  # the app cancelled itself: nothing to report
+        await stop(rest)
+        raise
+    except Exception as error:
+        return error
+    return None
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def stop(running: asyncio.Future[None]) -> None:
+    """Cancel the app's task and give it `_STOP_GRACE` seconds to unwind.
+
+    An app that ignores its cancellation is left running, and logged.
+    """
+    if not running.done():
+        running.cancel()
+        await asyncio.wait({running}, timeout=_STOP_GRACE)
+        if not running.done():
+            logger.error("asgi-worker: an app ignored its cancellation; it is left running")
+            return
+    if not running.cancelled():
+        running.exception()  # retrieved: asyncio would log it as never retrieved
 
 
 class _Exchange:
@@ -165,36 +268,63 @@ class _Exchange:
 
     def __init__(self, max_body_bytes: int, prefix: str | None) -> None:
         self._request_sent = False
-        self._done = asyncio.Event()
-        self._inner = _Collector(max_body_bytes, self._done)
-        self._outer = _Collector(max_body_bytes, self._done)
+        self._app_ended = False
+        self.settled = asyncio.Event()
+        """Set once the replay has its outcome: see `_settle`."""
+        self._answered = asyncio.Event()
+        self._inner = _Collector(max_body_bytes, self._settle)
+        self._outer = _Collector(max_body_bytes, self._settle)
         self.marker = ReplayMarker(prefix, self._inner.send)
         self.leaving: Headers = ()
         """The headers the outer layers sent on, once a middleware took the replay."""
+        self._left = False
 
     @property
     def answer(self) -> _Collector:
         """The middleware's capture if one took the replay, else what the app sent."""
         return self._inner if self.marker.reached else self._outer
 
+    def app_ended(self, _: object) -> None:
+        """Done-callback of the app's task."""
+        self._app_ended = True
+        self._settle()
+
+    def _settle(self) -> None:
+        """Wake the replay once its outcome is known.
+
+        That is when the answer failed, or it is complete (and, if a middleware captured
+        it, has left the top of the app too, so `leaving` is known), or the app ended.
+        """
+        answer = self.answer
+        if answer.failure is not None or answer.complete:
+            self._answered.set()
+        left = self._left or not self.marker.reached
+        if self._app_ended or answer.failure is not None or (answer.complete and left):
+            self.settled.set()
+
     async def receive(self) -> Message:
         if not self._request_sent:
             self._request_sent = True
             return {"type": "http.request", "body": b"", "more_body": False}
         # Like a client that waits for its answer, then goes away.
-        await self._done.wait()
+        await self._answered.wait()
         return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
         if not self.marker.reached:
             await self._outer.send(message)
-        elif message.get("type") == "http.response.start":
-            # The outer layers' copy of the captured answer: not stored, but a layer that
-            # made it private (a session cookie) makes the answer private too.
+            return
+        # The outer layers' copy of the captured answer: not stored, but a layer that
+        # made it private (a session cookie) makes the answer private too.
+        kind = message.get("type")
+        if kind == "http.response.start":
             try:
                 self.leaving = _headers(message.get("headers", ()))
             except InvalidResponseError:
                 self.leaving = ()
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self._left = True
+            self._settle()
 
 
 class _Phase(enum.Enum):
@@ -204,17 +334,26 @@ class _Phase(enum.Enum):
 
 
 class _Collector:
-    """One response's messages, checked as a small state machine; sets `done` at its end."""
+    """One response's messages, checked as a small state machine.
 
-    def __init__(self, max_body_bytes: int, done: asyncio.Event) -> None:
+    Calls `changed` when the answer completes or fails. Holds at most `max_body_bytes`
+    of body: past it, and for an event stream, it fails with nothing kept.
+    """
+
+    def __init__(self, max_body_bytes: int, changed: Callable[[], None]) -> None:
         self._max_body_bytes = max_body_bytes
         self._phase = _Phase.START
-        self._done = done
+        self._changed = changed
         self._status = 0
         self._headers: Headers = ()
         self._chunks: list[bytes] = []
         self._size = 0
         self.failure: ReplayError | None = None
+
+    @property
+    def complete(self) -> bool:
+        """The whole answer is here."""
+        return self._phase is _Phase.DONE
 
     async def send(self, message: Message) -> None:
         if self.failure is not None:
@@ -223,8 +362,11 @@ class _Collector:
             self._advance(message)
         except ReplayError as error:
             self.failure = error
-            self._done.set()
+            self._chunks = []  # a live stream's or an oversized body's bytes: not kept
+            self._changed()
             raise
+        if self._phase is _Phase.DONE:
+            self._changed()
 
     def _advance(self, message: Message) -> None:
         kind = message.get("type")
@@ -232,19 +374,29 @@ class _Collector:
             self._status = _status(message.get("status"))
             self._headers = _headers(message.get("headers", ()))
             self._phase = _Phase.BODY
+            if _media_type(self._headers) == _EVENT_STREAM:
+                raise LiveStreamError("an event stream (text/event-stream)")
         elif self._phase is _Phase.BODY and kind == "http.response.body":
             body = message.get("body", b"")
             if not isinstance(body, bytes | bytearray | memoryview):
                 raise InvalidResponseError(f"body must be bytes, got {type(body).__name__}")
+            more = bool(message.get("more_body", False))
             self._size += len(body)
             if self._size > self._max_body_bytes:
+                if more or self._chunks:
+                    raise LiveStreamError(f"streamed past max_body_bytes={self._max_body_bytes}")
                 raise BodyTooLargeError(f"body exceeds max_body_bytes={self._max_body_bytes}")
             self._chunks.append(bytes(body))
-            if not message.get("more_body", False):
+            if not more:
                 self._phase = _Phase.DONE
-                self._done.set()
         else:
             raise InvalidResponseError(f"unexpected {kind!r} message: {self._phase.value}")
+
+    def timed_out(self) -> ReplayError:
+        """What the replay's time running out means at this point of the answer."""
+        if self._phase is _Phase.START:
+            return ReplayTimeoutError("no answer began within the time limit")
+        return LiveStreamError("still streaming when the time limit ran out")
 
     def result(self) -> ReplayedResponse:
         if self.failure is not None:
@@ -252,6 +404,14 @@ class _Collector:
         if self._phase is not _Phase.DONE:
             raise InvalidResponseError(f"app returned early: {self._phase.value}")
         return ReplayedResponse(self._status, self._headers, b"".join(self._chunks))
+
+
+def _media_type(headers: Headers) -> bytes:
+    """The `Content-Type` without parameters, lowercased; empty if none."""
+    for name, value in headers:
+        if name == b"content-type":
+            return value.partition(b";")[0].strip().lower()
+    return b""
 
 
 def _status(value: Any) -> int:

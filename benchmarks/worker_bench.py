@@ -220,7 +220,7 @@ async def _replay_only(ctx: dict[Any, Any]) -> None:
     query = ctx["job_id"].rpartition(":")[2].encode()
     snapshot = RequestSnapshot("http", "bench.local", "", "/trivial", None, b"k=" + query, ())
     replayed = await replay(ctx["bench_app"], snapshot, max_body_bytes=config.max_body_bytes)
-    to_write(replayed, ok=True, snapshot=snapshot, config=config)
+    to_write(replayed, outcome="stored", snapshot=snapshot, config=config)
 
 
 REFERENCE_JOBS = {"arq": _noop, "arq + SET": _store_one, "arq + replay": _replay_only}

@@ -10,6 +10,8 @@ also proves the worker ran the lifespan and handed its state to the request.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +20,13 @@ from typing import Any
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from asgi_worker import Config, WorkerMiddleware
@@ -99,6 +107,56 @@ async def hang(request: Request) -> Response:
     return JSONResponse({"url": url, "pid": os.getpid(), "run": runs})
 
 
+async def events(request: Request) -> Response:
+    """An endless event stream (server-sent events), one event every 50 ms."""
+    await _count(request)
+
+    async def ticks() -> AsyncIterator[str]:
+        for number in itertools.count():
+            yield f"data: tick {number}\n\n"
+            await asyncio.sleep(0.05)
+
+    return StreamingResponse(ticks(), media_type="text/event-stream")
+
+
+async def feed(request: Request) -> Response:
+    """An endless newline-delimited JSON feed: not an event stream by its type."""
+    await _count(request)
+
+    async def lines() -> AsyncIterator[bytes]:
+        for number in itertools.count():
+            yield json.dumps({"n": number}).encode() + b"\n"
+            await asyncio.sleep(0.05)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def client(request: Request) -> Response:
+    """The client's address as the app sees it."""
+    await _count(request)
+    address = request.client
+    return JSONResponse(None if address is None else {"host": address.host, "port": address.port})
+
+
+LIVE_PAGE = """<!doctype html>
+<title>live</title>
+<ol id="events"></ol>
+<script>
+  const source = new EventSource("/events");
+  source.onmessage = (event) => {
+    const item = document.createElement("li");
+    item.textContent = event.data;
+    document.getElementById("events").append(item);
+  };
+</script>
+"""
+
+
+async def live_page(request: Request) -> Response:
+    """A page whose `EventSource` reads /events (served with /live.html excluded)."""
+    return HTMLResponse(LIVE_PAGE)
+
+
 async def health(request: Request) -> Response:
     """Readiness probe; excluded from the worker via ASGI_WORKER_EXCLUDE, counts nothing."""
     return PlainTextResponse("ok")
@@ -106,7 +164,8 @@ async def health(request: Request) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-    redis = Redis.from_url(config.redis_url)
+    # Runs are counted on the test's Redis, also when the cache is memory://.
+    redis = Redis.from_url(os.environ.get("AW_E2E_COUNTS_URL") or config.redis_url)
     try:
         yield {"redis": redis, "prefix": config.prefix}
     finally:
@@ -121,6 +180,10 @@ app = Starlette(
         Route("/health", health),
         Route("/reflect", reflect),
         Route("/hang", hang),
+        Route("/events", events),
+        Route("/feed", feed),
+        Route("/client", client),
+        Route("/live.html", live_page),
     ],
     lifespan=lifespan,
 )

@@ -24,7 +24,14 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from .e2e_app import runs_by_url_key, runs_key
-from .processes import STARTUP_SECONDS, Processes, asgi_worker_command, free_port, processes
+from .processes import (
+    STARTUP_SECONDS,
+    Processes,
+    asgi_worker_command,
+    free_port,
+    http_client,
+    processes,
+)
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 APP = "tests.e2e_app:app"
@@ -42,6 +49,7 @@ def environment(prefix: str, redis_url: str = REDIS_URL, **settings: str) -> dic
         ASGI_WORKER_RETRY_AFTER="1",
         ASGI_WORKER_EXCLUDE="/health",
         PYTHONUNBUFFERED="1",
+        AW_E2E_COUNTS_URL=redis_url,  # where e2e_app counts runs, whatever the cache's URL
     )
     env.update({f"ASGI_WORKER_{name.upper()}": value for name, value in settings.items()})
     return env
@@ -102,8 +110,7 @@ class Stack:
         return int(self.redis.zcard(f"{self.prefix}:queue"))
 
     def client(self, connections: int = 10) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        return httpx.AsyncClient(base_url=self.base_url, limits=limits, timeout=30.0)
+        return http_client(self.base_url, connections)
 
     def logs(self) -> str:
         return self.group.logs()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tracemalloc
 from typing import Any
 
 import anyio
 import pytest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -19,9 +21,13 @@ from asgi_worker.replay import (
     REPLAY_EXTENSION,
     BodyTooLargeError,
     InvalidResponseError,
+    LeftRunningError,
+    LiveStreamError,
     ReplayedResponse,
     ReplayMarker,
+    ReplayTimeoutError,
     build_scope,
+    finish,
     replay,
 )
 
@@ -336,7 +342,7 @@ async def test_body_over_limit_across_streamed_chunks() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await big_stream()(scope, receive, send)
 
-    with pytest.raises(BodyTooLargeError):
+    with pytest.raises(LiveStreamError, match="streamed past max_body_bytes"):
         await replay(app, SNAPSHOT, max_body_bytes=LIMIT)
 
 
@@ -352,7 +358,7 @@ async def test_body_over_limit_wrapped_in_a_task_group() -> None:
             group.start_soon(listen)
             await big_stream()(scope, receive, send)
 
-    with pytest.raises(BodyTooLargeError):
+    with pytest.raises(LiveStreamError, match="streamed past max_body_bytes"):
         await replay(app, SNAPSHOT, max_body_bytes=LIMIT)
 
 
@@ -361,7 +367,7 @@ async def test_body_over_limit_wrapped_in_an_asyncio_task_group() -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(big_stream()(scope, receive, send))
 
-    with pytest.raises(BodyTooLargeError):
+    with pytest.raises(LiveStreamError, match="streamed past max_body_bytes"):
         await replay(app, SNAPSHOT, max_body_bytes=LIMIT)
 
 
@@ -372,7 +378,7 @@ async def test_body_over_limit_reraised_as_another_error() -> None:
         except Exception as error:
             raise RuntimeError("stream failed") from error
 
-    with pytest.raises(BodyTooLargeError):
+    with pytest.raises(LiveStreamError, match="streamed past max_body_bytes"):
         await replay(app, SNAPSHOT, max_body_bytes=LIMIT)
 
 
@@ -383,5 +389,204 @@ async def test_body_over_limit_swallowed_by_the_app() -> None:
         except Exception:
             return
 
-    with pytest.raises(BodyTooLargeError):
+    with pytest.raises(LiveStreamError, match="streamed past max_body_bytes"):
         await replay(app, SNAPSHOT, max_body_bytes=LIMIT)
+
+
+# --- live streams, time limits, and what the app does after its answer ------------------------
+
+
+def event_stream(ended: list[str]) -> Any:
+    """An endless event stream, as an SSE endpoint sends it; notes in `ended` when it stops."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+                }
+            )
+            while True:
+                await send(
+                    {"type": "http.response.body", "body": b"data: x\n\n", "more_body": True}
+                )
+                await asyncio.sleep(0.01)
+        finally:
+            ended.append("stopped")
+
+    return app
+
+
+async def test_an_event_stream_is_a_live_stream_stopped_at_its_first_message() -> None:
+    ended: list[str] = []
+    began = asyncio.get_running_loop().time()
+    with pytest.raises(LiveStreamError, match="event stream"):
+        await replay(event_stream(ended), SNAPSHOT, max_body_bytes=LIMIT, time_limit=30)
+    assert asyncio.get_running_loop().time() - began < 1.0
+    assert ended == ["stopped"]  # the app was cancelled, not left streaming
+
+
+async def test_a_starlette_event_stream_is_stopped_too() -> None:
+    async def events() -> Any:
+        while True:
+            yield "data: tick\n\n"
+            await asyncio.sleep(0.01)
+
+    app = StreamingResponse(events(), media_type="text/event-stream")
+    with pytest.raises(LiveStreamError):
+        await asyncio.wait_for(replay(app, SNAPSHOT, max_body_bytes=LIMIT, time_limit=30), 2)
+
+
+def endless_feed(chunk: bytes = b'{"n": 1}\n', pause: float = 0.01) -> Any:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
+        )
+        while True:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await asyncio.sleep(pause)
+
+    return app
+
+
+async def test_a_feed_still_streaming_at_the_time_limit_is_a_live_stream() -> None:
+    with pytest.raises(LiveStreamError, match="time limit"):
+        await replay(endless_feed(), SNAPSHOT, max_body_bytes=10**9, time_limit=0.2)
+
+
+async def test_no_answer_begun_at_the_time_limit_is_a_replay_timeout() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(30)
+
+    with pytest.raises(ReplayTimeoutError):
+        await replay(app, SNAPSHOT, max_body_bytes=LIMIT, time_limit=0.1)
+
+
+async def test_the_apps_own_timeout_error_is_the_apps_exception_not_the_time_limit() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise TimeoutError("the app's own, e.g. a database's")
+
+    with pytest.raises(TimeoutError, match="the app's own") as caught:
+        await replay(app, SNAPSHOT, max_body_bytes=LIMIT, time_limit=30)
+    assert not isinstance(caught.value, ReplayTimeoutError)
+
+
+async def test_an_endless_fast_stream_is_read_in_bounded_memory() -> None:
+    limit = 1024 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(LiveStreamError, match="streamed past"):
+            await replay(
+                endless_feed(b"x" * 65536, pause=0),
+                SNAPSHOT,
+                max_body_bytes=limit,
+                time_limit=30,
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * limit, f"peak {peak} bytes while reading a stream cut at {limit}"
+
+
+async def test_the_answer_is_final_once_sent_whatever_the_app_raises_after_it() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        await send(BODY)
+        await asyncio.sleep(0.05)
+        raise RuntimeError("a background task failed")
+
+    began = asyncio.get_running_loop().time()
+    result = await replay(app, SNAPSHOT, max_body_bytes=LIMIT, time_limit=30)
+    assert (result.status, result.body) == (200, b"ok")
+    assert asyncio.get_running_loop().time() - began < 0.05  # not held up by the rest
+    assert result.rest is not None
+    error = await finish(result.rest, 5)
+    assert isinstance(error, RuntimeError)
+
+
+async def test_work_after_the_answer_still_running_at_the_limit_is_cancelled() -> None:
+    cancelled: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        await send(BODY)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    result = await replay(app, SNAPSHOT, max_body_bytes=LIMIT, time_limit=30)
+    assert result.rest is not None
+    assert isinstance(await finish(result.rest, 0.1), LeftRunningError)
+    assert cancelled == [True]
+
+
+async def test_a_starlette_background_task_does_not_change_the_answer() -> None:
+    async def send_email() -> None:
+        raise ConnectionError("smtp down")
+
+    app = PlainTextResponse("hello", background=BackgroundTask(send_email))
+    result = await replay(app, SNAPSHOT, max_body_bytes=LIMIT, time_limit=30)
+    assert (result.status, result.body) == (200, b"hello")
+    assert result.rest is not None
+    assert isinstance(await finish(result.rest, 5), ConnectionError)
+
+
+async def test_an_app_that_ignores_its_cancellation_does_not_hold_the_replay_forever(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        with contextlib.suppress(Exception):  # what send raises, and then the cancellation
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+        while not release.is_set():
+            with contextlib.suppress(BaseException):
+                await asyncio.sleep(0.01)
+
+    began = asyncio.get_running_loop().time()
+    with pytest.raises(LiveStreamError):
+        await replay(app, SNAPSHOT, max_body_bytes=LIMIT, time_limit=30)
+    assert asyncio.get_running_loop().time() - began < 3
+    assert "ignored its cancellation" in caplog.text
+    release.set()
+    await asyncio.sleep(0.05)
+
+
+async def test_the_replay_waits_for_an_outer_layer_that_passes_the_answer_on_later() -> None:
+    # The layer outside the middleware awaits something (a session store, say) before it
+    # sends the answer on with its cookie: that cookie must be seen.
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        await send(BODY)
+
+    async def outer(scope: Scope, receive: Receive, send: Send) -> None:
+        marker = scope["extensions"][REPLAY_EXTENSION]
+        assert marker.take("p")
+        held: list[Message] = []
+
+        async def later(message: Message) -> None:
+            held.append(message)
+            if message["type"] == "http.response.body":
+                await asyncio.sleep(0.05)  # e.g. a round trip to a session store
+                start = {**held[0], "headers": [(b"set-cookie", b"session=1")]}
+                await send(start)
+                await send(message)
+
+        await inner(scope, receive, marker.tee(later))
+
+    result = await replay(outer, SNAPSHOT, max_body_bytes=LIMIT, prefix="p", time_limit=30)
+    assert result.leaving == ((b"set-cookie", b"session=1"),)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from .keys import Headers, RequestSnapshot, header_pairs
 
 _RESPONSE_V1 = 1
 _SNAPSHOT_V2 = 2  # 2: the server root path added
+_SNAPSHOT_V3 = 3  # 3: the client's address added (version 2 is still read)
 
 
 class CorruptEntryError(ValueError):
@@ -54,7 +56,7 @@ def encode_response(response: StoredResponse) -> bytes:
 
 def decode_response(data: bytes) -> StoredResponse:
     """Unpack a response; `CorruptEntryError` for anything `encode_response` did not make."""
-    items = _unpack(data, _RESPONSE_V1, 6)
+    items = _unpack(data, {_RESPONSE_V1: 6})
     _, status, headers, body, stored_at, hit_for_pass = items
     if not (
         isinstance(hit_for_pass, bool)
@@ -85,19 +87,19 @@ def encode_snapshot(snapshot: RequestSnapshot, guard: CredentialGuard | None = N
         if guard is None:
             raise ValueError("a snapshot with credentials is only encoded sealed")
         sealed = guard.seal(_pack([list(pair) for pair in snapshot.credentials]))
-    return _pack([_SNAPSHOT_V2, *snapshot.canonical(), sealed])
+    client = None if snapshot.client is None else list(snapshot.client)
+    return _pack([_SNAPSHOT_V3, *snapshot.canonical(), sealed, client])
 
 
 def decode_snapshot(data: bytes, guard: CredentialGuard | None = None) -> RequestSnapshot:
-    """Unpack a snapshot; `CorruptEntryError` for anything `encode_snapshot` did not make."""
-    items = _unpack(data, _SNAPSHOT_V2, 11)
-    sealed = items[-1]
+    """Unpack a snapshot; `CorruptEntryError` for anything `encode_snapshot` did not make.
+
+    Version 2 snapshots (jobs queued by the release before) are read too, with no client.
+    """
+    snapshot, sealed = _decode_snapshot(data)
+    if not sealed:
+        return snapshot
     try:
-        snapshot = RequestSnapshot.from_canonical(items[1:-1])
-        if not isinstance(sealed, bytes):
-            raise ValueError("sealed credentials are not bytes")
-        if not sealed:
-            return snapshot
         if guard is None:
             raise ValueError("the job carries sealed credentials, and no secret is configured")
         credentials = header_pairs(msgpack.unpackb(guard.open(sealed), raw=False))
@@ -106,16 +108,57 @@ def decode_snapshot(data: bytes, guard: CredentialGuard | None = None) -> Reques
     return dataclasses.replace(snapshot, credentials=credentials)
 
 
+def peek_snapshot(data: bytes) -> RequestSnapshot:
+    """The request of an encoded snapshot, its credentials (if any) left sealed: for logs."""
+    return _decode_snapshot(data)[0]
+
+
+def _decode_snapshot(data: bytes) -> tuple[RequestSnapshot, bytes]:
+    """The snapshot without its credentials, and the credentials still sealed."""
+    items = _unpack(data, {_SNAPSHOT_V3: 12, _SNAPSHOT_V2: 11})
+    client = items.pop() if items[0] == _SNAPSHOT_V3 else None
+    sealed = items[-1]
+    try:
+        snapshot = RequestSnapshot.from_canonical(items[1:-1])
+        if client is not None:
+            snapshot = dataclasses.replace(snapshot, client=_client(client))
+        if not isinstance(sealed, bytes):
+            raise ValueError("sealed credentials are not bytes")
+    except (ValueError, TypeError) as error:
+        raise CorruptEntryError(str(error)) from None
+    return snapshot, sealed
+
+
+def _client(value: Any) -> tuple[str, int]:
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    ):
+        raise ValueError("the client's address is not [host, port]")
+    return value[0], value[1]
+
+
 def _pack(items: list[Any]) -> bytes:
     packed: bytes = msgpack.packb(items, use_bin_type=True)
     return packed
 
 
-def _unpack(data: bytes, version: int, length: int) -> list[Any]:
+def _unpack(data: bytes, lengths: Mapping[int, int]) -> list[Any]:
+    """The list packed in `data`: its first item a format version in `lengths`.
+
+    `lengths` maps each version read to its number of items.
+    """
     try:
         items = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         raise CorruptEntryError(f"not msgpack: {error}") from None
-    if not isinstance(items, list) or len(items) != length or items[0] != version:
+    if not (
+        isinstance(items, list)
+        and items
+        and type(items[0]) is int  # hashable, and not a bool standing for 1
+        and lengths.get(items[0]) == len(items)
+    ):
         raise CorruptEntryError("not a value of this format version")
     return items

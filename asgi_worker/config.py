@@ -142,6 +142,11 @@ class Config:
     the credentials) instead of passing them to the app. Needs `secret`."""
     secret: str | None = field(default=None, repr=False)
     """Keys the credential MAC and seals credentials in jobs (`key_credentials`)."""
+    replay_client: bool = True
+    """Replay each job's request with the address of the client whose request enqueued it,
+    so the app sees `request.client` in the worker as in the web process. The address is
+    kept in the queue (Redis) until the job runs. False keeps none: the replay has
+    `client: None`. Not part of the key: an answer that depends on the address is shared."""
     inline_worker: bool = False
     """Run jobs as tasks in the web process instead of an arq worker (implied by memory://)."""
     max_queued: int = 10_000

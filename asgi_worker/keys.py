@@ -24,6 +24,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 """The port each scheme has when a URL names none."""
 
 Headers = tuple[tuple[bytes, bytes], ...]
+Client = tuple[str, int]
+"""A client's address as the ASGI scope gives it: (host, port)."""
 
 # RFC 3986 host: a reg-name (unreserved, pct-encoded, sub-delims), an IPv4 address (a
 # reg-name too) or an IP literal in brackets; then an optional port of digits only.
@@ -100,6 +102,10 @@ class RequestSnapshot:
     """The root path the server gave, where outer layers changed it: Starlette's `Mount`
     keeps it in `app_root_path`. None: the same as `root_path`. A replay that enters at
     the top of the app starts from it, and the outer layers add their part again."""
+    client: Client | None = None
+    """The address of the client whose request enqueued the job (`Config.replay_client`),
+    replayed as the scope's `client`. Not keyed: every client of the key shares the
+    answer its first client's request gave."""
 
     @property
     def entry_root_path(self) -> str:
@@ -222,6 +228,26 @@ def snapshot_from_scope(
             str(server_root) if server_root is not None and server_root != root_path else None
         ),
     )
+
+
+def scope_client(scope: Scope) -> Client | None:
+    """The scope's `client` as (host, port), or None if it has none of that shape.
+
+    A host that is not valid text (a lone surrogate) counts as none: it could not be
+    put in a job.
+    """
+    client = scope.get("client")
+    try:
+        host, port = client  # type: ignore[misc]
+    except (TypeError, ValueError):
+        return None
+    if not (isinstance(host, str) and isinstance(port, int) and not isinstance(port, bool)):
+        return None
+    try:
+        host.encode()
+    except UnicodeEncodeError:
+        return None
+    return host, port
 
 
 def _server_host(scope: Scope, scheme: str) -> str:

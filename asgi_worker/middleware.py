@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -21,7 +22,14 @@ from .codec import CorruptEntryError, StoredResponse, decode_response, encode_sn
 from .config import Config
 from .instrument import observer_for
 from .keymemo import KeyMemo
-from .keys import HostNotAllowedError, InvalidHostError, RedisKeys, RequestSnapshot
+from .keys import (
+    Client,
+    HostNotAllowedError,
+    InvalidHostError,
+    RedisKeys,
+    RequestSnapshot,
+    scope_client,
+)
 from .memory import InProcessQueue
 from .normalize import KeyRules
 from .observe import Observer, RequestRecord
@@ -141,14 +149,15 @@ class WorkerMiddleware:
         applied: list[tuple[bytes, bytes]] = []
         waited = False
         try:
-            found = await self._lookup(snapshot, digest, record)
+            client = scope_client(scope) if self.config.replay_client else None
+            found = await self._lookup(snapshot, digest, client, record)
             if found is None:
                 preference = parse_prefer(_headers(scope, b"prefer"))
                 # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
                 # "respond-async, wait=N") we hold up to N seconds, then answer 202.
                 seconds = min(preference.wait or 0.0, self.config.max_wait)
                 if seconds > 0:
-                    held = await self._wait_for(snapshot, digest, seconds, receive, record)
+                    held = await self._wait_for(snapshot, digest, client, seconds, receive, record)
                     if isinstance(held, Gone):
                         return "gone"  # the client went away while waiting: nobody to answer
                     found = held
@@ -224,6 +233,7 @@ class WorkerMiddleware:
         self,
         snapshot: RequestSnapshot,
         digest: str,
+        client: Client | None,
         seconds: float,
         receive: Receive,
         record: RequestRecord | None,
@@ -238,7 +248,7 @@ class WorkerMiddleware:
             return await hold(
                 backend.waiters,
                 digest,
-                lambda: self._lookup(snapshot, digest, record),
+                lambda: self._lookup(snapshot, digest, client, record),
                 seconds,
                 receive,
             )
@@ -247,9 +257,15 @@ class WorkerMiddleware:
                 observer.waiting(-1)
 
     async def _lookup(
-        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        record: RequestRecord | None,
     ) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant.
+
+        `client` is the address a job enqueued here replays (`Config.replay_client`).
 
         With `Config.coalesce`, a request arriving while a lookup of the same key is on its
         way in this process waits for that one instead of sending its own (single-flight):
@@ -261,27 +277,35 @@ class WorkerMiddleware:
         if near is not None and (cached := near.get(digest)) is not None:
             return _Found(cached, stale=False, near=True)
         if not self.config.coalesce:
-            return await self._timed_lookup(snapshot, digest, record)
+            return await self._timed_lookup(snapshot, digest, client, record)
         return await self._inflight.run(
-            digest, lambda: self._timed_lookup(snapshot, digest, record)
+            digest, lambda: self._timed_lookup(snapshot, digest, client, record)
         )
 
     async def _timed_lookup(
-        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        record: RequestRecord | None,
     ) -> _Found | None:
         # One timer for the whole lookup (the web client has no per-read timeout).
         observer = self._observer
         if observer is None:
             async with asyncio.timeout(self.config.redis_timeout):
-                return await self._lookup_now(snapshot, digest, None)
+                return await self._lookup_now(snapshot, digest, client, None)
         began = time.perf_counter()
         async with asyncio.timeout(self.config.redis_timeout):
-            found = await self._lookup_now(snapshot, digest, record)
+            found = await self._lookup_now(snapshot, digest, client, record)
         observer.lookup(time.perf_counter() - began)
         return found
 
     async def _lookup_now(
-        self, snapshot: RequestSnapshot, digest: str, record: RequestRecord | None
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        record: RequestRecord | None,
     ) -> _Found | None:
         backend = self._open()
         near = backend.near_cache()
@@ -297,7 +321,8 @@ class WorkerMiddleware:
                 if not found.claimed:
                     found = await backend.store.lookup(digest, token, snapshot.path)
         if found.claimed_at is not None:
-            payload = encode_snapshot(snapshot, self._guard)
+            # The snapshot may be another request's (`KeyMemo`): the address is this one's.
+            payload = encode_snapshot(dataclasses.replace(snapshot, client=client), self._guard)
             job_id = self._keys.job_id(digest, token)
             observer = self._observer
             trace = None if observer is None else observer.carry()

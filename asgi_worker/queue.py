@@ -35,8 +35,9 @@ from arq.constants import health_check_key_suffix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
+from .codec import peek_snapshot
 from .jobs import request_line
-from .keys import RedisKeys, RequestSnapshot
+from .keys import RedisKeys
 from .queue_scripts import ENQUEUE, WAKE_TOKENS
 
 logger = logging.getLogger("asgi_worker")
@@ -112,8 +113,7 @@ class SnapshotBytes(bytes):
 
     def __repr__(self) -> str:
         try:
-            items = msgpack.unpackb(bytes(self), raw=False, use_list=True)
-            return request_line(RequestSnapshot.from_canonical(items[1:-1]))
+            return request_line(peek_snapshot(bytes(self)))
         except Exception:  # a repr for a log line must not raise
             return f"<unreadable request snapshot, {len(self)} bytes>"
 

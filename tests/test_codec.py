@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,23 @@ def test_snapshot_round_trip() -> None:
     assert again.digest == SNAPSHOT.digest
 
 
+def test_snapshot_round_trip_keeps_the_clients_address() -> None:
+    snapshot = dataclasses.replace(SNAPSHOT, client=("203.0.113.7", 51234))
+    assert decode_snapshot(encode_snapshot(snapshot)).client == ("203.0.113.7", 51234)
+
+
+def test_a_version_2_snapshot_queued_before_the_upgrade_is_read_without_a_client() -> None:
+    # What the release before wrote: version 2, no client item.
+    data = packed([2, *SNAPSHOT.canonical(), b""])
+    assert decode_snapshot(data) == SNAPSHOT
+
+
+@pytest.mark.parametrize("client", [["h"], ["h", "80"], [b"h", 80], "h:80", ["h", 80, 1]], ids=str)
+def test_a_client_of_the_wrong_shape_is_corrupt(client: Any) -> None:
+    with pytest.raises(CorruptEntryError, match="client"):
+        decode_snapshot(packed([3, *SNAPSHOT.canonical(), b"", client]))
+
+
 def test_snapshot_round_trip_keeps_raw_path_none() -> None:
     snapshot = RequestSnapshot("http", "", "", "/", None, b"", ())
     assert decode_snapshot(encode_snapshot(snapshot)) == snapshot
@@ -84,6 +102,7 @@ snapshots = st.builds(
     raw_path=st.none() | st.binary(max_size=16),
     query_string=st.binary(max_size=64),
     headers=byte_pairs,
+    client=st.none() | st.tuples(st.text(max_size=12), st.integers(0, 2**16)),
 )
 
 

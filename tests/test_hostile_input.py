@@ -29,7 +29,7 @@ from redis import Redis
 from starlette.types import Message, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.keys import InvalidHostError, normalize_host, snapshot_from_scope
+from asgi_worker.keys import InvalidHostError, normalize_host, scope_client, snapshot_from_scope
 from asgi_worker.replay import REPLAY_EXTENSION
 from asgi_worker.testing import run_pending
 
@@ -171,6 +171,8 @@ class Inner:
     """A raw ASGI app that answers anything with a body describing what it saw."""
 
     replays: list[bytes] = field(default_factory=list)
+    clients: list[Any] = field(default_factory=list)
+    """The `client` of each replay: the enqueuing request's, in its ASGI shape, or None."""
     direct: int = 0
     runs: int = 0
 
@@ -188,7 +190,7 @@ class Inner:
         body = repr(seen).encode("utf-8", "backslashreplace")
         if REPLAY_EXTENSION in (scope.get("extensions") or {}):
             self.replays.append(body)
-            assert scope["client"] is None  # a replay carries no client address
+            self.clients.append(scope["client"])
             assert set(names) <= {b"host", *(name.encode() for name in VARY)}
         else:
             self.direct += 1
@@ -326,6 +328,8 @@ def test_any_scope_gets_one_valid_response_and_the_job_result(scope: dict[str, A
             assert await middleware.drain() == 1
             assert len(inner.replays) == 1
             assert inner.direct == 0
+            # The replay carries the client of the request that enqueued it, or none.
+            assert inner.clients == [scope_client(scope)]
 
             second = await call(middleware, scope)
             check_middleware_answer(second, head=head)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from asgi_worker.codec import decode_snapshot, encode_snapshot
-from asgi_worker.keys import RedisKeys, RequestSnapshot, path_tag, snapshot_from_scope
+from asgi_worker.keys import RedisKeys, RequestSnapshot, path_tag, scope_client, snapshot_from_scope
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -262,10 +262,10 @@ snapshots = st.builds(
     headers=header_pairs,
 )
 
-# `credentials` are keyed only through `credential_id` (a MAC), never directly.
-FIELDS = [
-    field.name for field in dataclasses.fields(RequestSnapshot) if field.name != "credentials"
-]
+# `credentials` are keyed only through `credential_id` (a MAC), never directly; the
+# client's address is replayed, never keyed.
+UNKEYED = ("credentials", "client")
+FIELDS = [field.name for field in dataclasses.fields(RequestSnapshot) if field.name not in UNKEYED]
 FIELD_VALUES = {
     "credential_id": st.binary(max_size=16),
     "scheme": plain_text,
@@ -297,6 +297,34 @@ def test_property_one_changed_field_changes_the_digest(
     value = data.draw(FIELD_VALUES[name].filter(lambda v: v != getattr(snapshot, name)))
     changed = dataclasses.replace(snapshot, **{name: value})
     assert changed.digest != snapshot.digest
+
+
+@given(snapshots, st.none() | st.tuples(plain_text, st.integers(0, 65535)))
+def test_property_the_clients_address_is_not_keyed(
+    snapshot: RequestSnapshot, client: tuple[str, int] | None
+) -> None:
+    assert dataclasses.replace(snapshot, client=client).digest == snapshot.digest
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (("203.0.113.7", 5000), ("203.0.113.7", 5000)),
+        (["::1", 80], ("::1", 80)),
+        (None, None),
+        (("h",), None),
+        (("h", "80"), None),
+        (("h", True), None),
+        ((b"h", 80), None),
+        (("\udce9", 80), None),
+        (5, None),
+    ],
+    ids=str,
+)
+def test_the_scopes_client_is_taken_only_in_its_asgi_shape(
+    client: Any, expected: tuple[str, int] | None
+) -> None:
+    assert scope_client({"type": "http", "client": client}) == expected
 
 
 @given(snapshots)

@@ -8,6 +8,11 @@ request would have produced. A header a server turns into a keyed part (uvicorn'
 `--proxy-headers` turns a trusted `X-Forwarded-Proto` into `scope["scheme"]`) makes a
 key of its own and never touches the plain one.
 
+The client's address is the one unkeyed part a replay carries (`Config.replay_client`,
+on by default): behind a trusted proxy, the server makes it from `X-Forwarded-For`. These
+tests turn it off, so that nothing unkeyed at all reaches a stored answer; with it on,
+the address is the enqueuing client's and nothing else changes (the last test).
+
 First against real uvicorn and `asgi-worker worker` subprocesses, then (faster) at the
 ASGI level on every backend.
 """
@@ -80,7 +85,7 @@ def assert_no_evil(response: httpx.Response) -> None:
 
 @pytest.fixture
 def stack(prefix: str, tmp_path: Path) -> Iterator[Stack]:
-    with running_stack(prefix, tmp_path) as running:
+    with running_stack(prefix, tmp_path, replay_client="false") as running:
         yield running
 
 
@@ -182,6 +187,7 @@ def cached(config: Config, *, rewrite: str | None = None) -> tuple[ASGIApp, ASGI
     The server side also runs uvicorn's proxy-headers middleware, trusting 127.0.0.1
     (httpx's ASGITransport client address).
     """
+    config = dataclasses.replace(config, replay_client=False)
     inner: ASGIApp = routes_app()
     if rewrite == "inside":
         inner = HonourOriginalUrl(inner)
@@ -298,3 +304,17 @@ async def test_vary_header_is_keyed_and_replayed_the_others_are_not(
         assert (await http.get("/reflect")).status_code == 202
         plain = await ready(http, replay_app, "/reflect")
         assert plain.json() == clean(f"{BASE}/reflect")
+
+
+async def test_with_replay_client_on_only_the_enqueuing_clients_address_comes_along(
+    config: Config,
+) -> None:
+    app = routes_app()
+    app.add_middleware(WorkerMiddleware, config=dataclasses.replace(config, redis_url="memory://"))
+    proxy = cast(ASGIApp, ProxyHeadersMiddleware(cast(Any, app), trusted_hosts="127.0.0.1"))
+    async for http in open_client(proxy):
+        assert (await http.get("/reflect", headers=EVIL)).status_code == 202
+        plain = await ready(http, app, "/reflect")
+        # The trusted proxy's X-Forwarded-For is the client's address (uvicorn's reading
+        # of it), as the app would see it served directly; no other header came along.
+        assert plain.json() == clean(f"{BASE}/reflect", client=["6.6.6.6", 0])

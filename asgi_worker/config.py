@@ -12,7 +12,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from .credentials import CREDENTIAL_HEADERS, CredentialGuard, sealing_available
@@ -62,7 +63,11 @@ class Config:
     """Settings shared by `WorkerMiddleware` and the worker.
 
     Durations are in seconds. Every value is checked when the object is built, so a
-    mistake shows at start-up with the field's name, not later inside a request.
+    mistake shows at start-up as a `ConfigurationError` naming the field, not later
+    inside a request. Each field takes values of its own type only: `True` or `False`
+    (not `"false"`, not `0`), an `int` for a count, an `int` or a `float` for a duration,
+    a `str`, and `None` where the default is. A tuple field also takes a list, which is
+    kept as a tuple, so a `Config` stays hashable.
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -168,6 +173,17 @@ class Config:
     (`pip install 'asgi-worker[otel]'`); see docs/tracing.md."""
 
     def __post_init__(self) -> None:
+        # Before the type checks: its own message says what Retry-After needs.
+        _require(
+            isinstance(self.retry_after, int)
+            and not isinstance(self.retry_after, bool)
+            and self.retry_after >= 1,
+            "retry_after",
+            f"must be a whole number of seconds >= 1, got {self.retry_after!r} "
+            "(Retry-After: 0 would have polling clients ask again at once)",
+        )
+        # Every field's type first: the checks below may then compare and call methods.
+        _check_types(self)
         _require(self.prefix != "", "prefix", "must not be empty")
         _require(
             not set(self.prefix) & set("{}*?[] \t\r\n"),
@@ -192,24 +208,24 @@ class Config:
                 "on a Cluster, so name a separate (non-Cluster) Redis for it",
             )
         for name in ("ttl", "error_ttl", "job_timeout", "poll_delay", "redis_timeout", "pass_ttl"):
-            _require(_duration(getattr(self, name), name) > 0, name, "must be a finite number > 0")
+            _require(_duration(getattr(self, name)) > 0, name, "must be a finite number > 0")
         for name in ("stale_ttl", "min_ttl"):
-            _require(
-                _duration(getattr(self, name), name) >= 0, name, "must be a finite number >= 0"
-            )
-        for name in ("vary", "include", "exclude", "ttl_rules"):
-            _require(
-                not isinstance(getattr(self, name), str | bytes),
-                name,
-                "must be a tuple of strings, not one string",
-            )
+            _require(_duration(getattr(self, name)) >= 0, name, "must be a finite number >= 0")
         object.__setattr__(self, "ttl_rules", _ttl_rules(self.ttl_rules))
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                _require(
+                    pattern.startswith(("/", "*")),
+                    name,
+                    f"pattern {pattern!r} must start with / (or *): it is matched against the "
+                    "request's path, which starts with /",
+                )
         tag_header = self.tag_header.strip().lower()
         _require(bool(_HEADER_NAME.match(tag_header)), "tag_header", "is not a header name")
         object.__setattr__(self, "tag_header", tag_header)
         if self.claim_ttl is not None:
             _require(
-                _duration(self.claim_ttl, "claim_ttl") > 0,
+                _duration(self.claim_ttl) > 0,
                 "claim_ttl",
                 "must be a finite number > 0",
             )
@@ -222,7 +238,7 @@ class Config:
         if self.secret is not None:
             # Checked whenever given: a short secret is a mistake even while it is unused.
             _require(
-                isinstance(self.secret, str) and len(self.secret) >= 16,
+                len(self.secret) >= 16,
                 "secret",
                 "must be a string of 16 characters or more",
             )
@@ -238,26 +254,16 @@ class Config:
                 "needs the cryptography package: pip install 'asgi-worker[credentials]'",
             )
         _require(
-            isinstance(self.retry_after, int)
-            and not isinstance(self.retry_after, bool)
-            and self.retry_after >= 1,
-            "retry_after",
-            f"must be a whole number of seconds >= 1, got {self.retry_after!r} "
-            "(Retry-After: 0 would have polling clients ask again at once)",
-        )
-        _require(
             self.max_retry_after >= self.retry_after,
             "max_retry_after",
             f"must be at least retry_after ({self.retry_after})",
         )
         _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
-        _require(
-            _duration(self.max_wait, "max_wait") >= 0, "max_wait", "must be a finite number >= 0"
-        )
+        _require(_duration(self.max_wait) >= 0, "max_wait", "must be a finite number >= 0")
         _require(self.max_waiters >= 0, "max_waiters", "must be 0 or more")
         _require(
-            _duration(self.near_cache_ttl, "near_cache_ttl") >= 0,
+            _duration(self.near_cache_ttl) >= 0,
             "near_cache_ttl",
             "must be a finite number >= 0",
         )
@@ -266,10 +272,9 @@ class Config:
         for name in ("allowed_hosts", "ignore_params"):
             patterns = getattr(self, name)
             _require(
-                not isinstance(patterns, str | bytes)
-                and all(isinstance(p, str) and p.strip() for p in patterns),
+                all(pattern.strip() for pattern in patterns),
                 name,
-                "must be a tuple of non-empty patterns, not one string",
+                "must be a tuple of non-empty patterns",
             )
         object.__setattr__(
             self, "allowed_hosts", tuple(p.strip().lower().rstrip(".") for p in self.allowed_hosts)
@@ -344,12 +349,11 @@ class Config:
         Keyword arguments win over the environment.
         """
         env = os.environ if environ is None else environ
-        hints = get_type_hints(cls)
         values: dict[str, Any] = {}
-        for spec in dataclasses.fields(cls):
+        for spec in _FIELD_TYPES:
             variable = ENV_PREFIX + spec.name.upper()
             if variable in env:
-                values[spec.name] = _parse(env[variable], hints[spec.name], variable, spec.name)
+                values[spec.name] = _parse(env[variable], spec, variable)
         values.update(overrides)
         try:
             return cls(**values)
@@ -626,10 +630,9 @@ def _address(entry: str, default_port: int, kind: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _check_url(url: Any, name: str, plain: str) -> None:
+def _check_url(url: str, name: str, plain: str) -> None:
     """`url` is a Redis URL this library can connect with, or a clear error naming `name`."""
     kinds = f"{plain}, redis+cluster://, redis+sentinel:// or rediss+sentinel://"
-    _require(isinstance(url, str), name, f"must be a {kinds} URL, got {url!r}")
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     _require(scheme in _URL_SCHEMES, name, f"must be a {kinds} URL, got {display_url(url)!r}")
     if scheme in _CLUSTER_SCHEMES:
@@ -677,17 +680,8 @@ def _ttl_rules(rules: Any) -> tuple[tuple[str, float], ...]:
     return tuple(normalised)
 
 
-def _duration(value: Any, name: str) -> float:
-    """`value` as seconds, or NaN (which fails every comparison) if it is not finite.
-
-    Not a number at all (a str from a settings file, a bool): a `ConfigurationError`
-    naming field `name` and the type it got.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(
-            f"Config.{name} must be a number of seconds, got {type(value).__name__} {value!r}",
-            field=name,
-        )
+def _duration(value: float) -> float:
+    """`value` as seconds, or NaN (which fails every comparison) if it is not finite."""
     if not math.isfinite(value):
         return math.nan
     return float(value)
@@ -706,35 +700,128 @@ def _require(ok: bool, name: str, problem: str) -> None:
         raise ConfigurationError(f"Config.{name} {problem}", field=name)
 
 
-_PARSEABLE: tuple[type[Any], ...] = (bool, int, float, tuple, str)
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-def _parse(raw: str, hint: Any, variable: str, name: str) -> Any:
+def _parse(raw: str, spec: _FieldType, variable: str) -> Any:
     """Turn one environment string into the field's type, or say which variable is wrong."""
     text = raw.strip()
-    optional = type(None) in getattr(hint, "__args__", ())
-    if optional and text == "":
+    if spec.optional and text == "":
         return None
-    kind = _base_type(hint)
     try:
-        if kind is bool:
+        if spec.kind is bool:
             if text.lower() in _TRUE:
                 return True
             if text.lower() in _FALSE:
                 return False
             raise ValueError("expected a boolean such as true or false")
-        if kind is tuple:
+        if spec.kind is tuple:
             return tuple(part.strip() for part in text.split(",") if part.strip())
-        return kind(text)
+        return spec.kind(text)
     except ValueError as error:
-        raise ConfigurationError(f"{variable}={raw!r}: {error}", field=name) from None
+        raise ConfigurationError(f"{variable}={raw!r}: {error}", field=spec.name) from None
 
 
-def _base_type(hint: Any) -> type[Any]:
-    members = (hint, getattr(hint, "__origin__", None), *getattr(hint, "__args__", ()))
-    for candidate in _PARSEABLE:  # bool before int, tuple before str: most specific first
-        if candidate in members:
-            return candidate
-    raise TypeError(f"no parser for {hint!r}")  # a new field of an unsupported type
+_SCALARS: tuple[type[Any], ...] = (bool, int, float, str)
+# What a value of each type is called in an error. Every float field is a duration (the
+# class docstring: "Durations are in seconds"); a float field that is not needs its own.
+_SINGULAR = {bool: "True or False", int: "a whole number", float: "a number of seconds"}
+_PLURAL = {bool: "booleans", int: "whole numbers", float: "numbers", str: "strings"}
+# Tuple fields whose entries take forms of their own, checked by the field's own check.
+_OWN_FORMS = frozenset({"ttl_rules"})
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldType:
+    """What one `Config` field takes, read from its type hint by `_field_type`."""
+
+    name: str
+    kind: type[Any]
+    """bool, int, float, str or tuple."""
+    element: type[Any] | None
+    """For `tuple[X, ...]`, X: one of `_SCALARS`; None where `_OWN_FORMS` check the entries."""
+    optional: bool
+    """`X | None`: None is taken too."""
+    secret: bool
+    """The value may hold a password: an error shows only its type."""
+
+
+def _field_type(spec: dataclasses.Field[Any], hint: Any) -> _FieldType:
+    """How to check field `spec` of type `hint`; a `TypeError` for a hint with no check.
+
+    Raised at import, so a new field of a type not handled here cannot go unchecked.
+    """
+    args = get_args(hint)
+    optional = get_origin(hint) in (Union, UnionType) and type(None) in args
+    if optional:
+        others = [arg for arg in args if arg is not type(None)]
+        hint = others[0] if len(others) == 1 else hint
+        args = get_args(hint)
+    secret = not spec.repr or spec.name in _URL_FIELDS
+    if hint in _SCALARS:
+        return _FieldType(spec.name, hint, None, optional, secret)
+    if get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] in _SCALARS:
+            return _FieldType(spec.name, tuple, args[0], optional, secret)
+        if spec.name in _OWN_FORMS:
+            return _FieldType(spec.name, tuple, None, optional, secret)
+    raise TypeError(f"Config.{spec.name}: no type check for {hint!r} (see _field_type)")
+
+
+def _check_types(config: Config) -> None:
+    """Each field of `config` is of its type, or a `ConfigurationError` names it.
+
+    A list given for a tuple field is kept as a tuple.
+    """
+    for spec in _FIELD_TYPES:
+        given = getattr(config, spec.name)
+        value = _typed(given, spec)
+        if value is not given:
+            object.__setattr__(config, spec.name, value)
+
+
+def _typed(value: Any, spec: _FieldType) -> Any:
+    """`value` if it is of `spec`'s type (a list for a tuple: as a tuple), else an error."""
+    if value is None and spec.optional:
+        return value
+    if spec.kind is tuple:
+        # A list too: settings files (JSON, YAML, TOML) have no tuples. As a tuple, the
+        # Config stays hashable.
+        value = tuple(value) if isinstance(value, list) else value
+        element = spec.element
+        if isinstance(value, tuple) and (
+            element is None or all(_is(item, element) for item in value)
+        ):
+            return value
+    elif _is(value, spec.kind):
+        return value
+    raise ConfigurationError(f"Config.{spec.name} {_wrong_type(value, spec)}", field=spec.name)
+
+
+def _is(value: Any, kind: type[Any]) -> bool:
+    """True if `value` is of field type `kind`: an int counts as a float, a bool as neither."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
+
+
+def _wrong_type(value: Any, spec: _FieldType) -> str:
+    """What `spec`'s field takes, and the `value` of another type it got."""
+    got = type(value).__name__ if spec.secret else f"{type(value).__name__} {value!r}"
+    if spec.kind is not tuple:
+        return f"must be {_SINGULAR.get(spec.kind, 'a string')}, got {got}"
+    entries = f" of {_PLURAL[spec.element]}" if spec.element else ""
+    problem = f"must be a tuple (or list){entries}, got {got}"
+    if isinstance(value, str):  # include="/api/*": the commonest slip
+        return f"{problem}; one pattern is written ({value!r},)"
+    return problem
+
+
+def _field_types() -> tuple[_FieldType, ...]:
+    """How to check each field of `Config`, in order (built once, at import)."""
+    hints = get_type_hints(Config)
+    return tuple(_field_type(spec, hints[spec.name]) for spec in dataclasses.fields(Config))
+
+
+_FIELD_TYPES = _field_types()

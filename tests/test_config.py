@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import typing
 from typing import Any
 
 import pytest
 
 from asgi_worker import Config, ConfigurationError
-from asgi_worker.config import display_url
+from asgi_worker.config import _field_type, display_url
 
 
 def test_defaults_are_valid() -> None:
@@ -125,6 +127,104 @@ def test_replace_recomputes_the_default_claim_ttl() -> None:
     # claim_ttl was never set: its default should follow the new job_timeout.
     changed = dataclasses.replace(Config(), job_timeout=120)
     assert changed.claim_lease == 150
+
+
+def wrong_values(hint: Any) -> list[Any]:
+    """Values of the wrong type for a field of type `hint`, the likely slips first."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = (arg for arg in args if arg is not type(None))
+    kind = typing.get_origin(hint) or hint
+    wrong: dict[Any, list[Any]] = {
+        bool: ["false", 1, 0.0],
+        int: [True, 1.5, "5"],
+        float: [True, "300", b"1"],
+        str: [5, b"x", True],
+        tuple: ["/x", {"/x"}, (5,), 5],
+    }
+    return wrong[kind] + ([] if optional else [None])
+
+
+TYPE_CASES = [
+    pytest.param(spec.name, value, id=f"{spec.name}={value!r}")
+    for spec in dataclasses.fields(Config)
+    for value in wrong_values(typing.get_type_hints(Config)[spec.name])
+]
+
+
+@pytest.mark.parametrize(("field", "value"), TYPE_CASES)
+def test_a_value_of_the_wrong_type_names_the_field(field: str, value: Any) -> None:
+    # Every field, present and future: Config(fail_open="false") used to count as true.
+    with pytest.raises(ConfigurationError) as raised:
+        Config(**{field: value})
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"Config.{field} "), str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("fail_open", "false", "Config.fail_open must be True or False, got str 'false'"),
+        ("max_jobs", 2.5, "Config.max_jobs must be a whole number, got float 2.5"),
+        ("prefix", 5, "Config.prefix must be a string, got int 5"),
+        (
+            "include",
+            "/api/*",
+            "Config.include must be a tuple (or list) of strings, got str '/api/*'; "
+            "one pattern is written ('/api/*',)",
+        ),
+        ("vary", ("accept", 5), "Config.vary must be a tuple (or list) of strings, got tuple"),
+    ],
+)
+def test_a_wrong_type_says_what_the_field_takes(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Config(**{field: value})
+    assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("secret", b"0123456789abcdef-bytes"), ("redis_url", b"redis://:pw-in-bytes@h/0")],
+)
+def test_a_wrong_type_never_shows_a_secret(field: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Config(**{field: value})
+    assert str(raised.value) == f"Config.{field} must be a string, got bytes"
+
+
+def test_lists_are_taken_for_tuples_and_the_config_stays_hashable() -> None:
+    # As settings files (JSON, YAML, TOML) give them.
+    config = Config(include=["/a/*"], exclude=[], vary=["Accept"], ttl_rules=[["/a/*", 5]])
+    assert config == Config(include=("/a/*",), vary=("accept",), ttl_rules=(("/a/*", 5),))
+    assert (config.include, config.exclude, config.vary) == (("/a/*",), (), ("accept",))
+    assert hash(config) == hash(Config(include=("/a/*",), vary=("accept",), ttl_rules=("/a/*=5",)))
+
+
+def test_ints_are_taken_for_floats() -> None:
+    assert Config(ttl=5, claim_ttl=None, max_wait=0).ttl == 5
+
+
+def test_a_field_type_with_no_check_fails_at_import() -> None:
+    spec = next(spec for spec in dataclasses.fields(Config) if spec.name == "vary")
+    with pytest.raises(TypeError, match="no type check"):
+        _field_type(spec, dict[str, int])
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern"), [("include", "reports"), ("include", "reports/*"), ("exclude", "")]
+)
+def test_a_path_pattern_must_start_with_a_slash(field: str, pattern: str) -> None:
+    # The path a pattern is matched against starts with /: "reports" never matches.
+    with pytest.raises(
+        ConfigurationError, match=rf"^Config\.{field} pattern {re.escape(repr(pattern))} "
+    ) as raised:
+        Config(**{field: ("/ok", pattern)})
+    assert raised.value.field == field
+
+
+def test_a_path_pattern_may_start_with_a_star() -> None:
+    assert Config(include=("*",), exclude=("*.json", "/health")).exclude == ("*.json", "/health")
 
 
 # --- from_env --------------------------------------------------------------------------------

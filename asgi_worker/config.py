@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 import os
@@ -345,10 +346,26 @@ class Config:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         """Build a `Config` from `ASGI_WORKER_<FIELD>` variables (e.g. `ASGI_WORKER_TTL`).
 
-        Tuples are comma-separated, booleans are `1/0`, `true/false`, `yes/no`.
-        Keyword arguments win over the environment.
+        Each field is read from the variable named after it in capitals. Tuples are
+        comma-separated (`/api/*,/reports/*`), booleans are `1/0`, `true/false`,
+        `yes/no` or `on/off`, and an empty value is `None` for a field that takes it.
+        Every `ASGI_WORKER_` variable must name a field: a misspelt one is an error,
+        not a setting silently left at its default.
+
+        Args:
+            environ: The variables to read; `os.environ` by default.
+            **overrides: Field values that win over the environment.
+
+        Returns:
+            The checked `Config`.
+
+        Raises:
+            ConfigurationError: A variable names no field (the message suggests the
+                closest one), cannot be parsed, or gives a value `Config` refuses; the
+                message names the variable.
         """
         env = os.environ if environ is None else environ
+        _refuse_unknown_variables(env)
         values: dict[str, Any] = {}
         for spec in _FIELD_TYPES:
             variable = ENV_PREFIX + spec.name.upper()
@@ -358,12 +375,12 @@ class Config:
         try:
             return cls(**values)
         except ConfigurationError as error:
+            to_blame = next((spec for spec in _FIELD_TYPES if spec.name == error.field), None)
             variable = ENV_PREFIX + (error.field or "").upper()
-            if error.field in overrides or variable not in env:
+            if to_blame is None or error.field in overrides or variable not in env:
                 raise
-            raise ConfigurationError(
-                f"{error} (from {variable}={env[variable]!r})", field=error.field
-            ) from None
+            shown = _assignment(variable, env[variable], to_blame)
+            raise ConfigurationError(f"{error} (from {shown})", field=error.field) from None
 
 
 _URL_FIELDS = frozenset({"redis_url", "queue_redis_url"})
@@ -720,7 +737,35 @@ def _parse(raw: str, spec: _FieldType, variable: str) -> Any:
             return tuple(part.strip() for part in text.split(",") if part.strip())
         return spec.kind(text)
     except ValueError as error:
-        raise ConfigurationError(f"{variable}={raw!r}: {error}", field=spec.name) from None
+        shown = _assignment(variable, raw, spec)
+        raise ConfigurationError(f"{shown}: {error}", field=spec.name) from None
+
+
+def _assignment(variable: str, raw: str, spec: _FieldType) -> str:
+    """`VARIABLE='value'` for a message, with no password in it."""
+    if spec.name in _URL_FIELDS:
+        return f"{variable}={display_url(raw)!r}"
+    return variable if spec.secret else f"{variable}={raw!r}"
+
+
+def _refuse_unknown_variables(env: Mapping[str, str]) -> None:
+    """A `ConfigurationError` for an `ASGI_WORKER_` variable that names no field.
+
+    Its value is not shown: a misspelt variable may hold a password all the same.
+    """
+    fields = [spec.name for spec in _FIELD_TYPES]
+    known = {ENV_PREFIX + name.upper() for name in fields}
+    for variable in sorted(env):
+        if not variable.startswith(ENV_PREFIX) or variable in known:
+            continue
+        # Matched without the prefix every variable shares, which would make all close.
+        close = difflib.get_close_matches(variable.removeprefix(ENV_PREFIX).lower(), fields, 1)
+        hint = (
+            f"did you mean {ENV_PREFIX}{close[0].upper()}?"
+            if close
+            else f"each Config field is read from {ENV_PREFIX}<FIELD> (see docs/configuration.md)"
+        )
+        raise ConfigurationError(f"{variable} is not a setting; {hint}")
 
 
 _SCALARS: tuple[type[Any], ...] = (bool, int, float, str)

@@ -394,6 +394,52 @@ def test_from_env_invalid_value_names_the_variable(variable: str, raw: str) -> N
 
 
 @pytest.mark.parametrize(
+    ("variable", "suggested"),
+    [
+        ("ASGI_WORKER_TTLL", "ASGI_WORKER_TTL"),
+        ("ASGI_WORKER_ttl", "ASGI_WORKER_TTL"),
+        ("ASGI_WORKER_REDIS_UR", "ASGI_WORKER_REDIS_URL"),
+        ("ASGI_WORKER_FAILOPEN", "ASGI_WORKER_FAIL_OPEN"),
+        ("ASGI_WORKER_INCLUDES", "ASGI_WORKER_INCLUDE"),
+    ],
+)
+def test_from_env_a_variable_that_names_no_field_suggests_the_closest(
+    variable: str, suggested: str
+) -> None:
+    # A typo used to leave its field at the default, unnoticed.
+    with pytest.raises(ConfigurationError) as raised:
+        Config.from_env({"ASGI_WORKER_PREFIX": "p", variable: "5"})
+    assert str(raised.value) == f"{variable} is not a setting; did you mean {suggested}?"
+
+
+def test_from_env_a_variable_like_no_field_points_to_the_docs() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"^ASGI_WORKER_XYZZY is not a setting; "
+    ) as raised:
+        Config.from_env({"ASGI_WORKER_XYZZY": "1"})
+    assert "docs/configuration.md" in str(raised.value)
+
+
+def test_from_env_an_override_does_not_excuse_an_unknown_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ASGI_WORKER_TTLL", "5")
+    with pytest.raises(ConfigurationError, match="did you mean ASGI_WORKER_TTL"):
+        Config.from_env(ttl=3)
+
+
+def test_from_env_never_shows_a_password_or_the_secret() -> None:
+    unknown = {"ASGI_WORKER_SECRETT": "hunter2-hunter2-hunter2"}
+    short = {"ASGI_WORKER_SECRET": "hunter2"}
+    bad_url = {"ASGI_WORKER_QUEUE_REDIS_URL": "http://:hunter2@h/0"}
+    for environ in (unknown, short, bad_url):
+        with pytest.raises(ConfigurationError) as raised:
+            Config.from_env(environ)
+        assert "hunter2" not in str(raised.value), str(raised.value)
+    assert str(raised.value).endswith("(from ASGI_WORKER_QUEUE_REDIS_URL='http://:***@h/0')")
+
+
+@pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),

@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
+import inspect
+import itertools
+import linecache
 import math
 import os
 import re
@@ -870,3 +874,110 @@ def _field_types() -> tuple[_FieldType, ...]:
 
 
 _FIELD_TYPES = _field_types()
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDoc:
+    """One field of a dataclass as its documentation shows it (see `field_docs`)."""
+
+    name: str
+    type: str
+    """The annotation as written, e.g. `str | None`."""
+    default: str
+    """The default's `repr`; empty for a field without one."""
+    doc: str
+    """The docstring under the field, cleaned of its indentation; empty if none."""
+
+
+def field_docs(cls: type[Any]) -> tuple[FieldDoc, ...]:
+    """Each field of dataclass `cls`, in order, with the docstring written under it.
+
+    The docstrings are read from the source with `ast`, as pydantic's
+    `use_attribute_docstrings` does: they are the fields' one documentation, which
+    `help(Config)` and the table in docs/configuration.md show. Where the source cannot
+    be read (a build without .py files), every `doc` is empty.
+    """
+    docs = _attribute_docstrings(cls)
+    return tuple(
+        FieldDoc(
+            name=spec.name,
+            type=spec.type if isinstance(spec.type, str) else inspect.formatannotation(spec.type),
+            default=_default_repr(spec),
+            doc=docs.get(spec.name, ""),
+        )
+        for spec in dataclasses.fields(cls)
+    )
+
+
+def _attribute_docstrings(cls: type[Any]) -> dict[str, str]:
+    """The string literal under each annotated name in the body of class `cls`."""
+    source = _class_source(cls)
+    try:
+        definition = ast.parse(source).body[0] if source else None
+    except SyntaxError:  # the class's lines were not all found: no docstrings, no harm
+        return {}
+    if not isinstance(definition, ast.ClassDef):
+        return {}
+    docs = {}
+    for node, after in itertools.pairwise(definition.body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _class_source(cls: type[Any]) -> str | None:
+    """The lines of module-level class `cls`, from `class` to the end of its body.
+
+    Not `inspect.getsource`: on Python 3.11 and 3.12 it parses and walks the whole
+    module to find the class, about 20 ms of every `import asgi_worker`; reading the
+    class's own lines costs well under one. None if the source cannot be read.
+    """
+    try:
+        path = inspect.getsourcefile(cls)
+    except TypeError:  # a built-in class
+        return None
+    lines = linecache.getlines(path) if path else []
+    header = re.compile(rf"class {re.escape(cls.__name__)}\b")
+    start = next((n for n, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        return None
+    # The body ends at the next line that starts in the first column (not a comment).
+    end = next(
+        (n for n in range(start + 1, len(lines)) if lines[n][:1] not in ("", " ", "\n", "#")),
+        len(lines),
+    )
+    return "".join(lines[start:end])
+
+
+def _default_repr(spec: dataclasses.Field[Any]) -> str:
+    if spec.default is not dataclasses.MISSING:
+        return repr(spec.default)
+    if spec.default_factory is not dataclasses.MISSING:
+        return repr(spec.default_factory())
+    return ""
+
+
+def documented(cls: type[Any]) -> str | None:
+    """`cls.__doc__` followed by a section on each field (`field_docs`), for `help()`.
+
+    `cls.__doc__` as it is if no field has a docstring to show (the source cannot be read).
+    """
+    fields = field_docs(cls)
+    if not any(spec.doc for spec in fields):
+        return cls.__doc__
+    lines = [inspect.cleandoc(cls.__doc__ or ""), "", "Fields:", ""]
+    for spec in fields:
+        default = f" = {spec.default}" if spec.default else ""
+        lines.append(f"{spec.name}: {spec.type}{default}")
+        lines.extend(f"    {line}" if line else "" for line in spec.doc.splitlines())
+    return "\n".join(lines)
+
+
+# help(Config) says what each field means: the class docstring gains the field docstrings.
+Config.__doc__ = documented(Config)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import linecache
 import math
+import pydoc
 import re
 import typing
 from typing import Any
@@ -11,7 +14,7 @@ from typing import Any
 import pytest
 
 from asgi_worker import Config, ConfigurationError
-from asgi_worker.config import _field_type, display_url
+from asgi_worker.config import FieldDoc, _field_type, display_url, documented, field_docs
 
 
 def test_defaults_are_valid() -> None:
@@ -467,3 +470,45 @@ def test_repr_masks_the_passwords_of_redis_urls() -> None:
     assert shown.startswith("Config(")
     assert "prefix='aw'" in shown
     assert repr(Config(redis_url="memory://")).startswith("Config(redis_url='memory://', ")
+
+
+# --- help(Config) ------------------------------------------------------------------------------
+
+
+def test_help_says_what_each_field_means() -> None:
+    docs = field_docs(Config)
+    assert [spec.name for spec in docs] == [spec.name for spec in dataclasses.fields(Config)]
+    assert all(spec.doc for spec in docs), [spec.name for spec in docs if not spec.doc]
+    shown = pydoc.render_doc(Config)
+    for spec in docs:
+        assert spec.name in shown
+        assert spec.doc.splitlines()[0] in shown, spec.name
+    doc = inspect.getdoc(Config) or ""
+    assert "\nttl: float = 300.0\n    How long a stored response is served." in doc
+    assert "\nclaim_ttl: float | None = None\n" in doc
+
+
+def test_a_field_doc_is_the_docstring_under_the_field() -> None:
+    prefix = next(spec for spec in field_docs(Config) if spec.name == "prefix")
+    assert prefix == FieldDoc(
+        "prefix", "str", "'aw'", "Prefix of every Redis key the cache writes."
+    )
+
+
+@dataclasses.dataclass
+class Documented:
+    """A class of this test module, with a field docstring."""
+
+    size: int = 3
+    """How big,
+    in units."""
+    plain: str = "x"
+
+
+def test_the_fields_section_needs_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert documented(Documented) == (
+        "A class of this test module, with a field docstring.\n\nFields:\n\n"
+        "size: int = 3\n    How big,\n    in units.\nplain: str = 'x'"
+    )
+    monkeypatch.setattr(linecache, "getlines", lambda *args: [])  # a build without .py files
+    assert documented(Documented) == Documented.__doc__

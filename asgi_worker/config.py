@@ -76,12 +76,19 @@ class Config:
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding the stored responses and claims; `memory://` for the embedded backend
-    (one process, jobs run as tasks in it: for demos, tests and single-process apps);
-    `redis+cluster://host:port,host:port/` for a Redis Cluster (see docs/cluster.md)."""
+    """Redis holding the stored responses and claims.
+    `redis://`, `rediss://` (TLS) or `unix://`; `memory://` for the embedded backend (one
+    process, jobs run as tasks in it: for demos, tests and single-process apps);
+    `redis+sentinel://s1:26379,s2:26379/mymaster/0` through Sentinel (see
+    docs/sentinel.md); `redis+cluster://h1:6379,h2:6379/` for a Redis Cluster (see
+    docs/cluster.md). `rediss+sentinel://` and `rediss+cluster://` are TLS too; a private
+    CA or a client certificate goes in the query:
+    `?ssl_ca_certs=/ca.pem&ssl_certfile=...&ssl_keyfile=...` (also `ssl_cert_reqs`,
+    `ssl_check_hostname`; see docs/sentinel.md#tls, docs/cluster.md#tls)."""
     queue_redis_url: str | None = None
-    """Redis holding the arq queue, if not `redis_url`. arq cannot use a Cluster: with a
-    Cluster `redis_url` this one is required (unless `inline_worker`), and not a Cluster."""
+    """Redis holding the arq queue, in the same URL forms as `redis_url` (None: that one).
+    arq cannot use a Cluster: with a Cluster `redis_url` this one is required (unless
+    `inline_worker`), and not a Cluster."""
     prefix: str = "aw"
     """Prefix of every Redis key the cache writes."""
     ttl: float = 300.0
@@ -106,9 +113,11 @@ class Config:
     """How long the worker lets the app run for one request before storing a 504."""
     claim_ttl: float | None = None
     """Lease of the claim that dedups jobs; must exceed `job_timeout` (None: `job_timeout`
-    + 30 s, see `claim_lease`)."""
+    + 30 s, see `claim_lease`). A job that starts with less than `job_timeout +
+    redis_timeout` of it left renews it first (one more round trip)."""
     retry_after: int = 1
-    """Seconds sent in `Retry-After` on a 202 or 503."""
+    """Seconds sent in `Retry-After` on a 202 or 503: a whole number, at least 1 (0 would
+    have polling clients ask again without pause)."""
     adaptive_retry_after: bool = False
     """On a 202, send the recent typical job duration of the path (whole seconds, from
     `retry_after` up to `max_retry_after`) instead; costs misses one more round trip."""
@@ -117,19 +126,20 @@ class Config:
     vary: tuple[str, ...] = ()
     """Request header names that are part of the cache key (and replayed to the app)."""
     include: tuple[str, ...] = ("*",)
-    """Path patterns (shell-style, `*` matches across `/`) handled by the worker."""
+    """Path patterns (shell-style, `*` matches across `/`) handled by the worker. Each
+    starts with `/`, or with `*` (alone, every path)."""
     exclude: tuple[str, ...] = ()
-    """Path patterns that bypass the worker; win over `include`."""
+    """Path patterns that bypass the worker, as in `include`; they win over it."""
     queue_name: str | None = None
-    """arq queue name (default: `<prefix>:queue`)."""
+    """arq queue name (None: `<prefix>:queue`)."""
     max_body_bytes: int = 10 * 1024 * 1024
     """Largest response body stored; a larger one is replaced by a short-lived 502."""
     poll_delay: float = 0.01
     """How often arq's own `Worker` (`arq module.WorkerSettings`) and `run_pending` poll
     the queue (arq's default is 0.5 s). `asgi-worker worker` does not poll: each enqueue
-    wakes it, and idle it looks at the queue every 3 s."""
+    wakes it, and idle it looks at the queue every 3 s (see docs/scale.md)."""
     max_jobs: int = 10
-    """Jobs one worker process runs at once."""
+    """Jobs one worker process (or one web process, with in-process jobs) runs at once."""
     redis_timeout: float = 2.0
     """Seconds to wait for Redis (connect and each command) before treating it as down."""
     fail_open: bool = False
@@ -151,18 +161,21 @@ class Config:
     """Give requests with `Authorization`/`Cookie` entries of their own (keyed by a MAC of
     the credentials) instead of passing them to the app. Needs `secret`."""
     secret: str | None = field(default=None, repr=False)
-    """Keys the credential MAC and seals credentials in jobs (`key_credentials`)."""
+    """Keys the credential MAC and seals credentials in jobs (`key_credentials`): 16
+    characters or more, checked whenever given. Never shown in `repr` or errors."""
     inline_worker: bool = False
-    """Run jobs as tasks in the web process instead of an arq worker (implied by memory://)."""
+    """Run jobs as tasks in the web process, with the Redis store, instead of in an arq
+    worker (implied by `memory://`)."""
     max_queued: int = 10_000
     """Jobs waiting in the queue at most; a miss that would enqueue one more gets `503`
-    with `Retry-After` (`Cache-Status: ...; detail=queue-full`). 0: no cap."""
+    with `Retry-After` (`Cache-Status: ...; detail=queue-full`). 0: no cap. See
+    docs/under-attack.md."""
     fair_queueing: bool = True
     """Space each path's queued jobs by its typical job duration over `max_jobs`, so a
     flood of distinct URLs on one path does not delay the other paths' jobs."""
     allowed_hosts: tuple[str, ...] = ()
-    """Host name patterns (shell-style, `*.example.com`) served; a request for any other
-    host gets `400`, with no lookup and no job. Empty: every host."""
+    """Host name patterns (shell-style: `example.com`, `*.example.com`) served; a request
+    for any other host gets `400`, with no lookup and no job. Empty: every host."""
     ignore_params: tuple[str, ...] = ()
     """Query parameter name patterns (shell-style, `utm_*`) dropped from the key and the
     replay, e.g. `("utm_*", "fbclid", "gclid")`."""

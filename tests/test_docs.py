@@ -15,10 +15,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import mkdocs_hooks
 from asgi_worker import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +111,27 @@ def test_every_config_field_is_documented() -> None:
     documented = set(re.findall(r"^\| `(\w+)` \|", docs_page("configuration.md"), re.M))
     fields = {spec.name for spec in dataclasses.fields(Config)}
     assert fields <= documented, f"missing in docs/configuration.md: {sorted(fields - documented)}"
+
+
+def test_the_config_table_is_made_from_the_field_docstrings() -> None:
+    page = docs_page("configuration.md")
+    assert mkdocs_hooks.with_config_table(page) == page, (
+        "docs/configuration.md's table of fields differs from the docstrings in "
+        "asgi_worker/config.py: run `python mkdocs_hooks.py`"
+    )
+
+
+def test_the_site_makes_the_config_table_afresh() -> None:
+    start, end = mkdocs_hooks.TABLE_START, mkdocs_hooks.TABLE_END
+    stale = f"# Configuration\n{start}| `ttl` | old |\n{end}End\n"
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="configuration.md"))
+    built = mkdocs_hooks.on_page_markdown(stale, page, None, None)  # type: ignore[arg-type]
+    table = mkdocs_hooks.config_table()
+    assert built == stale.replace("| `ttl` | old |\n", table)
+    rows = re.findall(r"^\| `(\w+)` \| ", table, re.M)
+    assert rows == [spec.name for spec in dataclasses.fields(Config)]
+    assert "| `claim_ttl` | `float` or `None` | `None` | Lease of the claim" in table
+    assert "(see [The cache on Redis Cluster](cluster.md))" in table  # docs/cluster.md
 
 
 def test_every_test_the_failure_table_names_exists() -> None:

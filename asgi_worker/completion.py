@@ -130,15 +130,28 @@ def hand_off(store: RedisStore, timeout: float, commit: Commit) -> bool:
 
 
 class ReplayWorker(Worker):
-    """An arq `Worker` that commits each replay in the transaction that ends its job.
+    """The arq `Worker` that `asgi-worker worker` runs: it replays requests and stores them.
 
-    Build it from `worker_settings()`: `ReplayWorker(**worker_settings(app, config))`;
-    `asgi-worker worker` and `asgi_worker.testing` do. It runs any other arq job as
-    arq's `Worker` does.
+    Build it from `worker_settings()`:
 
-    It outlives Redis outages (see the module doc). At start, Redis unreachable raises
-    `RedisUnreachable` after one log line, unless `wait_for_redis` is true: then it
-    waits, as it does for an outage later on.
+    ```python
+    worker = ReplayWorker(**worker_settings(app))
+    await worker.async_run()  # or worker.run(), which runs its own event loop
+    ```
+
+    Where it differs from arq's `Worker`: each replay's response is stored in the
+    transaction that marks its job done (one round trip less per job); one script takes
+    the jobs it has slots for, and an idle worker is woken by each enqueue instead of
+    polling; and a Redis outage is waited out (logged as it starts, every 10 s, and as it
+    ends) instead of ending the worker. Any other arq job runs as in arq's `Worker`.
+
+    Args:
+        *args: arq `Worker` arguments, as `worker_settings()` gives them.
+        wait_for_redis: At start, wait for a Redis that cannot be reached, as for an
+            outage later on, instead of raising `asgi_worker.failover.RedisUnreachable`
+            after one log line.
+        **kwargs: arq `Worker` keyword arguments, as `worker_settings()` gives them,
+            and any other (`burst=True`, `handle_signals=False`, ...).
     """
 
     def __init__(self, *args: Any, wait_for_redis: bool = False, **kwargs: Any) -> None:

@@ -37,7 +37,11 @@ def find_all(app: ASGIApp) -> list[Found]:
 
 
 def find_middleware(app: ASGIApp) -> WorkerMiddleware | None:
-    """The outermost `WorkerMiddleware` in `app`, or None."""
+    """The outermost `WorkerMiddleware` in `app`, or None.
+
+    Found through middleware stacks, mounts and the frameworks' wrappers (Starlette,
+    FastAPI, Litestar, Quart): for a test to reach the middleware's `store` or `drain`.
+    """
     found = find_all(app)
     return found[0].middleware if found else None
 

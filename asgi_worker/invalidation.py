@@ -31,9 +31,19 @@ from .targets import ByGlob, ByPath, ByQuery, ByTag, Target
 class Invalidator:
     """Expire stored responses by path, prefix, glob, query parameters or tag.
 
-    Every method returns how many stored entries it expired. Use `Invalidator.connect`
-    from scripts and other services (Redis backends), or `Invalidator.for_app` inside the
-    process that serves the app (every backend, `memory://` included).
+    Get one with `Invalidator.connect(config)` in scripts and other services (Redis
+    backends), or `Invalidator.for_app(app)` in the process that serves the app (every
+    backend, `memory://` included), not with its constructor:
+
+    ```python
+    async with Invalidator.connect(Config.from_env()) as invalidator:
+        await invalidator.tag("report-42")
+    ```
+
+    Each method matches entries of every host and returns how many it expired. By
+    default they are deleted: the next GET is a `202`, and a job stores the response
+    anew. With `soft=True` they are marked stale instead, and still served while one
+    refresh runs, as a CDN's soft purge does.
     """
 
     def __init__(self, *stores: Store) -> None:
@@ -42,7 +52,18 @@ class Invalidator:
     @classmethod
     @asynccontextmanager
     async def connect(cls, config: Config) -> AsyncIterator[Invalidator]:
-        """An invalidator on the Redis store `config` names; closes it afterwards."""
+        """An invalidator on the Redis store `config` names, for the `async with` block.
+
+        Args:
+            config: The app's `Config`, or one with the same `redis_url` and `prefix`.
+
+        Yields:
+            The invalidator; its connection is closed when the block ends.
+
+        Raises:
+            ValueError: `config` is `memory://`, whose entries live in the web process:
+                use `for_app` there.
+        """
         if config.embedded:
             raise ValueError(
                 "memory:// entries live inside the web process: use Invalidator.for_app(app)"
@@ -59,6 +80,12 @@ class Invalidator:
 
         Where the app holds several (Litestar builds one per route handler and method),
         each store they serve from is invalidated once.
+
+        Args:
+            app: The app you serve, with a `WorkerMiddleware` anywhere inside.
+
+        Raises:
+            LookupError: `app` holds no `WorkerMiddleware`.
         """
         middlewares = [found.middleware for found in find_all(app)]
         if not middlewares:
@@ -73,15 +100,19 @@ class Invalidator:
         return cls(*stores.values())
 
     async def path(self, path: str, *, soft: bool = False) -> int:
-        """Every stored query variant of `path`."""
+        """Expire every stored query variant of `path`: `/r` expires `/r?year=2024` too.
+
+        Returns:
+            How many entries were expired (as every method does).
+        """
         return await self._invalidate(ByPath(path), soft)
 
     async def prefix(self, prefix: str, *, soft: bool = False) -> int:
-        """Every path that starts with `prefix`."""
+        """Expire every path that starts with `prefix` (`/reports/`), all their queries."""
         return await self._invalidate(ByGlob(globbing.escape(prefix) + "*"), soft)
 
     async def glob(self, pattern: str, *, soft: bool = False) -> int:
-        """Every path matching the shell-style `pattern` (`*` also matches `/`)."""
+        """Expire every path matching the shell-style `pattern` (`*` also matches `/`)."""
         return await self._invalidate(ByGlob(pattern), soft)
 
     async def query(
@@ -91,14 +122,20 @@ class Invalidator:
         *,
         soft: bool = False,
     ) -> int:
-        """The entries of `path` whose query holds every `name=value` of `params`."""
+        """Expire the entries of `path` whose query holds every `name=value` of `params`.
+
+        Compared after percent-decoding, in any order; the query may hold others too.
+
+        Raises:
+            ValueError: `params` is empty (use `path`).
+        """
         pairs = tuple(params.items() if isinstance(params, Mapping) else params)
         if not pairs:
             raise ValueError("query() needs at least one name=value pair; use path()")
         return await self._invalidate(ByQuery(path, pairs), soft)
 
     async def tag(self, tag: str, *, soft: bool = False) -> int:
-        """Every entry whose response carried `tag` in the tag header."""
+        """Expire every entry whose response carried `tag` in `Config.tag_header`."""
         return await self._invalidate(ByTag(tag), soft)
 
     async def _invalidate(self, target: Target, soft: bool) -> int:

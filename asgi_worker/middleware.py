@@ -51,20 +51,33 @@ _HIT, _NEAR_HIT, _STALE, _MISS = "hit", "near-hit", "stale", "miss"
 
 
 class WorkerMiddleware:
-    """Pure ASGI middleware: GET and HEAD are answered only from the cache.
+    """ASGI middleware that answers GET and HEAD only from a cache a worker fills.
 
-    A hit is served from the stored response. A miss answers `202 Accepted` at once and
-    makes sure exactly one job exists to replay the request in a worker. Everything else
-    (other methods, websockets, credentials, excluded paths) goes straight to the wrapped
-    app. A replay (it enters at the top of the app, see replay.py) also goes to the
-    wrapped app, whose answer this middleware hands to the replay as the one to store.
+    A hit is served from the stored response, with `Age`, `ETag` and `Cache-Status`. A
+    miss answers `202 Accepted` with `Retry-After` at once, and makes sure exactly one
+    job exists to replay the request: in an arq worker (`worker_settings`,
+    `asgi-worker worker`), or in this process with `memory://` or `inline_worker`.
+    Everything else (other methods, websockets, requests with credentials, excluded
+    paths) goes straight to the wrapped app. With Redis down the answer is `503`, or
+    the app's with `fail_open`.
+
+    ```python
+    app.add_middleware(WorkerMiddleware, config=Config())  # Starlette, FastAPI
+    app = WorkerMiddleware(app, config=Config())           # any ASGI app
+    ```
+
+    A replay enters at the top of the app you serve, as the server's requests do, and
+    what the app inside this middleware answers to it is the response stored.
     """
 
     def __init__(self, app: ASGIApp, *, config: Config, observer: Observer | None = None) -> None:
-        """Wrap `app`; `observer` measures or traces requests.
+        """Wrap `app` in the cache `config` describes.
 
-        By default the observer is what `config` asks for (`instrument.observer_for`); with
-        none, the request paths are exactly those of a build without observers.
+        Args:
+            app: The ASGI app whose GET responses are cached; replays reach it too.
+            config: The settings, the same as the worker's.
+            observer: Measures or traces requests. By default the one `config` asks for
+                (`metrics`, `tracing`); with neither, none at all, at no cost.
         """
         self.app = app
         self.config = config
@@ -347,23 +360,30 @@ class WorkerMiddleware:
 
     @property
     def waiting(self) -> int:
-        """Requests this middleware holds now for `Prefer: wait`."""
+        """How many requests this middleware holds now for `Prefer: wait`."""
         return 0 if self._backend is None else self._backend.waiters.count
 
     @property
     def opened(self) -> bool:
-        """True once this middleware holds its backend (opened on first use)."""
+        """True once this middleware has opened its store and queue (on first use)."""
         return self._backend is not None
 
     @property
     def store(self) -> Store:
-        """The store this middleware serves from (opened on first use)."""
+        """The store of the responses this middleware serves (opened on first use).
+
+        What `Invalidator.for_app` invalidates.
+        """
         return self._open().store
 
     async def drain(self) -> int:
-        """Wait for the jobs running in this process (in-process backends only).
+        """Wait until the jobs running in this process have finished.
 
-        Returns how many jobs finished; 0 when jobs go to an arq worker instead.
+        Only with `memory://` or `inline_worker` do jobs run in the web process; with an
+        arq worker there is nothing to wait for.
+
+        Returns:
+            How many jobs finished.
         """
         queue = self._backend.queue if self._backend is not None else None
         return await queue.drain() if isinstance(queue, InProcessQueue) else 0

@@ -57,11 +57,20 @@ class Stats:
 
 
 async def collect_stats(config: Config, store: Redis | RedisCluster, queue: Redis) -> Stats:
-    """Count what `config`'s cache holds in `store` and its jobs in `queue`.
+    """Count what `config`'s cache holds and its queue's jobs (`asgi-worker stats`).
 
-    `store` and `queue` may be the same client (the usual case: one Redis); `store` may
-    be a Redis Cluster client. Both must
-    return bytes, as `Redis.from_url(url)` does by default (not `decode_responses=True`).
+    Read-only. Counting walks the keyspace with `SCAN` in batches: on a large keyspace
+    that takes a while, but never blocks Redis.
+
+    Args:
+        config: The app's `Config` (its `prefix` and queue are counted).
+        store: A client on `config.redis_url`, a Redis Cluster client included.
+        queue: A client on the queue's Redis; the same client as `store` where one
+            Redis holds both. Both must return bytes, as `Redis.from_url(url)` does by
+            default (not `decode_responses=True`).
+
+    Returns:
+        The counts.
     """
     began = time.perf_counter()
     keys = RedisKeys(config.prefix)
@@ -118,12 +127,15 @@ class QueueCheck:
     """Whether a worker serves the queue and keeps up with it (`asgi-worker stats --check`)."""
 
     queue: str
+    """The queue's name."""
     worker_health: str | None
     """The last health report a worker on this queue wrote (arq's), if one is current."""
     queued: int
+    """Jobs in the queue, the running ones included."""
     oldest_queued: float | None
     """As `Stats.oldest_queued`."""
     max_age: float
+    """How far past its due time the oldest job may be before the queue is behind."""
 
     @property
     def problem(self) -> str | None:
@@ -156,7 +168,18 @@ class QueueCheck:
 async def check_queue(
     config: Config, queue: Redis, *, max_age: float = DEFAULT_MAX_AGE
 ) -> QueueCheck:
-    """Read `config`'s queue health in one round trip (no keyspace walk)."""
+    """Whether a worker serves `config`'s queue and keeps up (`asgi-worker stats --check`).
+
+    One round trip, no keyspace walk: cheap enough for a liveness probe.
+
+    Args:
+        config: The app's `Config`.
+        queue: A client on the queue's Redis (returning bytes).
+        max_age: Seconds the oldest queued job may be past its due time.
+
+    Returns:
+        The check; its `problem` is None when all is well.
+    """
     async with queue.pipeline(transaction=False) as pipeline:
         pipeline.zcard(config.queue)
         pipeline.get(config.queue + health_check_key_suffix)

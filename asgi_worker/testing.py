@@ -30,10 +30,18 @@ __all__ = ["find_middleware", "run_pending", "worker_running"]
 
 
 async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
-    """Run every job enqueued so far (and any they lead to); return how many ran.
+    """Run every job enqueued so far, and any they lead to, until none is left.
 
-    `config` defaults to the one of the `WorkerMiddleware` inside `app` (see
-    `discovery.find_config`). Pass the app you serve: replays enter at its top.
+    With `memory://` or `inline_worker` the jobs already run as tasks: this waits for
+    them. With the arq backend it runs a real `ReplayWorker` in burst mode, in this
+    event loop, until the queue is empty.
+
+    Args:
+        app: The app you serve (replays enter at its top).
+        config: By default the one of the `WorkerMiddleware` inside `app`.
+
+    Returns:
+        How many jobs ran.
     """
     if config is None:
         config = find_config(app)
@@ -51,10 +59,15 @@ async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
 
 @asynccontextmanager
 async def worker_running(app: ASGIApp, config: Config | None = None) -> AsyncIterator[None]:
-    """Run jobs as they arrive, for the duration of the block.
+    """Run jobs as they arrive, for the duration of the `async with` block.
 
-    With the arq backend a real arq worker polls in this event loop; in-process
-    backends already run their jobs as they arrive, so there is nothing to start.
+    With the arq backend a real `ReplayWorker` runs in this event loop; when the block
+    ends it takes no new job and lets the running ones finish. In-process backends
+    already run their jobs as they arrive, so there is nothing to start.
+
+    Args:
+        app: The app you serve (replays enter at its top).
+        config: By default the one of the `WorkerMiddleware` inside `app`.
     """
     if config is None:
         config = find_config(app)

@@ -59,29 +59,36 @@ class _Runtime:
 def worker_settings(
     app: ASGIApp, config: Config | None = None, *, observer: Observer | None = None
 ) -> dict[str, Any]:
-    """Settings for an arq worker that replays requests through `app`.
+    """The settings of an arq worker that replays requests through `app`.
 
-    `config` defaults to the one of the `WorkerMiddleware` inside `app` (found through
-    middleware stacks, mounts and the frameworks' wrappers, see `discovery`); a clear
-    `ConfigurationError` says how to pass one where none is found. A `config` whose
-    prefix or queue is not the middleware's is logged as a warning.
+    `asgi-worker worker module:app` runs one; in Python,
+    `await ReplayWorker(**worker_settings(app)).async_run()`. arq's own command and
+    `arq.worker.create_worker` take them too (`WorkerSettings = worker_settings(app)`,
+    then `arq module.WorkerSettings`), but only `ReplayWorker` stores each replay in the
+    transaction that ends its job (one round trip less per job) and waits out a Redis
+    outage, where arq's `Worker` ends on one that outlasts its retries.
 
-    Run them with `ReplayWorker(**worker_settings(app, config))` (what `asgi-worker
-    worker` does), which commits each replay in the transaction that ends its job. Also
-    accepted by the `arq` command (`WorkerSettings = worker_settings(app, config)`, then
-    `arq module.WorkerSettings`) and by `arq.worker.create_worker`: then each job commits
-    on its own, one round trip more per job. Pass the very app object you serve: replays
-    enter at its top, as requests from the server do, and what the app inside the
-    middleware answers is stored.
+    Args:
+        app: The very app object you serve. Replays enter at its top, as the server's
+            requests do, and what the app inside the `WorkerMiddleware` answers is
+            stored.
+        config: By default the one of the `WorkerMiddleware` inside `app` (found
+            through middleware stacks, mounts and the frameworks' wrappers). One whose
+            prefix or queue is not the middleware's is logged as a warning.
+        observer: Sees every job (`asgi-worker worker --metrics-port` passes a
+            Prometheus one). By default spans if `config.tracing` is on, and no metrics:
+            a worker's metrics need a port of their own to be scraped from.
 
-    The settings hold arq's pool (`redis_pool`), built here with our retries, timeouts
-    and `redis+sentinel://` support; on Sentinel the worker's startup also starts the
-    `FailoverWatch` over it and the store. `ReplayWorker` waits out Redis outages; arq's
-    own `Worker` ends on one that outlasts a command's retries.
+    Returns:
+        arq `Worker` keyword arguments: the replay job function, `config`'s queue,
+        `max_jobs`, `job_timeout` and `poll_delay`, a Redis pool with the library's
+        retries, timeouts and `redis+sentinel://` support, and a startup and shutdown
+        that run the app's lifespan.
 
-    `observer` sees every job (`asgi-worker worker --metrics-port` passes a Prometheus
-    one); by default, spans if `config.tracing` is on, and no metrics: a worker's
-    metrics need a port of their own to be scraped from.
+    Raises:
+        ConfigurationError: No `config` is given and `app` holds no `WorkerMiddleware`
+            (the message says how to pass one), or `config` is `memory://`, whose jobs
+            run in the web process.
     """
     if config is None:
         config = find_config(app)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import linecache
 import math
+import pydoc
+import re
+import typing
 from typing import Any
 
 import pytest
 
 from asgi_worker import Config, ConfigurationError
-from asgi_worker.config import display_url
+from asgi_worker.config import FieldDoc, _field_type, display_url, documented, field_docs
 
 
 def test_defaults_are_valid() -> None:
@@ -125,6 +130,104 @@ def test_replace_recomputes_the_default_claim_ttl() -> None:
     # claim_ttl was never set: its default should follow the new job_timeout.
     changed = dataclasses.replace(Config(), job_timeout=120)
     assert changed.claim_lease == 150
+
+
+def wrong_values(hint: Any) -> list[Any]:
+    """Values of the wrong type for a field of type `hint`, the likely slips first."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = (arg for arg in args if arg is not type(None))
+    kind = typing.get_origin(hint) or hint
+    wrong: dict[Any, list[Any]] = {
+        bool: ["false", 1, 0.0],
+        int: [True, 1.5, "5"],
+        float: [True, "300", b"1"],
+        str: [5, b"x", True],
+        tuple: ["/x", {"/x"}, (5,), 5],
+    }
+    return wrong[kind] + ([] if optional else [None])
+
+
+TYPE_CASES = [
+    pytest.param(spec.name, value, id=f"{spec.name}={value!r}")
+    for spec in dataclasses.fields(Config)
+    for value in wrong_values(typing.get_type_hints(Config)[spec.name])
+]
+
+
+@pytest.mark.parametrize(("field", "value"), TYPE_CASES)
+def test_a_value_of_the_wrong_type_names_the_field(field: str, value: Any) -> None:
+    # Every field, present and future: Config(fail_open="false") used to count as true.
+    with pytest.raises(ConfigurationError) as raised:
+        Config(**{field: value})
+    assert raised.value.field == field
+    assert str(raised.value).startswith(f"Config.{field} "), str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("fail_open", "false", "Config.fail_open must be True or False, got str 'false'"),
+        ("max_jobs", 2.5, "Config.max_jobs must be a whole number, got float 2.5"),
+        ("prefix", 5, "Config.prefix must be a string, got int 5"),
+        (
+            "include",
+            "/api/*",
+            "Config.include must be a tuple (or list) of strings, got str '/api/*'; "
+            "one pattern is written ('/api/*',)",
+        ),
+        ("vary", ("accept", 5), "Config.vary must be a tuple (or list) of strings, got tuple"),
+    ],
+)
+def test_a_wrong_type_says_what_the_field_takes(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Config(**{field: value})
+    assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("secret", b"0123456789abcdef-bytes"), ("redis_url", b"redis://:pw-in-bytes@h/0")],
+)
+def test_a_wrong_type_never_shows_a_secret(field: str, value: Any) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Config(**{field: value})
+    assert str(raised.value) == f"Config.{field} must be a string, got bytes"
+
+
+def test_lists_are_taken_for_tuples_and_the_config_stays_hashable() -> None:
+    # As settings files (JSON, YAML, TOML) give them.
+    config = Config(include=["/a/*"], exclude=[], vary=["Accept"], ttl_rules=[["/a/*", 5]])
+    assert config == Config(include=("/a/*",), vary=("accept",), ttl_rules=(("/a/*", 5),))
+    assert (config.include, config.exclude, config.vary) == (("/a/*",), (), ("accept",))
+    assert hash(config) == hash(Config(include=("/a/*",), vary=("accept",), ttl_rules=("/a/*=5",)))
+
+
+def test_ints_are_taken_for_floats() -> None:
+    assert Config(ttl=5, claim_ttl=None, max_wait=0).ttl == 5
+
+
+def test_a_field_type_with_no_check_fails_at_import() -> None:
+    spec = next(spec for spec in dataclasses.fields(Config) if spec.name == "vary")
+    with pytest.raises(TypeError, match="no type check"):
+        _field_type(spec, dict[str, int])
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern"), [("include", "reports"), ("include", "reports/*"), ("exclude", "")]
+)
+def test_a_path_pattern_must_start_with_a_slash(field: str, pattern: str) -> None:
+    # The path a pattern is matched against starts with /: "reports" never matches.
+    with pytest.raises(
+        ConfigurationError, match=rf"^Config\.{field} pattern {re.escape(repr(pattern))} "
+    ) as raised:
+        Config(**{field: ("/ok", pattern)})
+    assert raised.value.field == field
+
+
+def test_a_path_pattern_may_start_with_a_star() -> None:
+    assert Config(include=("*",), exclude=("*.json", "/health")).exclude == ("*.json", "/health")
 
 
 # --- from_env --------------------------------------------------------------------------------
@@ -294,6 +397,52 @@ def test_from_env_invalid_value_names_the_variable(variable: str, raw: str) -> N
 
 
 @pytest.mark.parametrize(
+    ("variable", "suggested"),
+    [
+        ("ASGI_WORKER_TTLL", "ASGI_WORKER_TTL"),
+        ("ASGI_WORKER_ttl", "ASGI_WORKER_TTL"),
+        ("ASGI_WORKER_REDIS_UR", "ASGI_WORKER_REDIS_URL"),
+        ("ASGI_WORKER_FAILOPEN", "ASGI_WORKER_FAIL_OPEN"),
+        ("ASGI_WORKER_INCLUDES", "ASGI_WORKER_INCLUDE"),
+    ],
+)
+def test_from_env_a_variable_that_names_no_field_suggests_the_closest(
+    variable: str, suggested: str
+) -> None:
+    # A typo used to leave its field at the default, unnoticed.
+    with pytest.raises(ConfigurationError) as raised:
+        Config.from_env({"ASGI_WORKER_PREFIX": "p", variable: "5"})
+    assert str(raised.value) == f"{variable} is not a setting; did you mean {suggested}?"
+
+
+def test_from_env_a_variable_like_no_field_points_to_the_docs() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"^ASGI_WORKER_XYZZY is not a setting; "
+    ) as raised:
+        Config.from_env({"ASGI_WORKER_XYZZY": "1"})
+    assert "docs/configuration.md" in str(raised.value)
+
+
+def test_from_env_an_override_does_not_excuse_an_unknown_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ASGI_WORKER_TTLL", "5")
+    with pytest.raises(ConfigurationError, match="did you mean ASGI_WORKER_TTL"):
+        Config.from_env(ttl=3)
+
+
+def test_from_env_never_shows_a_password_or_the_secret() -> None:
+    unknown = {"ASGI_WORKER_SECRETT": "hunter2-hunter2-hunter2"}
+    short = {"ASGI_WORKER_SECRET": "hunter2"}
+    bad_url = {"ASGI_WORKER_QUEUE_REDIS_URL": "http://:hunter2@h/0"}
+    for environ in (unknown, short, bad_url):
+        with pytest.raises(ConfigurationError) as raised:
+            Config.from_env(environ)
+        assert "hunter2" not in str(raised.value), str(raised.value)
+    assert str(raised.value).endswith("(from ASGI_WORKER_QUEUE_REDIS_URL='http://:***@h/0')")
+
+
+@pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
@@ -321,3 +470,45 @@ def test_repr_masks_the_passwords_of_redis_urls() -> None:
     assert shown.startswith("Config(")
     assert "prefix='aw'" in shown
     assert repr(Config(redis_url="memory://")).startswith("Config(redis_url='memory://', ")
+
+
+# --- help(Config) ------------------------------------------------------------------------------
+
+
+def test_help_says_what_each_field_means() -> None:
+    docs = field_docs(Config)
+    assert [spec.name for spec in docs] == [spec.name for spec in dataclasses.fields(Config)]
+    assert all(spec.doc for spec in docs), [spec.name for spec in docs if not spec.doc]
+    shown = pydoc.render_doc(Config)
+    for spec in docs:
+        assert spec.name in shown
+        assert spec.doc.splitlines()[0] in shown, spec.name
+    doc = inspect.getdoc(Config) or ""
+    assert "\nttl: float = 300.0\n    How long a stored response is served." in doc
+    assert "\nclaim_ttl: float | None = None\n" in doc
+
+
+def test_a_field_doc_is_the_docstring_under_the_field() -> None:
+    prefix = next(spec for spec in field_docs(Config) if spec.name == "prefix")
+    assert prefix == FieldDoc(
+        "prefix", "str", "'aw'", "Prefix of every Redis key the cache writes."
+    )
+
+
+@dataclasses.dataclass
+class Documented:
+    """A class of this test module, with a field docstring."""
+
+    size: int = 3
+    """How big,
+    in units."""
+    plain: str = "x"
+
+
+def test_the_fields_section_needs_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert documented(Documented) == (
+        "A class of this test module, with a field docstring.\n\nFields:\n\n"
+        "size: int = 3\n    How big,\n    in units.\nplain: str = 'x'"
+    )
+    monkeypatch.setattr(linecache, "getlines", lambda *args: [])  # a build without .py files
+    assert documented(Documented) == Documented.__doc__

@@ -15,10 +15,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import asgi_worker
+import asgi_worker.testing
+import mkdocs_hooks
 from asgi_worker import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,14 +41,15 @@ def docs_example(page: str, name: str) -> str:
     return match.group(1)
 
 
-def build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+def build(config: Path, site: Path, *, api: bool = True) -> subprocess.CompletedProcess[str]:
+    """`mkdocs build --strict`; without the API reference (a second) unless `api`."""
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
         cwd=config.parent,
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1", "API_REFERENCE": str(api).lower()},
     )
 
 
@@ -59,6 +64,12 @@ def test_the_site_builds_with_strict_link_checks(tmp_path: Path) -> None:
     assert (tmp_path / "site" / "repo" / "benchmarks" / "results").is_dir()
     benchmarks = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
     assert 'href="../repo/benchmarks/"' in benchmarks
+    # the API reference, made from the docstrings by mkdocstrings
+    reference = (tmp_path / "site" / "reference" / "index.html").read_text()
+    for name in ("Config.from_env", "WorkerMiddleware", "invalidation.Invalidator.tag"):
+        assert f'id="asgi_worker.{name}"' in reference, name
+    assert 'id="asgi_worker.WorkerMiddleware._open"' not in reference  # private: left out
+    assert "Expire every entry whose response carried" in reference
 
 
 @pytest.fixture
@@ -73,7 +84,7 @@ def docs_copy(tmp_path: Path) -> Path:
 
 
 def test_the_unchanged_copy_builds(docs_copy: Path) -> None:
-    result = build(docs_copy / "mkdocs.yml", docs_copy / "site")
+    result = build(docs_copy / "mkdocs.yml", docs_copy / "site", api=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -90,7 +101,7 @@ def test_each_broken_link_and_an_orphan_page_fail_the_build(docs_copy: Path) -> 
     page = docs_copy / "docs" / "backends.md"
     page.write_text(page.read_text() + "".join(f"\nSee {fault}.\n" for fault in FAULTS))
     (docs_copy / "docs" / "orphan.md").write_text("# Orphan\n")
-    result = build(docs_copy / "mkdocs.yml", docs_copy / "site")
+    result = build(docs_copy / "mkdocs.yml", docs_copy / "site", api=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     for fault, said in FAULTS.items():
@@ -105,10 +116,40 @@ async def test_the_testing_example_passes() -> None:
     await namespace["test_report_is_computed_in_the_background"]()
 
 
+def test_the_api_reference_has_every_public_name() -> None:
+    documented = set(re.findall(r"^::: (\S+)$", docs_page("reference.md"), re.M))
+    public = [f"asgi_worker.{name}" for name in asgi_worker.__all__ if name != "__version__"]
+    public += [f"asgi_worker.testing.{name}" for name in asgi_worker.testing.__all__]
+    public += ["asgi_worker.invalidation.Invalidator", "asgi_worker.client"]
+    public += ["asgi_worker.stats.collect_stats", "asgi_worker.stats.check_queue"]
+    assert not set(public) - documented, "missing in docs/reference.md"
+
+
 def test_every_config_field_is_documented() -> None:
     documented = set(re.findall(r"^\| `(\w+)` \|", docs_page("configuration.md"), re.M))
     fields = {spec.name for spec in dataclasses.fields(Config)}
     assert fields <= documented, f"missing in docs/configuration.md: {sorted(fields - documented)}"
+
+
+def test_the_config_table_is_made_from_the_field_docstrings() -> None:
+    page = docs_page("configuration.md")
+    assert mkdocs_hooks.with_config_table(page) == page, (
+        "docs/configuration.md's table of fields differs from the docstrings in "
+        "asgi_worker/config.py: run `python mkdocs_hooks.py`"
+    )
+
+
+def test_the_site_makes_the_config_table_afresh() -> None:
+    start, end = mkdocs_hooks.TABLE_START, mkdocs_hooks.TABLE_END
+    stale = f"# Configuration\n{start}| `ttl` | old |\n{end}End\n"
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="configuration.md"))
+    built = mkdocs_hooks.on_page_markdown(stale, page, None, None)  # type: ignore[arg-type]
+    table = mkdocs_hooks.config_table()
+    assert built == stale.replace("| `ttl` | old |\n", table)
+    rows = re.findall(r"^\| `(\w+)` \| ", table, re.M)
+    assert rows == [spec.name for spec in dataclasses.fields(Config)]
+    assert "| `claim_ttl` | `float` or `None` | `None` | Lease of the claim" in table
+    assert "(see [The cache on Redis Cluster](cluster.md))" in table  # docs/cluster.md
 
 
 def test_every_test_the_failure_table_names_exists() -> None:

@@ -401,8 +401,9 @@ def test_pages_that_show_an_example_give_only_the_tested_commands() -> None:
         given = commands(text)
         for example in sorted(shown_examples):
             tested = commands(page_of(example).read_text())
-            for command in (*given.servers, *given.workers):
-                assert command in (*tested.servers, *tested.workers), (path.name, command)
+            runs = {*tested.install, *tested.servers, *tested.workers}
+            for command in (*given.install, *given.servers, *given.workers):
+                assert command in runs, f"{path.name}: {command!r} is not on {example}'s page"
             if f"docs_src/{example}/{OUTPUT}" in text:
                 for name in LEFT_OUT:
                     assert f"`{name}`" in text, f"{path.name} does not say it leaves out {name}"

@@ -290,28 +290,33 @@ def test_the_page_gives_the_install_the_server_and_a_worker(example: str) -> Non
     assert len(given.servers) == 1, given
     assert given.workers, given
     assert f"docs_src/{example}/{OUTPUT}" in included(text)
-    # What the example imports is what the install command installs.
-    names = shlex.split(given.install[0])[2:]
-    installed = {re.sub(r"[-_.]+", "-", name.split("[")[0]).lower() for name in names}
+    # What the example imports, and the server, is what the install command installs.
+    installed = {distribution(name.split("[")[0]) for name in shlex.split(given.install[0])[2:]}
     distributions = importlib.metadata.packages_distributions()
-    source = DOCS_SRC / example
+    # (an editable install, as this project's own, is not in the map: its module's name)
+    needed = {given.servers[0].split(" ")[0]} | {
+        distributions.get(module, [module])[0] for module in imported(DOCS_SRC / example)
+    }
+    missing = {distribution(name) for name in needed} - installed
+    assert not missing, f"{page.name}: `{given.install[0]}` misses {missing}"
+
+
+def distribution(name: str) -> str:
+    """A distribution's name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported(source: Path) -> set[str]:
+    """The top-level modules an example imports, except the standard library and its own."""
     own = {path.stem for path in source.iterdir()}
-    needed = {given.servers[0].split(" ")[0]}
+    found = set()
     for path in source.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
+                found.update(alias.name.partition(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                modules = [node.module]
-            else:
-                continue
-            for module in modules:
-                top = module.partition(".")[0]
-                if top not in sys.stdlib_module_names and top not in own:
-                    # (an editable install, as this project's own, is not in the map)
-                    needed.add(distributions.get(top, [top])[0])
-    needed = {re.sub(r"[-_.]+", "-", name).lower() for name in needed}
-    assert needed <= installed, f"{page.name}: `{given.install[0]}` misses {needed - installed}"
+                found.add(node.module.partition(".")[0])
+    return found - own - set(sys.stdlib_module_names)
 
 
 def test_every_docs_src_file_is_included_by_a_page() -> None:

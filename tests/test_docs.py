@@ -74,8 +74,10 @@ def test_the_site_builds_with_strict_link_checks(tmp_path: Path) -> None:
 
 @pytest.fixture
 def docs_copy(tmp_path: Path) -> Path:
-    """A copy of mkdocs.yml and docs/ to plant a fault in; the hooks are the real ones."""
+    """A copy of mkdocs.yml, docs/ and the docs_src/ it includes to plant a fault in; the
+    hooks are the real ones."""
     shutil.copytree(DOCS, tmp_path / "docs")
+    shutil.copytree(ROOT / "docs_src", tmp_path / "docs_src")
     config = (ROOT / "mkdocs.yml").read_text()
     assert HOOKS_LINE in config
     hooks = f"  - {ROOT / 'mkdocs_hooks.py'}\n"

@@ -1,0 +1,78 @@
+"""What single pages under docs/ promise: the failure tables.
+
+The failure-modes page names real status lines, and its two tables (the faults, and the
+tests that cause them) keep the same rows.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from pathlib import Path
+
+from .test_faults import FAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def failure_table(markdown: str, header: str) -> list[list[str]]:
+    """The rows, as cells, of the table whose header row starts with `header`."""
+    lines = markdown.splitlines()
+    starts = [n for n, line in enumerate(lines) if line.startswith(header)]
+    assert len(starts) == 1, f"docs/failure-modes.md has {len(starts)} tables {header}...|"
+    start = starts[0]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+FAILURE_MODES = (DOCS / "failure-modes.md").read_text()
+
+
+def fault_rows() -> list[list[str]]:
+    return failure_table(FAILURE_MODES, "| fault | what the client sees |")
+
+
+def rows_of_tests() -> list[list[str]]:
+    return failure_table(FAILURE_MODES, "| fault | tests |")
+
+
+def test_each_status_line_on_the_failure_page_is_a_real_one() -> None:
+    # `502 Response Too Large` is no status line: 502's is `502 Bad Gateway`.
+    lines = re.findall(r"`(\d{3}) ([A-Z][A-Za-z -]*)`", FAILURE_MODES)
+    assert len(lines) >= 8
+    wrong = [f"{code} {text}" for code, text in lines if HTTPStatus(int(code)).phrase != text]
+    assert not wrong, f"not status lines: {wrong}"
+
+
+def test_the_job_failures_rows_say_what_test_faults_checks() -> None:
+    # Each row whose test is test_failing_job_stores_short_lived_error[id] shows its
+    # fault's status line and, where the body is not the reason phrase, the body.
+    tests = {cells[0]: cells[1] for cells in rows_of_tests()}
+    checked = 0
+    for fault, client, *_ in fault_rows():
+        for found in FAULTS:
+            test = f"test_failing_job_stores_short_lived_error[{found.path[1:]}]"
+            if test in tests.get(fault, ""):
+                phrase = HTTPStatus(found.status).phrase
+                assert f"`{found.status} {phrase}`" in client, (fault, client)
+                if found.body.decode() != phrase:
+                    assert f"body `{found.body.decode()}`" in client, (fault, client)
+                checked += 1
+    assert checked == len(FAULTS)
+
+
+def test_the_tests_table_has_the_fault_tables_rows_in_its_order() -> None:
+    # Add a fault to both tables: its row, then the tests that cause it.
+    faults, tested = fault_rows(), rows_of_tests()
+    assert all(len(cells) == 4 for cells in faults)
+    assert all(len(cells) == 2 and "`test_" in cells[1] for cells in tested)
+    faults, tested = [cells[0] for cells in faults], [cells[0] for cells in tested]
+    assert len(faults) >= 30
+    assert [f for f in faults if f not in tested] == [], "faults without a row of tests"
+    assert [f for f in tested if f not in faults] == [], "tests of no fault"
+    assert tested == faults, "the tests table lists the faults in another order"

@@ -1,19 +1,67 @@
-"""What single pages under docs/ promise: the failure tables.
+"""What single pages under docs/ promise: the home page's list of pages, the failure tables.
 
-The failure-modes page names real status lines, and its two tables (the faults, and the
-tests that cause them) keep the same rows.
+The home page lists every page of mkdocs.yml's `nav`, in its order: a page added to the
+nav and not to docs/index.md fails here, by name. The failure-modes page names real
+status lines, and its two tables (the faults, and the tests that cause them) keep the
+same rows.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
+
+from mkdocs.utils.yaml import yaml_load
 
 from .test_faults import FAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+PUBLISHED = "repo/"
+"""Where the site publishes repository files that pages link to as `../<path>`
+(mkdocs_hooks.py)."""
+
+
+def nav_pages(items: list[Any], section: str = "") -> Iterator[tuple[str, str]]:
+    """(title, path) of every page in a `nav` list, depth first: the order of the site."""
+    for item in items:
+        entries = item.items() if isinstance(item, dict) else [("", item)]
+        for title, value in entries:
+            where = f"{section} > {title}" if section else title
+            if isinstance(value, list):
+                yield from nav_pages(value, where)
+            elif "://" not in value:
+                yield where, value
+
+
+def linked_pages(markdown: str) -> list[str]:
+    """The docs paths a page links to, in order of first link; `../X` as the site's `repo/X`."""
+    seen: dict[str, None] = {}
+    for target in re.findall(r"\]\(([^)#\s]+)", markdown):
+        if "://" not in target:
+            seen[PUBLISHED + target[3:] if target.startswith("../") else target] = None
+    return list(seen)
+
+
+def test_the_home_page_lists_every_page_of_the_nav_in_its_order() -> None:
+    # mkdocs's own YAML loader: it reads the tags mkdocs.yml may hold (!ENV, !!python/name).
+    nav = dict(nav_pages(yaml_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+    pages = {path: title for title, path in nav.items() if path != "index.md"}
+    assert len(pages) >= 22
+    listed = [path for path in linked_pages((DOCS / "index.md").read_text()) if path in pages]
+    missing = [f"{pages[path]} ({path})" for path in pages if path not in listed]
+    assert not missing, f"docs/index.md does not link to these pages of the nav: {missing}"
+    assert listed == list(pages), "docs/index.md lists the nav's pages in another order"
+
+
+def test_linked_pages_reads_links_as_the_site_publishes_them() -> None:
+    markdown = "[a](a.md), [a again](a.md#x), [log](../CHANGELOG.md), [arq](https://x.org/)"
+    assert linked_pages(markdown) == ["a.md", "repo/CHANGELOG.md"]
+    nav = [{"Home": "index.md"}, {"Ops": [{"Metrics": "metrics.md"}, {"Out": "https://x"}]}]
+    assert list(nav_pages(nav)) == [("Home", "index.md"), ("Ops > Metrics", "metrics.md")]
 
 
 def failure_table(markdown: str, header: str) -> list[list[str]]:

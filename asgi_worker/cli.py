@@ -87,6 +87,8 @@ _APP_OPTION = click.option(
 )
 
 
+# Each command gives its line in `asgi-worker --help` (short_help): else Click cuts the
+# docstring's first sentence to the terminal's width ("... MODULE:APP (e.g....").
 @click.group()
 @click.version_option(package_name="asgi-worker")
 def main() -> None:
@@ -97,7 +99,7 @@ EXIT_REDIS_UNREACHABLE = os.EX_UNAVAILABLE
 """`asgi-worker worker`'s exit status when Redis cannot be reached at start (69)."""
 
 
-@main.command()
+@main.command(short_help="Run a worker: replay jobs through MODULE:APP.")
 @click.argument("app_spec", metavar="MODULE:APP")
 @_CONFIG_OPTION
 @click.option("--burst", is_flag=True, help="Run the queued jobs, then exit.")
@@ -167,7 +169,7 @@ def _serve_metrics(config: Config, port: int, host: str) -> Observer:
     return metrics if tracing is None else Observers(metrics, tracing)
 
 
-@main.command()
+@main.command(short_help="Serve a demo app with a slow endpoint.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -208,7 +210,7 @@ def demo(host: str, port: int, redis_url: str | None, seconds: float, prefix: st
 _KINDS = ("path", "prefix", "glob", "query", "tag")
 
 
-@main.command()
+@main.command(short_help="Expire stored responses; prints how many.")
 @click.argument("kind", type=click.Choice(_KINDS))
 @click.argument("target")
 @click.argument("params", nargs=-1, metavar="[NAME=VALUE]...")
@@ -259,7 +261,7 @@ def invalidate(
     click.echo(f"{count} {noun} {'marked stale' if soft else 'invalidated'}")
 
 
-@main.command()
+@main.command(short_help="Show what the cache and its queue hold.")
 @_CONFIG_OPTION
 @_APP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")

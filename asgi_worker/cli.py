@@ -55,9 +55,8 @@ def load_config(spec: str | None, app: Any = None) -> Config:
     found in `app`; with no app either, the defaults.
     """
     if spec is None:
-        from_env = any(name.startswith(ENV_PREFIX) for name in os.environ)
         try:
-            if app is not None and not from_env:
+            if app is not None and not _config_in_env():
                 return find_config(app)
             return Config.from_env()
         except ConfigurationError as error:
@@ -66,6 +65,28 @@ def load_config(spec: str | None, app: Any = None) -> Config:
     if not isinstance(config, Config):
         raise click.BadParameter(
             f"{spec!r} is a {type(config).__name__}, not an asgi_worker.Config"
+        )
+    return config
+
+
+def _config_in_env() -> bool:
+    return any(name.startswith(ENV_PREFIX) for name in os.environ)
+
+
+def command_config(config_spec: str | None, app_spec: str | None) -> Config:
+    """The `Config` for `stats` and `invalidate`, from `--config`, the environment or `--app`.
+
+    With none of them it is the defaults': said on stderr (stdout may be JSON), since a
+    default cache that holds nothing looks just like an idle one.
+    """
+    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
+    if config_spec is None and app_spec is None and not _config_in_env():
+        click.echo(
+            f"asgi-worker: no config given (no --app, --config or {ENV_PREFIX}* variable), "
+            f"so this is the default cache: prefix {config.prefix!r} at "
+            f"{display_url(config.redis_url)}. For your app's, pass --app MODULE:APP (the "
+            f"app you serve), --config MODULE:CONFIG, or set {ENV_PREFIX}* variables.",
+            err=True,
         )
     return config
 
@@ -242,7 +263,7 @@ def invalidate(
         if not equals or not name:
             raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="PARAMS")
         pairs.append((name, value))
-    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
+    config = command_config(config_spec, app_spec)
     if config.embedded:
         raise click.UsageError("memory:// lives inside the web process; nothing to invalidate")
 
@@ -289,7 +310,7 @@ def stats(
     Counting entries walks the keyspace with SCAN (in batches; Redis keeps serving), so
     on a large keyspace it takes a while. With --check, only the queue's health is read.
     """
-    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
+    config = command_config(config_spec, app_spec)
     if config.embedded:
         raise click.UsageError("memory:// lives inside the web process; no stats to read")
 

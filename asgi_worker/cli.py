@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging.config
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
-from arq.logs import default_log_config
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -25,7 +23,7 @@ from .instrument import observer_for
 from .invalidation import Invalidator
 from .observe import Observer, Observers
 from .stats import DEFAULT_MAX_AGE, QueueCheck, Stats, check_queue, collect_stats
-from .worker import worker_settings
+from .worker import configure_logging, worker_settings
 
 
 def import_object(spec: str) -> Any:
@@ -157,9 +155,7 @@ def worker(
     """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
     app = import_object(app_spec)
     config = load_config(config_spec, app)
-    log_config = default_log_config(verbose)
-    log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
-    logging.config.dictConfig(log_config)
+    configure_logging(verbose)
     observer = None if metrics_port is None else _serve_metrics(config, metrics_port, metrics_host)
     settings = worker_settings(app, config, observer=observer)
     try:

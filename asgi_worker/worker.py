@@ -1,9 +1,10 @@
-"""arq glue: the replay job function, the app's lifespan in the worker, `worker_settings()`."""
+"""arq glue: the replay job, the app's lifespan in the worker, `worker_settings()`, logging."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import logging.config
 import math
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -12,6 +13,7 @@ from functools import partial
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings
+from arq.logs import default_log_config
 from arq.worker import func
 from asgi_lifespan import LifespanManager, LifespanNotSupported
 from redis.asyncio import ConnectionPool, Redis
@@ -34,6 +36,7 @@ from .queue import JOB_FUNCTION, deserialize, serialize
 from .store import RedisStore
 
 logger = logging.getLogger("asgi_worker")
+_ARQ_LOGGER = "arq"
 
 _CONTEXT_KEY = "asgi_worker"
 # arq's own timeout is a last resort: ours (Config.job_timeout) fires first and stores a 504.
@@ -170,6 +173,24 @@ def worker_settings(
         "job_serializer": serialize,
         "job_deserializer": deserialize,
     }
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log arq's lines and ours, each once: what `asgi-worker worker` does at start.
+
+    If importing the app configured logging (a handler on the root logger: Litestar's
+    default `LoggingConfig` does), our lines go to its handlers, in its format: a handler
+    of our own beside it printed every line twice, in two formats. Otherwise arq's default
+    (time and message, on stderr), for arq's logger and ours.
+    """
+    if logging.getLogger().handlers:
+        level = logging.DEBUG if verbose else logging.INFO
+        for name in (_ARQ_LOGGER, logger.name):
+            logging.getLogger(name).setLevel(level)
+        return
+    log_config = default_log_config(verbose)
+    log_config["loggers"][logger.name] = dict(log_config["loggers"][_ARQ_LOGGER])
+    logging.config.dictConfig(log_config)
 
 
 # A queue command that meets a dead connection is retried on a new one with a growing

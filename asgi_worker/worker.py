@@ -73,7 +73,8 @@ def worker_settings(
     worker` does), which commits each replay in the transaction that ends its job. Also
     accepted by the `arq` command (`WorkerSettings = worker_settings(app, config)`, then
     `arq module.WorkerSettings`) and by `arq.worker.create_worker`: then each job commits
-    on its own, one round trip more per job. Pass the very app object you serve: replays
+    on its own, one round trip more per job, and our log lines follow arq's logger's
+    level and handlers (see `_log_as_arq_does`). Pass the very app object you serve: replays
     enter at its top, as requests from the server do, and what the app inside the
     middleware answers is stored.
 
@@ -99,6 +100,7 @@ def worker_settings(
         observer = observer_for(config, metrics=False)
 
     async def startup(ctx: dict[Any, Any]) -> None:
+        _log_as_arq_does()
         runtime = ctx[_CONTEXT_KEY] = await _start(app, config)
         _watch_failovers(runtime, ctx.get("redis"), config)
         if observer is not None:
@@ -191,6 +193,24 @@ def configure_logging(verbose: bool = False) -> None:
     log_config = default_log_config(verbose)
     log_config["loggers"][logger.name] = dict(log_config["loggers"][_ARQ_LOGGER])
     logging.config.dictConfig(log_config)
+
+
+def _log_as_arq_does() -> None:
+    """Where only arq's logger is configured, log ours the same way (the worker's startup).
+
+    `arq module.WorkerSettings` configures arq's logger alone, after importing the
+    settings: ours stayed at the root's WARNING, and the per-job INFO line never showed.
+    It takes arq's level, and arq's handlers unless a handler above it (the root's, set
+    by the app) takes its lines already: then they would show twice. Nothing is changed
+    where ours has a level already (`asgi-worker worker`, the app) or arq's has no handler.
+    """
+    ours, arq = logging.getLogger(logger.name), logging.getLogger(_ARQ_LOGGER)
+    if ours.level != logging.NOTSET or not arq.handlers:
+        return
+    ours.setLevel(arq.getEffectiveLevel())
+    if not ours.hasHandlers():
+        for handler in arq.handlers:
+            ours.addHandler(handler)
 
 
 # A queue command that meets a dead connection is retried on a new one with a growing

@@ -6,6 +6,7 @@ name (the module's `__getattr__`), and never in the test process. The Config com
 `AW_LOG_REDIS_URL` and `AW_LOG_PREFIX`.
 
     asgi-worker worker tests.logging_apps:litestar_app
+    arq tests.logging_apps.StarletteSettings       (or LitestarSettings)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_worker import Config, WorkerMiddleware
+from asgi_worker import Config, WorkerMiddleware, worker_settings
 
 config = Config(
     redis_url=os.environ["AW_LOG_REDIS_URL"], prefix=os.environ["AW_LOG_PREFIX"], ttl=60
@@ -50,6 +51,8 @@ def build_starlette() -> Starlette:
 BUILDS = {
     "litestar_app": build_litestar,
     "starlette_app": build_starlette,
+    "LitestarSettings": lambda: worker_settings(build_litestar()),
+    "StarletteSettings": lambda: worker_settings(build_starlette()),
 }
 
 

@@ -2,12 +2,16 @@
 
 - `asgi-worker worker` on a Litestar app: Litestar configures the root logger as the app
   is built; a handler of our own beside it printed every line twice, in two formats.
+- `arq module.WorkerSettings` (arq's own CLI): arq configures its own logger only, and
+  the per-job line (`asgi-worker: GET /path: stored in ...`, docs/failure-modes.md)
+  never showed; under an app that configured logging it shows once, not twice.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -77,3 +81,18 @@ async def test_under_litestar_each_worker_line_appears_once(config: Config, redi
         assert count(output, line) == 1, f"{line!r}:\n{output}"
     # Through the handler the app configured, in its format: the app's logs stay one stream.
     assert next(line for line in output.splitlines() if JOB_LINE in line).startswith("INFO - ")
+
+
+async def test_under_arq_the_job_line_appears(config: Config, redis: Redis) -> None:
+    arq = [sys.executable, "-m", "arq", "tests.logging_apps.StarletteSettings"]
+    output = await run_one_job(config, arq)
+    assert count(output, JOB_LINE) == 1, output
+    assert count(output, "asgi_worker.replay ● 'stored'") == 1, output  # arq's own line
+
+
+async def test_under_arq_and_an_app_that_logs_the_job_line_appears_once(
+    config: Config, redis: Redis
+) -> None:
+    arq = [sys.executable, "-m", "arq", "tests.logging_apps.LitestarSettings"]
+    output = await run_one_job(config, arq)
+    assert count(output, JOB_LINE) == 1, output

@@ -1,20 +1,25 @@
-"""What single pages under docs/ promise: the home page's list of pages, the failure tables.
+"""What single pages promise: the home page's list, the failure tables, the commands.
 
 The home page lists every page of mkdocs.yml's `nav`, in its order: a page added to the
 nav and not to docs/index.md fails here, by name. The failure-modes page names real
 status lines, and its two tables (the faults, and the tests that cause them) keep the
-same rows.
+same rows. The README, docs/development.md and the noxfile run only tools that the
+extras they install bring.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterator
 from http import HTTPStatus
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pytest
 from mkdocs.utils.yaml import yaml_load
+from packaging.requirements import Requirement
 
 from .test_faults import FAULTS
 
@@ -124,3 +129,59 @@ def test_the_tests_table_has_the_fault_tables_rows_in_its_order() -> None:
     assert [f for f in faults if f not in tested] == [], "faults without a row of tests"
     assert [f for f in tested if f not in faults] == [], "tests of no fault"
     assert tested == faults, "the tests table lists the faults in another order"
+
+
+def commands_of(extra: str) -> set[str]:
+    """The commands `pip install -e '.[extra]'` puts in .venv/bin: the scripts of the
+    distributions it installs, dependencies of dependencies too (read from what is
+    installed here; a distribution that is not is taken to bring a command of its name)."""
+    commands: set[str] = set()
+    seen: set[tuple[str, str]] = set()
+    todo = [("asgi-worker", extra)]
+    while todo:
+        name, wanted = todo.pop()
+        if (name, wanted) in seen:
+            continue
+        seen.add((name, wanted))
+        try:
+            found = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            # Not installed here (nox under the test extra): its command, by its name.
+            commands.add(name)
+            continue
+        # Entry points, and scripts shipped as files (ruff's binary)
+        commands |= {e.name for e in found.entry_points if e.group == "console_scripts"}
+        commands |= {file.name for file in found.files or [] if file.parent.name == "bin"}
+        for line in found.requires or []:
+            required = Requirement(line)
+            if required.marker is None or required.marker.evaluate({"extra": wanted}):
+                todo += [(required.name, more) for more in {"", *required.extras}]
+    return commands
+
+
+def test_commands_of_follows_extras_and_dependencies() -> None:
+    assert {"asgi-worker", "pytest", "mkdocs", "ruff"} <= commands_of("test")  # mkdocs: docs
+    assert "nox" not in commands_of("test")
+    assert "nox" in commands_of("dev")
+    assert "pytest" not in commands_of("demo")
+
+
+NOXFILE = ast.get_docstring(ast.parse((ROOT / "noxfile.py").read_text())) or ""
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("README.md", (ROOT / "README.md").read_text()),
+        ("docs/development.md", (DOCS / "development.md").read_text()),
+        ("noxfile.py", NOXFILE),
+    ],
+)
+def test_each_command_a_page_names_comes_with_an_extra_it_installs(name: str, text: str) -> None:
+    extras = set(re.findall(r"pip install -e '\.\[(\w+)\]'", text))
+    assert extras, f"{name} installs nothing"
+    tools = set(re.findall(r"\.venv/bin/([\w-]+)", text)) - {"pip", "python", "python3"}
+    if re.search(r"(?<![\w/])nox -s", text):
+        tools.add("nox")  # `nox -s docs` as such
+    brought = set().union(*(commands_of(extra) for extra in extras))
+    assert tools - brought == set(), f"{name} runs these, but installs only {sorted(extras)}"

@@ -10,6 +10,7 @@ extras they install bring.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -131,7 +132,8 @@ def test_the_tests_table_has_the_fault_tables_rows_in_its_order() -> None:
     assert tested == faults, "the tests table lists the faults in another order"
 
 
-def commands_of(extra: str) -> set[str]:
+@functools.cache
+def commands_of(extra: str) -> frozenset[str]:
     """The commands `pip install -e '.[extra]'` puts in .venv/bin: the scripts of the
     distributions it installs, dependencies of dependencies too (read from what is
     installed here; a distribution that is not is taken to bring a command of its name)."""
@@ -156,7 +158,7 @@ def commands_of(extra: str) -> set[str]:
             required = Requirement(line)
             if required.marker is None or required.marker.evaluate({"extra": wanted}):
                 todo += [(required.name, more) for more in {"", *required.extras}]
-    return commands
+    return frozenset(commands)
 
 
 def test_commands_of_follows_extras_and_dependencies() -> None:

@@ -1,5 +1,10 @@
 """Developer sessions: `nox -s tests`, `lint`, `typing`, `docs`; `nox -s bench`;
-`nox -s valkey` (the tests against Valkey)."""
+`nox -s valkey` (the tests against Valkey).
+
+nox comes with the `dev` extra: `.venv/bin/pip install -e '.[dev]'`, then
+`.venv/bin/nox -s docs`. The `test` extra has no nox, but the tools the sessions run:
+`.venv/bin/pytest`, `.venv/bin/mkdocs build --strict` (docs/development.md).
+"""
 
 from __future__ import annotations
 

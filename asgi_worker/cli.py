@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging.config
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
-from arq.logs import default_log_config
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -25,7 +23,7 @@ from .instrument import observer_for
 from .invalidation import Invalidator
 from .observe import Observer, Observers
 from .stats import DEFAULT_MAX_AGE, QueueCheck, Stats, check_queue, collect_stats
-from .worker import worker_settings
+from .worker import configure_logging, worker_settings
 
 
 def import_object(spec: str) -> Any:
@@ -55,9 +53,8 @@ def load_config(spec: str | None, app: Any = None) -> Config:
     found in `app`; with no app either, the defaults.
     """
     if spec is None:
-        from_env = any(name.startswith(ENV_PREFIX) for name in os.environ)
         try:
-            if app is not None and not from_env:
+            if app is not None and not _config_in_env():
                 return find_config(app)
             return Config.from_env()
         except ConfigurationError as error:
@@ -66,6 +63,28 @@ def load_config(spec: str | None, app: Any = None) -> Config:
     if not isinstance(config, Config):
         raise click.BadParameter(
             f"{spec!r} is a {type(config).__name__}, not an asgi_worker.Config"
+        )
+    return config
+
+
+def _config_in_env() -> bool:
+    return any(name.startswith(ENV_PREFIX) for name in os.environ)
+
+
+def command_config(config_spec: str | None, app_spec: str | None) -> Config:
+    """The `Config` for `stats` and `invalidate`, from `--config`, the environment or `--app`.
+
+    With none of them it is the defaults': said on stderr (stdout may be JSON), since a
+    default cache that holds nothing looks just like an idle one.
+    """
+    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
+    if config_spec is None and app_spec is None and not _config_in_env():
+        click.echo(
+            f"asgi-worker: no config given (no --app, --config or {ENV_PREFIX}* variable), "
+            f"so this is the default cache: prefix {config.prefix!r} at "
+            f"{display_url(config.redis_url)}. For your app's, pass --app MODULE:APP (the "
+            f"app you serve), --config MODULE:CONFIG, or set {ENV_PREFIX}* variables.",
+            err=True,
         )
     return config
 
@@ -87,6 +106,8 @@ _APP_OPTION = click.option(
 )
 
 
+# Each command gives its line in `asgi-worker --help` (short_help): else Click cuts the
+# docstring's first sentence to the terminal's width ("... MODULE:APP (e.g....").
 @click.group()
 @click.version_option(package_name="asgi-worker")
 def main() -> None:
@@ -97,7 +118,7 @@ EXIT_REDIS_UNREACHABLE = os.EX_UNAVAILABLE
 """`asgi-worker worker`'s exit status when Redis cannot be reached at start (69)."""
 
 
-@main.command()
+@main.command(short_help="Run a worker: replay jobs through MODULE:APP.")
 @click.argument("app_spec", metavar="MODULE:APP")
 @_CONFIG_OPTION
 @click.option("--burst", is_flag=True, help="Run the queued jobs, then exit.")
@@ -134,9 +155,7 @@ def worker(
     """Run a worker that replays requests through MODULE:APP (e.g. myproject.main:app)."""
     app = import_object(app_spec)
     config = load_config(config_spec, app)
-    log_config = default_log_config(verbose)
-    log_config["loggers"]["asgi_worker"] = dict(log_config["loggers"]["arq"])
-    logging.config.dictConfig(log_config)
+    configure_logging(verbose)
     observer = None if metrics_port is None else _serve_metrics(config, metrics_port, metrics_host)
     settings = worker_settings(app, config, observer=observer)
     try:
@@ -167,7 +186,7 @@ def _serve_metrics(config: Config, port: int, host: str) -> Observer:
     return metrics if tracing is None else Observers(metrics, tracing)
 
 
-@main.command()
+@main.command(short_help="Serve a demo app with a slow endpoint.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
@@ -208,7 +227,7 @@ def demo(host: str, port: int, redis_url: str | None, seconds: float, prefix: st
 _KINDS = ("path", "prefix", "glob", "query", "tag")
 
 
-@main.command()
+@main.command(short_help="Expire stored responses; prints how many.")
 @click.argument("kind", type=click.Choice(_KINDS))
 @click.argument("target")
 @click.argument("params", nargs=-1, metavar="[NAME=VALUE]...")
@@ -240,7 +259,7 @@ def invalidate(
         if not equals or not name:
             raise click.BadParameter(f"{param!r} is not NAME=VALUE", param_hint="PARAMS")
         pairs.append((name, value))
-    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
+    config = command_config(config_spec, app_spec)
     if config.embedded:
         raise click.UsageError("memory:// lives inside the web process; nothing to invalidate")
 
@@ -259,7 +278,7 @@ def invalidate(
     click.echo(f"{count} {noun} {'marked stale' if soft else 'invalidated'}")
 
 
-@main.command()
+@main.command(short_help="Show what the cache and its queue hold.")
 @_CONFIG_OPTION
 @_APP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead.")
@@ -287,7 +306,7 @@ def stats(
     Counting entries walks the keyspace with SCAN (in batches; Redis keeps serving), so
     on a large keyspace it takes a while. With --check, only the queue's health is read.
     """
-    config = load_config(config_spec, import_object(app_spec) if app_spec else None)
+    config = command_config(config_spec, app_spec)
     if config.embedded:
         raise click.UsageError("memory:// lives inside the web process; no stats to read")
 

@@ -77,12 +77,18 @@ def config_mismatch(app: ASGIApp, config: Config) -> str | None:
         )
     if any(c.prefix == config.prefix and c.queue == config.queue for c in configs):
         return None
-    theirs = ", ".join(f"prefix {c.prefix!r} queue {c.queue!r}" for c in configs)
+    theirs = "; ".join(_prefix_and_queue(c) for c in configs)
     return (
-        f"the Config given (prefix {config.prefix!r}, queue {config.queue!r}) is not the "
-        f"one of the WorkerMiddleware in the app ({theirs}): its jobs are not this "
-        "worker's, and its clients get 202 until they are served"
+        f"this worker's Config ({_prefix_and_queue(config)}) does not match the "
+        f"WorkerMiddleware in the app ({theirs}), so this worker will never run that "
+        "middleware's jobs: its requests get 202 until a worker with its Config runs. "
+        "Give the worker the middleware's Config, or none (no --config and no "
+        "ASGI_WORKER_* variables; config=None in Python) to take it from the app."
     )
+
+
+def _prefix_and_queue(config: Config) -> str:
+    return f"prefix {config.prefix!r}, queue {config.queue!r}"
 
 
 def _name(app: object) -> str:

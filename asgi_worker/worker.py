@@ -1,9 +1,10 @@
-"""arq glue: the replay job function, the app's lifespan in the worker, `worker_settings()`."""
+"""arq glue: the replay job, the app's lifespan in the worker, `worker_settings()`, logging."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import logging.config
 import math
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -12,6 +13,7 @@ from functools import partial
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings
+from arq.logs import default_log_config
 from arq.worker import func
 from asgi_lifespan import LifespanManager, LifespanNotSupported
 from redis.asyncio import ConnectionPool, Redis
@@ -34,6 +36,7 @@ from .queue import JOB_FUNCTION, deserialize, serialize
 from .store import RedisStore
 
 logger = logging.getLogger("asgi_worker")
+_ARQ_LOGGER = "arq"
 
 _CONTEXT_KEY = "asgi_worker"
 # arq's own timeout is a last resort: ours (Config.job_timeout) fires first and stores a 504.
@@ -71,7 +74,8 @@ def worker_settings(
     Args:
         app: The very app object you serve. Replays enter at its top, as the server's
             requests do, and what the app inside the `WorkerMiddleware` answers is
-            stored.
+            stored. Under arq's own command, our log lines follow arq's logger's level
+            and handlers (see `_log_as_arq_does`).
         config: By default the one of the `WorkerMiddleware` inside `app` (found
             through middleware stacks, mounts and the frameworks' wrappers). One whose
             prefix or queue is not the middleware's is logged as a warning.
@@ -103,6 +107,7 @@ def worker_settings(
         observer = observer_for(config, metrics=False)
 
     async def startup(ctx: dict[Any, Any]) -> None:
+        _log_as_arq_does()
         runtime = ctx[_CONTEXT_KEY] = await _start(app, config)
         _watch_failovers(runtime, ctx.get("redis"), config)
         if observer is not None:
@@ -177,6 +182,42 @@ def worker_settings(
         "job_serializer": serialize,
         "job_deserializer": deserialize,
     }
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log arq's lines and ours, each once: what `asgi-worker worker` does at start.
+
+    If importing the app configured logging (a handler on the root logger: Litestar's
+    default `LoggingConfig` does), our lines go to its handlers, in its format: a handler
+    of our own beside it printed every line twice, in two formats. Otherwise arq's default
+    (time and message, on stderr), for arq's logger and ours.
+    """
+    if logging.getLogger().handlers:
+        level = logging.DEBUG if verbose else logging.INFO
+        for name in (_ARQ_LOGGER, logger.name):
+            logging.getLogger(name).setLevel(level)
+        return
+    log_config = default_log_config(verbose)
+    log_config["loggers"][logger.name] = dict(log_config["loggers"][_ARQ_LOGGER])
+    logging.config.dictConfig(log_config)
+
+
+def _log_as_arq_does() -> None:
+    """Where only arq's logger is configured, log ours the same way (the worker's startup).
+
+    `arq module.WorkerSettings` configures arq's logger alone, after importing the
+    settings: ours stayed at the root's WARNING, and the per-job INFO line never showed.
+    It takes arq's level, and arq's handlers unless a handler above it (the root's, set
+    by the app) takes its lines already: then they would show twice. Nothing is changed
+    where ours has a level already (`asgi-worker worker`, the app) or arq's has no handler.
+    """
+    ours, arq = logging.getLogger(logger.name), logging.getLogger(_ARQ_LOGGER)
+    if ours.level != logging.NOTSET or not arq.handlers:
+        return
+    ours.setLevel(arq.getEffectiveLevel())
+    if not ours.hasHandlers():
+        for handler in arq.handlers:
+            ours.addHandler(handler)
 
 
 # A queue command that meets a dead connection is retried on a new one with a growing

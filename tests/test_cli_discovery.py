@@ -98,7 +98,7 @@ def test_environment_variables_still_win() -> None:
         ASGI_WORKER_PREFIX=cli_apps.PREFIX + "-env",
     )
     assert result.exit_code == 0, result.output
-    assert "is not the one of the WorkerMiddleware" in result.output
+    assert "does not match the WorkerMiddleware in the app" in result.output
     assert get("/sub/env").status_code == 202
 
 

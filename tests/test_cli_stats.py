@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 
 import httpx
 from click.testing import CliRunner
@@ -121,6 +122,27 @@ def test_stats_command_reports_redis_down_without_its_password(config: Config) -
     assert result.exit_code == 1
     assert "Redis at redis://admin:***@127.0.0.1:1/0" in result.output
     assert "hunter2" not in result.output
+
+
+def test_plain_stats_says_no_config_was_given_and_how_to_give_one(prefix: str) -> None:
+    # No --app, no --config, no ASGI_WORKER_* variable: the defaults' cache, said on stderr.
+    unset: dict[str, str | None] = {n: None for n in os.environ if n.startswith("ASGI_WORKER_")}
+    result = CliRunner().invoke(main, ["stats", "--json"], env=unset)
+    assert result.stderr.startswith("asgi-worker: no config given"), result.output
+    for said in (
+        "(no --app, --config or ASGI_WORKER_* variable)",
+        "the default cache: prefix 'aw' at redis://127.0.0.1:6379/0.",
+        "pass --app MODULE:APP (the app you serve), --config MODULE:CONFIG, or set "
+        "ASGI_WORKER_* variables.",
+    ):
+        assert said in result.stderr
+    if result.exit_code == 0:  # a Redis on the default port (not so under `nox -s valkey`)
+        assert "stored" in json.loads(result.stdout)  # stdout stays one JSON object
+
+    env = {"ASGI_WORKER_REDIS_URL": REDIS_URL, "ASGI_WORKER_PREFIX": prefix}
+    given = CliRunner().invoke(main, ["stats", "--json"], env=env)
+    assert given.exit_code == 0, given.output
+    assert given.stderr == ""
 
 
 async def test_scan_patterns_match_this_prefix_only(prefix: str, redis: Redis) -> None:

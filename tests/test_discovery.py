@@ -127,6 +127,17 @@ def test_mismatch_names_both_prefixes() -> None:
     assert "no WorkerMiddleware" in (config_mismatch(Starlette(), CONFIG) or "")
 
 
+def test_mismatch_says_what_is_wrong_and_what_to_do() -> None:
+    warning = config_mismatch(starlette_app(), Config(redis_url="memory://", prefix="aw"))
+    assert warning == (
+        "this worker's Config (prefix 'aw', queue 'aw:queue') does not match the "
+        "WorkerMiddleware in the app (prefix 'found', queue 'found:queue'), so this worker "
+        "will never run that middleware's jobs: its requests get 202 until a worker with "
+        "its Config runs. Give the worker the middleware's Config, or none (no --config "
+        "and no ASGI_WORKER_* variables; config=None in Python) to take it from the app."
+    )
+
+
 def test_a_cycle_or_odd_attributes_do_not_hang_the_walk() -> None:
     class Loop:
         def __init__(self) -> None:

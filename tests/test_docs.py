@@ -127,6 +127,14 @@ def test_the_api_reference_has_every_public_name() -> None:
     assert not set(public) - documented, "missing in docs/reference.md"
 
 
+def test_the_configuration_example_builds_the_config_it_shows() -> None:
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    source = docs_example("configuration.md", "configuration")
+    exec(compile(source, "docs/configuration.md", "exec"), namespace)
+    config = namespace["config"]
+    assert (config.ttl, config.include, config.fail_open) == (600, ("/reports/*",), True)
+
+
 def test_every_config_field_is_documented() -> None:
     documented = set(re.findall(r"^\| `(\w+)` \|", docs_page("configuration.md"), re.M))
     fields = {spec.name for spec in dataclasses.fields(Config)}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mkdocs.utils.yaml import yaml_load
+from mkdocs.config import load_config
 from packaging.requirements import Requirement
 
 from .test_faults import FAULTS
@@ -53,8 +53,8 @@ def linked_pages(markdown: str) -> list[str]:
 
 
 def test_the_home_page_lists_every_page_of_the_nav_in_its_order() -> None:
-    # mkdocs's own YAML loader: it reads the tags mkdocs.yml may hold (!ENV, !!python/name).
-    nav = dict(nav_pages(yaml_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+    # mkdocs's own loader: it reads the tags mkdocs.yml may hold (!ENV, !relative, ...).
+    nav = dict(nav_pages(load_config(str(ROOT / "mkdocs.yml"))["nav"]))
     pages = {path: title for title, path in nav.items() if path != "index.md"}
     assert len(pages) >= 22
     listed = [path for path in linked_pages((DOCS / "index.md").read_text()) if path in pages]

@@ -33,6 +33,7 @@ import contextvars
 import dataclasses
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -71,6 +72,8 @@ class _Slot:
     read: TakenJob | None = None
     """What the take read for arq's `run_job`, until that pipeline is answered."""
     pending: _Pending | None = None
+    after: Callable[[], Awaitable[None]] | None = None
+    """The job's `Commit.after`: awaited once arq has ended the job (and sent the commit)."""
 
     def read_used(self) -> None:
         self.read = None
@@ -126,6 +129,7 @@ def hand_off(store: RedisStore, timeout: float, commit: Commit) -> bool:
         # A tagged commit indexes its tags in steps of their own first (store.py).
         return False
     slot.pending = _Pending(commit, store, timeout)
+    slot.after = commit.after
     return True
 
 
@@ -316,11 +320,16 @@ class ReplayWorker(Worker):
         `read`: what the take read of the job, which answers `run_job`'s own first read
         (`taking.ReadAnswered`): the job starts a round trip sooner.
         """
-        token = _slot.set(_Slot(score, read))
+        slot = _Slot(score, read)
+        token = _slot.set(slot)
         try:
             await super().run_job(job_id, score)
         finally:
             _slot.reset(token)
+            # What the app does after its answer: its commit is sent already. The job
+            # keeps its slot meanwhile, as a server keeps a request's task.
+            if slot.after is not None:
+                await slot.after()
 
     async def finish_job(
         self,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -71,6 +72,9 @@ class Commit:
     record: JobRecord | None = None
     """With an observer: the job, reported once this commit's result is known."""
     observer: Observer | None = None
+    after: Callable[[], Awaitable[None]] | None = None
+    """Waits for what the app does after its answer (bounded by `job_timeout`): awaited
+    once the commit is sent, so that work never holds the commit up."""
 
     async def send(self, store: Store) -> Committed:
         """`Store.commit` of this result (unbounded: the caller sets the timeout)."""
@@ -268,14 +272,22 @@ async def _run(
     write = to_write(replayed, outcome=outcome, snapshot=snapshot, config=config)
     if outcome == "stored" and (config.adaptive_retry_after or config.fair_queueing):
         write = dataclasses.replace(write, duration=time.monotonic() - began)
-    commit = Commit(digest, token, started, write, outcome, snapshot, record, observer)
+    after = None
+    if replayed.rest is not None:  # the app's run, which may go on after its answer
+        ends_at = began + config.job_timeout
+        after = functools.partial(_after_answer, replayed.rest, ends_at, snapshot, config)
+    commit = Commit(digest, token, started, write, outcome, snapshot, record, observer, after)
     if hand_off is not None and hand_off(commit):
         if record is not None:
             record.deferred = True
-        return outcome  # the worker commits it as it marks the job done
-    async with asyncio.timeout(config.redis_timeout):
-        committed = await commit.send(store)
-    return commit.report(committed)
+        return outcome  # the worker commits it as it marks the job done, then waits `after`
+    try:
+        async with asyncio.timeout(config.redis_timeout):
+            committed = await commit.send(store)
+        return commit.report(committed)
+    finally:
+        if after is not None:
+            await after()
 
 
 def to_write(
@@ -373,7 +385,6 @@ async def _replay_or_error(
     A live stream's outcome is "live-stream", with no response to store: the key
     becomes hit-for-pass (`to_write`).
     """
-    began = time.monotonic()
     try:
         response = await replay(
             app,
@@ -408,23 +419,30 @@ async def _replay_or_error(
     except Exception:
         logger.exception("asgi-worker: %s raised", _where(snapshot))
         return _error(500, "Internal Server Error"), "error"
-    if response.rest is not None:
-        time_left = max(0.0, config.job_timeout - (time.monotonic() - began))
-        failure = await finish(response.rest, time_left)
-        if isinstance(failure, LeftRunningError):
-            logger.error(
-                "asgi-worker: %s: the app was still running after its answer at "
-                "job_timeout=%ss, and is cancelled (its answer is stored)",
-                _where(snapshot),
-                config.job_timeout,
-            )
-        elif failure is not None:
-            logger.error(
-                "asgi-worker: %s: the app raised after its answer (its answer is stored)",
-                _where(snapshot),
-                exc_info=failure,
-            )
     return response, "stored"
+
+
+async def _after_answer(
+    rest: asyncio.Future[None], ends_at: float, snapshot: RequestSnapshot, config: Config
+) -> None:
+    """Wait for what the app does after its answer until `ends_at`; log how it ended.
+
+    The answer is committed already (or is being committed): this work cannot change it.
+    """
+    failure = await finish(rest, max(0.0, ends_at - time.monotonic()))
+    if isinstance(failure, LeftRunningError):
+        logger.error(
+            "asgi-worker: %s: the app was still running after its answer at "
+            "job_timeout=%ss, and is cancelled (its answer is stored)",
+            _where(snapshot),
+            config.job_timeout,
+        )
+    elif failure is not None:
+        logger.error(
+            "asgi-worker: %s: the app raised after its answer (its answer is stored)",
+            _where(snapshot),
+            exc_info=failure,
+        )
 
 
 def stored(replayed: ReplayedResponse, now: float | None = None) -> StoredResponse:

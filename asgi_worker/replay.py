@@ -223,8 +223,12 @@ async def finish(rest: asyncio.Future[None], time_left: float | None) -> BaseExc
 
     Returns the exception that work raised, `LeftRunningError` if it was still running
     when the time ran out (it is then cancelled, as a server cancels a request's leftover
-    work at shutdown), or None.
+    work at shutdown), or None. Called while the caller is being cancelled (a worker
+    shutting down), it cancels that work at once.
     """
+    if _cancelling():
+        await stop(rest)
+        return None
     try:
         async with asyncio.timeout(time_left):
             await asyncio.shield(rest)

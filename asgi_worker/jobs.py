@@ -275,7 +275,7 @@ async def _run(
     after = None
     if replayed.rest is not None:  # the app's run, which may go on after its answer
         ends_at = began + config.job_timeout
-        after = functools.partial(_after_answer, replayed.rest, ends_at, snapshot, config)
+        after = functools.partial(_after_answer, replayed, ends_at, snapshot, config)
     commit = Commit(digest, token, started, write, outcome, snapshot, record, observer, after)
     if hand_off is not None and hand_off(commit):
         if record is not None:
@@ -296,11 +296,14 @@ def to_write(
     """The entry, lifetime and index data to commit for one replay's outcome.
 
     `outcome` is `_replay_or_error`'s: "stored" (`replayed` is the app's answer),
-    "live-stream" (a hit-for-pass marker), or an error (`replayed` stands for it).
+    "live-stream" (a hit-for-pass marker), or an error: `replayed` stands for it, or is
+    the answer of a layer outside the middleware for it (`replayed.handled`), stored as
+    the app's.
     """
     if outcome == "live-stream":
         return _pass_marker(snapshot, config)
-    if outcome != "stored":  # our own error response: short-lived, and a stale copy is better
+    if outcome != "stored" and replayed.handled is None:
+        # our own error response: short-lived, and a stale copy is better
         entry = encode_response(stored(replayed))
         return Write(
             entry,
@@ -327,6 +330,8 @@ def to_write(
             has_etag = has_etag or name == b"etag"
     if not has_etag:
         headers.append((b"etag", entity_tag((), replayed.body)))
+    if replayed.leaving:
+        headers.extend(_outer_vary(replayed.headers, replayed.leaving, config))
     response = stored(ReplayedResponse(replayed.status, tuple(headers), replayed.body))
     return Write(
         encode_response(response),
@@ -338,6 +343,32 @@ def to_write(
         failed=replayed.status >= 500,
         retry_after=config.error_ttl,
     )
+
+
+def _outer_vary(answered: Headers, leaving: Headers, config: Config) -> Headers:
+    """A `Vary` for what layers outside the middleware added to the answer's, if anything.
+
+    Such a layer varied the answer on the way out on a header the replay did not carry:
+    a session middleware adds `Vary: Cookie` when the handler read the session. On a hit
+    it runs again, but the handler does not, so it would not say so again; the stored
+    answer keeps it, for the caches in front. Headers of the key (`Config.vary`) are left
+    out: the replay carried them, so a layer that varies on them does so on the hit too.
+    """
+    seen = {
+        token.lower() for name, value in answered if name == b"vary" for token in _tokens(value)
+    }
+    seen.update(name.encode() for name in config.vary)
+    added: list[bytes] = []
+    for name, value in leaving:
+        for token in _tokens(value) if name == b"vary" else ():
+            if token.lower() not in seen:  # header names are case-insensitive
+                seen.add(token.lower())
+                added.append(token)  # as the layer spelled it
+    return ((b"vary", b", ".join(added)),) if added else ()
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    return [token.strip() for token in value.split(b",") if token.strip()]
 
 
 def _pass_marker(snapshot: RequestSnapshot, config: Config) -> Write:
@@ -419,17 +450,29 @@ async def _replay_or_error(
     except Exception:
         logger.exception("asgi-worker: %s raised", _where(snapshot))
         return _error(500, "Internal Server Error"), "error"
+    if response.handled is not None:
+        logger.error(
+            "asgi-worker: %s raised; a layer outside the cache answered it with %d, as it "
+            "would a request from the server, and that answer is stored",
+            _where(snapshot),
+            response.status,
+            exc_info=response.handled,
+        )
+        return response, "error"  # for the log and the metrics: the app did fail
     return response, "stored"
 
 
 async def _after_answer(
-    rest: asyncio.Future[None], ends_at: float, snapshot: RequestSnapshot, config: Config
+    replayed: ReplayedResponse, ends_at: float, snapshot: RequestSnapshot, config: Config
 ) -> None:
     """Wait for what the app does after its answer until `ends_at`; log how it ended.
 
     The answer is committed already (or is being committed): this work cannot change it.
     """
-    failure = await finish(rest, max(0.0, ends_at - time.monotonic()))
+    assert replayed.rest is not None
+    failure = await finish(replayed.rest, max(0.0, ends_at - time.monotonic()))
+    if failure is not None and failure is replayed.handled:
+        return  # an error handler answered it, then raised it again (Starlette's does)
     if isinstance(failure, LeftRunningError):
         logger.error(
             "asgi-worker: %s: the app was still running after its answer at "
@@ -446,15 +489,26 @@ async def _after_answer(
 
 
 def stored(replayed: ReplayedResponse, now: float | None = None) -> StoredResponse:
-    """The entry to keep for a response: hop-by-hop headers dropped, length made exact."""
-    headers: Headers = (
-        *((name, value) for name, value in replayed.headers if name not in _NOT_STORED),
-        (b"content-length", str(len(replayed.body)).encode()),
-    )
+    """The entry to keep for a response: hop-by-hop headers dropped, framed as HTTP asks.
+
+    `Content-Length` is the stored body's, except where RFC 9110 section 8.6 rules it
+    out: a 1xx or 204 has none (and no body); a 304 has no body, and keeps the length the
+    app gave it (its 200's), or none.
+    """
+    status = replayed.status
+    headers = [(name, value) for name, value in replayed.headers if name not in _NOT_STORED]
+    body = replayed.body
+    if status < 200 or status in (204, 304):
+        body = b""
+        if status == 304:
+            given = next((pair for pair in replayed.headers if pair[0] == b"content-length"), None)
+            headers.extend(() if given is None else (given,))
+    else:
+        headers.append((b"content-length", str(len(body)).encode()))
     return StoredResponse(
-        status=replayed.status,
-        headers=headers,
-        body=replayed.body,
+        status=status,
+        headers=tuple(headers),
+        body=body,
         stored_at=time.time() if now is None else now,
     )
 

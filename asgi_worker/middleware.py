@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sniffio
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -102,6 +103,9 @@ class WorkerMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
         if scope["type"] == "lifespan":
+            if (refusal := _unsupported_loop()) is not None:
+                await _refuse_startup(refusal, receive, send)
+                return
             self._lifespan_state = scope.get("state")
             await self.app(scope, self._closing_at_shutdown(receive), send)
         elif self._policy.handles(scope):
@@ -112,8 +116,9 @@ class WorkerMiddleware:
         else:
             marker = replay_marker(scope) if scope["type"] == "http" else None
             if marker is not None and marker.take(self.config.prefix):
-                send = marker.tee(send)  # our inner app's answer is the one stored
-            elif self._observer is not None and marker is None and scope["type"] == "http":
+                await marker.answer(self.app, scope, receive, send)  # the one stored
+                return
+            if self._observer is not None and marker is None and scope["type"] == "http":
                 if self._serves_metrics(scope):  # a scrape with credentials, or excluded
                     await self._exposition(scope, receive, send)  # type: ignore[misc]
                     return
@@ -414,7 +419,12 @@ class WorkerMiddleware:
         Litestar builds one middleware per route handler and method: with `memory://`,
         each would keep entries of its own, and a HEAD would miss what its GET stored.
         Middlewares of one app with equal configs share one backend, as they share Redis.
+
+        Raises `RuntimeError` on an event loop other than asyncio's (a server without
+        lifespan: with one, the startup refused it already).
         """
+        if (refusal := _unsupported_loop()) is not None:
+            raise RuntimeError(refusal)
         self._entry = self._entry_for(scope)
         if self._observer is not None:
             self._observer.bind(self._entry.app)
@@ -464,6 +474,30 @@ class _Found:
     response: StoredResponse
     stale: bool
     near: bool = False
+
+
+def _unsupported_loop() -> str | None:
+    """Why this event loop cannot run the middleware, or None under asyncio.
+
+    Redis clients, the queue and the worker are asyncio's (redis.asyncio, arq): under
+    trio, say so at start-up in one line instead of failing inside the first request.
+    """
+    library = sniffio.current_async_library()
+    if library == "asyncio":
+        return None
+    return (
+        f"asgi-worker runs on asyncio only, and this server runs {library}: serve the app "
+        "with an asyncio event loop (uvicorn, hypercorn's default asyncio worker, "
+        "granian's asyncio loop)"
+    )
+
+
+async def _refuse_startup(refusal: str, receive: Receive, send: Send) -> None:
+    """Answer the lifespan's startup with a failure that says why: the server stops."""
+    logger.error("asgi-worker: %s", refusal)
+    message = await receive()
+    if message["type"] == "lifespan.startup":
+        await send({"type": "lifespan.startup.failed", "message": refusal})
 
 
 def _headers(scope: Scope, name: bytes) -> list[bytes]:

@@ -19,14 +19,14 @@ and a live stream is recognised and stopped at once instead of being read to the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import enum
 import logging
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .keys import DEFAULT_PORTS, Headers, RequestSnapshot
 
@@ -81,6 +81,8 @@ class ReplayMarker:
     capture: Send
     reached: bool = field(default=False)
     """Set once a middleware took the replay: outer layers' messages are then ignored."""
+    raised: Exception | None = field(default=None)
+    """What the app inside the middleware raised, if it did (see `answer`)."""
 
     def take(self, prefix: str) -> bool:
         """True once, for the first middleware of the marker's prefix to see the replay."""
@@ -98,6 +100,19 @@ class ReplayMarker:
             await send(message)
 
         return capture_then_send
+
+    async def answer(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the middleware's inner `app`, capturing its answer (see `tee`).
+
+        If it raises before it began an answer, the exception goes on to the outer
+        layers, and what they answer for it (an error handler's page, a middleware that
+        maps the exception to a status) is the answer, as for a request from the server.
+        """
+        try:
+            await app(scope, receive, self.tee(send))
+        except Exception as error:
+            self.raised = error
+            raise
 
 
 def replay_marker(scope: Scope) -> ReplayMarker | None:
@@ -119,6 +134,9 @@ class ReplayedResponse:
     A layer outside may react to what the app did (a session written: `Set-Cookie`)."""
     rest: asyncio.Future[None] | None = field(default=None, compare=False, repr=False)
     """The app's run, which may go on after its answer (see `replay` and `finish`)."""
+    handled: Exception | None = field(default=None, compare=False, repr=False)
+    """What the app inside the middleware raised, where a layer outside answered for it:
+    this answer is that layer's."""
 
 
 def build_scope(
@@ -191,11 +209,12 @@ async def replay(
     """
     exchange = _Exchange(max_body_bytes, prefix)
     scope = build_scope(snapshot, state, exchange.marker, mounted=mounted)
-    running = asyncio.ensure_future(app(scope, exchange.receive, exchange.send))
+    running = _start(app(scope, exchange.receive, exchange.send))
     running.add_done_callback(exchange.app_ended)
     try:
-        async with asyncio.timeout(time_limit):
-            await exchange.settled.wait()
+        if not exchange.settled.done():  # an app that answered in its first step has
+            async with asyncio.timeout(time_limit):
+                await exchange.settled
     except TimeoutError:
         if not exchange.answer.complete:
             await stop(running)
@@ -212,10 +231,26 @@ async def replay(
         error = None if running.cancelled() else running.exception()
         if error is not None:
             raise error
-    result = dataclasses.replace(answer.result(), rest=running)
+    if exchange.outer_answered:
+        return answer.result(rest=running, handled=exchange.marker.raised)
     if exchange.marker.reached:
-        return dataclasses.replace(result, leaving=exchange.leaving)
-    return result
+        return answer.result(rest=running, leaving=exchange.leaving)
+    return answer.result(rest=running)
+
+
+def _start(running: Awaitable[None]) -> asyncio.Future[None]:
+    """The app's task, started eagerly from Python 3.12.
+
+    An app that answers without waiting on anything has then answered when this returns:
+    the replay takes no round of the event loop.
+    """
+    if _EAGER and asyncio.iscoroutine(running):
+        loop = asyncio.get_running_loop()
+        return asyncio.Task(running, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+    return asyncio.ensure_future(running)
+
+
+_EAGER = sys.version_info >= (3, 12)
 
 
 async def finish(rest: asyncio.Future[None], time_left: float | None) -> BaseException | None:
@@ -273,9 +308,11 @@ class _Exchange:
     def __init__(self, max_body_bytes: int, prefix: str | None) -> None:
         self._request_sent = False
         self._app_ended = False
-        self.settled = asyncio.Event()
-        """Set once the replay has its outcome: see `_settle`."""
-        self._answered = asyncio.Event()
+        self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once the replay has its outcome: see `_settle`."""
+        self._answered = False
+        self._disconnect: asyncio.Event | None = None
+        """Made only for an app that asks for more than its request (most never do)."""
         self._inner = _Collector(max_body_bytes, self._settle)
         self._outer = _Collector(max_body_bytes, self._settle)
         self.marker = ReplayMarker(prefix, self._inner.send)
@@ -284,9 +321,20 @@ class _Exchange:
         self._left = False
 
     @property
+    def outer_answered(self) -> bool:
+        """The answer is the outer layers': the inner app raised before it began one."""
+        return self.marker.raised is not None and not self._inner.started
+
+    @property
     def answer(self) -> _Collector:
-        """The middleware's capture if one took the replay, else what the app sent."""
-        return self._inner if self.marker.reached else self._outer
+        """The middleware's capture if one took the replay, else what the app sent.
+
+        Where the middleware's inner app raised before it began an answer, what the
+        outer layers sent for it.
+        """
+        if not self.marker.reached or self.outer_answered:
+            return self._outer
+        return self._inner
 
     def app_ended(self, _: object) -> None:
         """Done-callback of the app's task."""
@@ -300,22 +348,28 @@ class _Exchange:
         it, has left the top of the app too, so `leaving` is known), or the app ended.
         """
         answer = self.answer
-        if answer.failure is not None or answer.complete:
-            self._answered.set()
-        left = self._left or not self.marker.reached
-        if self._app_ended or answer.failure is not None or (answer.complete and left):
-            self.settled.set()
+        if (answer.failure is not None or answer.complete) and not self._answered:
+            self._answered = True
+            if self._disconnect is not None:
+                self._disconnect.set()
+        left = self._left or answer is self._outer
+        ended = self._app_ended or answer.failure is not None or (answer.complete and left)
+        if ended and not self.settled.done():
+            self.settled.set_result(None)
 
     async def receive(self) -> Message:
         if not self._request_sent:
             self._request_sent = True
             return {"type": "http.request", "body": b"", "more_body": False}
         # Like a client that waits for its answer, then goes away.
-        await self._answered.wait()
+        if not self._answered:
+            if self._disconnect is None:
+                self._disconnect = asyncio.Event()
+            await self._disconnect.wait()
         return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
-        if not self.marker.reached:
+        if self.answer is self._outer:
             await self._outer.send(message)
             return
         # The outer layers' copy of the captured answer: not stored, but a layer that
@@ -358,6 +412,11 @@ class _Collector:
     def complete(self) -> bool:
         """The whole answer is here."""
         return self._phase is _Phase.DONE
+
+    @property
+    def started(self) -> bool:
+        """An answer began (or a message broke the order)."""
+        return self._phase is not _Phase.START or self.failure is not None
 
     async def send(self, message: Message) -> None:
         if self.failure is not None:
@@ -402,12 +461,13 @@ class _Collector:
             return ReplayTimeoutError("no answer began within the time limit")
         return LiveStreamError("still streaming when the time limit ran out")
 
-    def result(self) -> ReplayedResponse:
+    def result(self, **more: Any) -> ReplayedResponse:
+        """The complete answer (`more`: `ReplayedResponse`'s other fields)."""
         if self.failure is not None:
             raise self.failure
         if self._phase is not _Phase.DONE:
             raise InvalidResponseError(f"app returned early: {self._phase.value}")
-        return ReplayedResponse(self._status, self._headers, b"".join(self._chunks))
+        return ReplayedResponse(self._status, self._headers, b"".join(self._chunks), **more)
 
 
 def _media_type(headers: Headers) -> bytes:

@@ -25,15 +25,23 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_worker import Config
+from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.testing import run_pending
 
 from .frameworks import (
@@ -278,10 +286,18 @@ def differences(
     return problems
 
 
-def length_problems(got: Fetched, length: int) -> list[str]:
-    """The cache sets Content-Length from the stored body: exactly one, and right."""
-    if got.values("content-length") != [str(length)]:
-        return [f"content-length {got.values('content-length')}, the body has {length} bytes"]
+def length_problems(got: Fetched, length: int, want: Fetched | None = None) -> list[str]:
+    """The cache frames the stored body as RFC 9110 section 8.6 asks: exactly one
+    Content-Length, and right; none on a 1xx or 204; on a 304, the app's own (its 200's).
+    """
+    if got.status < 200 or got.status == 204:
+        wanted = []
+    elif got.status == 304:
+        wanted = [] if want is None else want.values("content-length")
+    else:
+        wanted = [str(length)]
+    if got.values("content-length") != wanted:
+        return [f"content-length {got.values('content-length')}, wanted {wanted}"]
     return []
 
 
@@ -327,7 +343,7 @@ async def run_cases(
             if not second.hit:
                 report(case, [f"second GET is not a hit: {second.brief()}"])
             report(case, differences(want, second, status_only=case.mode == "status"))
-            report(case, length_problems(second, len(second.body)))
+            report(case, length_problems(second, len(second.body), want))
             if case.head:
                 head = await fetch(served.client(case.root_path), "HEAD", case)
                 head = dataclasses.replace(head, body=served.head_bodies[-1])
@@ -335,7 +351,7 @@ async def run_cases(
                     report(case, [f"not a hit: {head.brief()}"], " HEAD:")
                 body_of_get = Fetched(want.status, want.headers, b"")
                 report(case, differences(body_of_get, head), " HEAD:")
-                report(case, length_problems(head, len(want.body)), " HEAD:")
+                report(case, length_problems(head, len(want.body), want), " HEAD:")
     return failures
 
 
@@ -377,11 +393,10 @@ def endpoint_cases(framework: Framework) -> list[Case]:
         Case("3 404 from the router", f"{base}/nowhere", 404,
              mode="direct" if framework.router_before_middleware else "cached"),
         Case("3 404 raised by the handler", f"{base}/missing", 404),
-        # The app's own answer to an exception is its 500 page, but Starlette's
-        # ServerErrorMiddleware sends it and then re-raises: a replay that raises is
-        # stored as the library's generic 500 (docs/failure-modes.md), so the status
-        # is all that the model fixes here.
-        Case("4 handler raises", f"{base}/boom", 500, mode="status"),
+        # The app's own answer to an exception: its 500 page, also where the handler
+        # sits outside the cache (Starlette's ServerErrorMiddleware, which sends the
+        # page and then re-raises).
+        Case("4 handler raises", f"{base}/boom", 500),
         Case("5 redirect", f"{base}/redirect", redirect,
              expect=location_ends(f"{base}/items/target")),
         Case("5 redirect under root_path", f"/api{base}/redirect", redirect, root_path="/api",
@@ -513,7 +528,8 @@ async def test_middleware_around_the_worker(
 # --- Case 15: the Host header ------------------------------------------------------------
 
 BAD_HOSTS = ["example.com:80x", "a:b:c", "127.0.0.1:8201."]
-SAME_HOSTS = ["EXAMPLE.com:80", "example.com."]  # both name the entry of example.com
+# Each names the entry of example.com (a port is keyed by value: 000080 is 80).
+SAME_HOSTS = ["EXAMPLE.com:80", "example.com.", "example.com:000080"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -551,4 +567,146 @@ async def test_host_header(framework: Framework, backend: str, prefix: str, redi
             if not got.hit:
                 failures.append(f"[{case.name}] not a hit: {got.brief()}")
             failures.extend(f"[{case.name}] {problem}" for problem in differences(want, got))
+    assert not failures, "\n".join(failures)
+
+
+# --- Cases 16-21: after the answer, framing, outer error handlers, outer Vary -----------
+
+ERROR_PAGE = "<h1>Sorry: the app's own error page</h1>"
+
+
+class MapValueErrors:
+    """A middleware of the app's, outside the cache: it answers a `ValueError` with a 404."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except ValueError as error:
+            response = JSONResponse({"missing": str(error)}, status_code=404)
+            await response(scope, receive, send)
+
+
+def fidelity_app(build: str, config: Config | None) -> ASGIApp:
+    """A small app of each kind the issue tried: each answer checked against the bare app."""
+
+    async def after_answer_fails() -> None:
+        raise ConnectionError("smtp down")
+
+    async def background(request: Request) -> Response:
+        return PlainTextResponse("hello", background=BackgroundTask(after_answer_fails))
+
+    async def no_content(request: Request) -> Response:
+        return Response(status_code=204, headers={"x-app": "204"})
+
+    async def not_modified(request: Request) -> Response:
+        return Response(status_code=304, headers={"etag": '"v1"', "content-length": "11"})
+
+    async def value_error(request: Request) -> Response:
+        raise ValueError("no such report")
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    async def session_read(request: Request) -> Response:
+        return JSONResponse({"user": request.session.get("user")})  # read, not written
+
+    async def error_page(request: Request, error: Exception) -> Response:
+        return HTMLResponse(ERROR_PAGE, status_code=500)
+
+    routes = [
+        Route("/background", background),
+        Route("/no-content", no_content),
+        Route("/not-modified", not_modified),
+        Route("/value-error", value_error),
+        Route("/boom", boom),
+        Route("/session-read", session_read),
+    ]
+    handlers: dict[Any, Any] = {500: error_page}
+    app: Starlette = (
+        FastAPI(routes=routes, exception_handlers=handlers, openapi_url=None)
+        if build == "fastapi"
+        else Starlette(routes=routes, exception_handlers=handlers)
+    )
+    if config is not None:
+        app.add_middleware(WorkerMiddleware, config=config)
+    # Added after the cache: outside it, as the docs place most middleware.
+    app.add_middleware(MapValueErrors)
+    app.add_middleware(SessionMiddleware, secret_key="fidelity-session-secret")
+    return app
+
+
+def fidelity_cases() -> list[Case]:
+    return [
+        Case("16 a background task that fails after the answer", "/background", 200,
+             head=True, expect=lambda r: r.body == b"hello"),
+        Case("17 204 No Content: no Content-Length", "/no-content", 204, head=True,
+             expect=lambda r: r.values("content-length") == []),
+        Case("17 304 keeps the app's length (its 200's)", "/not-modified", 304, head=True,
+             expect=header_is("content-length", "11")),
+        Case("18 a middleware outside the cache maps ValueError to 404", "/value-error", 404,
+             head=True, expect=json_is({"missing": "no such report"})),
+        Case("19 the app's own 500 handler", "/boom", 500, head=True,
+             expect=lambda r: r.body == ERROR_PAGE.encode()),
+        Case("20 Vary: Cookie from a session middleware outside", "/session-read", 200,
+             head=True, expect=header_is("vary", "Cookie")),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("build", ["fastapi", "starlette"])
+async def test_replay_fidelity_after_the_answer_framing_and_outer_layers(
+    build: str, backend: str, prefix: str, redis: Redis
+) -> None:
+    config = config_for(backend, prefix)
+    bare, app = fidelity_app(build, None), fidelity_app(build, config)
+    failures = await run_cases(bare, app, fidelity_cases(), lifespan=False)
+    assert not failures, "\n".join(failures)
+
+
+STATUSES = sorted(
+    status.value for status in HTTPStatus if status >= 200 and status.value not in (101,)
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_every_status_is_framed_as_http_requires(
+    backend: str, prefix: str, redis: Redis
+) -> None:
+    """21: each status the app sends, served from the cache: RFC 9110 section 8.6."""
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        status = int(scope["path"].rsplit("/", 1)[1])
+        body = b"" if status in (204, 304) else b"body of %d" % status
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    app = WorkerMiddleware(answer, config=config_for(backend, prefix))
+    failures: list[str] = []
+    async with serving(app, lifespan=False) as served:
+        http = served.client()
+        for status in STATUSES:
+            await http.get(f"/status/{status}")
+        await run_pending(app)
+        for status in STATUSES:
+            for method in ("GET", "HEAD"):
+                got = await fetch(http, method, Case(str(status), f"/status/{status}", status))
+                length = got.values("content-length")
+                if status in (204, 304):
+                    wanted: list[str] = []
+                elif got.status == status:
+                    wanted = [str(len(b"body of %d" % status))]
+                else:
+                    continue  # not served from the cache (hit-for-pass, ...): not ours
+                if (
+                    got.status != status
+                    or length != wanted
+                    or (got.body != b"" and (method == "HEAD" or status in (204, 304)))
+                ):
+                    failures.append(
+                        f"[{method} {status}] {got.brief()}, content-length {length} "
+                        f"(want {wanted}), {len(got.body)} body bytes"
+                    )
     assert not failures, "\n".join(failures)

@@ -31,7 +31,7 @@ Client = tuple[str, int]
 # reg-name too) or an IP literal in brackets; then an optional port of digits only.
 _HOST = re.compile(
     r"(?P<name>[a-z0-9\-._~%!$&'()*+,;=]+|\[[0-9a-f:.]+\]|\[v[0-9a-f]+\.[a-z0-9\-._~!$&'()*+,;=:]+\])"
-    r"(?::(?P<port>[0-9]{0,5}))?",
+    r"(?::(?P<port>[0-9]*))?",
     re.ASCII,
 )
 
@@ -51,7 +51,8 @@ def normalize_host(host: str, scheme: str) -> str:
     """`host` as keyed: lowercased, no trailing dot, no port when it is the scheme's default.
 
     Raises `InvalidHostError` for anything that is not `host[:port]` with a port of at
-    most 65535, so a hostile Host can neither reach the replay nor make keys of its own.
+    most 65535 (leading zeros allowed, as RFC 3986 allows them), so a hostile Host can
+    neither reach the replay nor make keys of its own.
     """
     match = _HOST.fullmatch(host.lower())
     if match is None:
@@ -63,9 +64,11 @@ def normalize_host(host: str, scheme: str) -> str:
             raise InvalidHostError(f"invalid Host header {host!r}")
     if not port:  # absent, or empty as RFC 3986 allows: the default port
         return name
-    number = int(port)
-    if number > 65535:
+    # Keyed by value, not spelling: `:080` and `:80` are one port (RFC 3986: *DIGIT).
+    digits = port.lstrip("0") or "0"
+    if len(digits) > 5 or int(digits) > 65535:
         raise InvalidHostError(f"invalid port in Host header {host!r}")
+    number = int(digits)
     return name if number == DEFAULT_PORTS.get(scheme) else f"{name}:{number}"
 
 

@@ -21,6 +21,9 @@ from .targets import ByGlob, ByQuery, ByTag, Target, query_matches
 
 logger = logging.getLogger("asgi_worker")
 
+# How often `InProcessQueue.drain` looks at jobs running on another event loop.
+_WATCH_EVERY = 0.005
+
 
 @dataclass(slots=True)
 class _Entry:
@@ -300,6 +303,9 @@ class InProcessQueue:
         self._max_queued = max_queued
         self._slots = asyncio.Semaphore(max_jobs)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._finished = 0
+        """Jobs ended so far; `drain` reports those ended since it last did."""
+        self._reported = 0
 
     async def enqueue(self, job: Job) -> None:
         """See `JobQueue.enqueue`: starts the job and returns at once.
@@ -319,12 +325,21 @@ class InProcessQueue:
         return len(self._tasks)
 
     async def drain(self) -> int:
-        """Wait until no job is left, including jobs enqueued meanwhile; returns how many ran."""
-        seen: set[asyncio.Task[None]] = set()
-        while batch := self._tasks - seen:  # done tasks may linger until their callback
-            seen |= batch
-            await asyncio.gather(*batch, return_exceptions=True)
-        return len(seen)
+        """Wait until no job is left, including jobs enqueued meanwhile.
+
+        Returns how many jobs ended since the last drain, whether they ended before this
+        one began or while it waited. The jobs may run on another event loop than this
+        one (Starlette's `TestClient` serves the app on a loop of its own, in a thread):
+        those are watched until they are done, not awaited.
+        """
+        loop = asyncio.get_running_loop()
+        while pending := {task for task in set(self._tasks) if not task.done()}:
+            if all(task.get_loop() is loop for task in pending):
+                await asyncio.gather(*pending, return_exceptions=True)
+            else:
+                await asyncio.sleep(_WATCH_EVERY)
+        ended, self._reported = self._finished - self._reported, self._finished
+        return ended
 
     async def close(self) -> None:
         """Cancel the jobs still running (their claims lapse, so the requests re-claim)."""
@@ -340,3 +355,5 @@ class InProcessQueue:
                 # run_job stores an error response for app failures; this is the store
                 # failing under it. The claim lapses and a later request re-claims.
                 logger.exception("asgi-worker: in-process job %s failed", job.job_id)
+            finally:
+                self._finished += 1

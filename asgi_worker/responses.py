@@ -80,7 +80,7 @@ async def send_unavailable(
 ) -> None:
     """503: the cache backend cannot be reached, or its queue takes no more jobs now."""
     status = CACHE_STATUS_QUEUE_FULL if queue_full else CACHE_STATUS_UNAVAILABLE
-    await _send_plain(send, 503, retry_after, status, b"" if head else b"Service Unavailable")
+    await _send_plain(send, 503, retry_after, status, b"Service Unavailable", head=head)
 
 
 async def send_bad_request(send: Send, *, head: bool, reason: bytes) -> None:
@@ -102,7 +102,10 @@ async def _send_plain(
     cache_status: bytes,
     body: bytes,
     extra: Sequence[tuple[bytes, bytes]] = (),
+    *,
+    head: bool = False,
 ) -> None:
+    """A short answer of our own; to a HEAD, framed as the GET's (its length), no body."""
     headers = [
         *extra,
         (b"retry-after", str(retry_after).encode()),
@@ -113,4 +116,4 @@ async def _send_plain(
     if body:
         headers.append((b"content-type", b"text/plain; charset=utf-8"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})

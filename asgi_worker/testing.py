@@ -33,15 +33,17 @@ async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
     """Run every job enqueued so far, and any they lead to, until none is left.
 
     With `memory://` or `inline_worker` the jobs already run as tasks: this waits for
-    them. With the arq backend it runs a real `ReplayWorker` in burst mode, in this
-    event loop, until the queue is empty.
+    them, also where they run on another event loop (Starlette's `TestClient` serves the
+    app on one of its own). With the arq backend it runs a real `ReplayWorker` in burst
+    mode, in this event loop, until the queue is empty.
 
     Args:
         app: The app you serve (replays enter at its top).
         config: By default the one of the `WorkerMiddleware` inside `app`.
 
     Returns:
-        How many jobs ran.
+        How many jobs ran: in-process, those that ended since the last `run_pending`
+        (or since the app started), whether they ended before this call or during it.
     """
     if config is None:
         config = find_config(app)

@@ -254,16 +254,20 @@ async def test_a_flooded_path_is_spread_and_other_paths_are_due_at_once(
 
     due: list[float] = []
     refused = 0
+    began = time.monotonic()
     for n in range(40):
         try:
             await queue.enqueue(job("/flood", n))
         except QueueFull:
             refused += 1
+    took = time.monotonic() - began
     scores = [score for _, score in await redis.zrange(config.queue, 0, -1, withscores=True)]
     due = sorted(scores)
-    # 100 ms apart (1 s over 10 slots), up to the 2 s horizon: 21 queued, the rest refused.
-    assert len(due) == 21
-    assert refused == 19
+    # 100 ms apart (1 s over 10 slots), up to the 2 s horizon: 21 queued, the rest refused;
+    # on a machine so busy that the enqueues took longer, the horizon moved on with them.
+    more = int(took / 0.1)
+    assert 21 <= len(due) <= 21 + more, (len(due), took)
+    assert refused == 40 - len(due)
     gaps = [b - a for a, b in itertools.pairwise(due)]
     assert all(95 <= gap <= 105 for gap in gaps), gaps
     before = time.time() * 1000

@@ -151,6 +151,9 @@ async def test_replay_without_a_middleware_stores_what_the_app_answers() -> None
         ("example.com:443", "http", "example.com:443"),
         ("example.com:", "http", "example.com"),
         ("example.com:08080", "http", "example.com:8080"),
+        ("example.org:000080", "http", "example.org"),
+        ("example.org:0000000000000000000000000443", "https", "example.org"),
+        ("example.org:00", "http", "example.org:0"),
         ("[::1]:8000", "http", "[::1]:8000"),
         ("[::1]", "https", "[::1]"),
         ("127.0.0.1", "http", "127.0.0.1"),
@@ -169,6 +172,8 @@ def test_valid_hosts_are_normalised(host: str, scheme: str, keyed: str) -> None:
         "127.0.0.1:8201.",
         "example.com:99999",
         "example.com:123456",
+        "example.com:065536",
+        "example.com:" + "9" * 5000,  # beyond int()'s digit limit: refused, no crash
         ".",
         "exa mple.com",
         "exa/mple",
@@ -196,7 +201,7 @@ async def test_bad_host_is_400_with_no_job_and_spellings_share_one_entry(
     assert await run_pending(app) == 0
     assert (await get(app, "/r", headers={"host": "example.com"})).status_code == 202
     assert await run_pending(app) == 1
-    for spelling in ("EXAMPLE.com:80", "example.com.", "Example.Com"):
+    for spelling in ("EXAMPLE.com:80", "example.com.", "Example.Com", "example.com:000080"):
         hit = await get(app, "/r", headers={"host": spelling})
         assert hit.headers["cache-status"] == "asgi-worker; hit", spelling
     assert seen["app"] == 1

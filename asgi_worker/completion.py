@@ -51,8 +51,9 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import client_url
-from .failover import OUTAGE_ERRORS, Patience, RedisUnreachable, check_master
+from .failover import Patience, RedisUnreachable, check_master
 from .jobs import Commit
+from .retries import OUTAGE_ERRORS
 from .store import RedisStore, commit_outcome
 from .taking import IDLE_LOOK_EVERY, JobTaker, ReadAnswered, TakenJob
 

@@ -33,6 +33,7 @@ from .instrument import observer_for
 from .jobs import HandOff, run_job
 from .observe import Observer
 from .queue import JOB_FUNCTION, deserialize, serialize
+from .retries import Throttle
 from .store import RedisStore
 
 logger = logging.getLogger("asgi_worker")
@@ -57,6 +58,8 @@ class _Runtime:
     """Set when the queue is on the store's Redis: a `ReplayWorker` may then send a
     job's commit in the transaction that ends the job."""
     store_client: Redis | RedisCluster
+    throttle: Throttle
+    """Where the jobs log the Redis errors they give up on: a line every 10 s at most."""
 
 
 def worker_settings(
@@ -148,6 +151,7 @@ def worker_settings(
             hand_off=runtime.hand_off,
             observer=observer,
             trace=trace,
+            throttle=runtime.throttle,
         )
 
     return {
@@ -280,7 +284,8 @@ async def _start(app: ASGIApp, config: Config) -> _Runtime:
         store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
         shared = config.queue_redis_url in (None, config.redis_url)
         commit_with_job = partial(hand_off, store, config.redis_timeout) if shared else None
-        return _Runtime(stack, store, captured.get("state"), commit_with_job, client)
+        state = captured.get("state")
+        return _Runtime(stack, store, state, commit_with_job, client, Throttle())
     except BaseException:
         await stack.aclose()
         raise

@@ -17,12 +17,14 @@ worker sleeps on the queue's wake list instead of polling every `poll_delay`. So
 cost does not grow with the number of workers, an idle worker sends about a command a
 second, and a job starts within a round trip of its enqueue.
 
-`ReplayWorker` also never dies of a Redis outage: arq's poll loop ends the worker on the
+`ReplayWorker` also never dies of a Redis error: arq's poll loop ends the worker on the
 first error that outlives a command's retries; here the worker waits until Redis is back
 (`failover.Patience`: one log line when it is lost, one every 10 s while it stays away,
-one when it is back) and goes on. At start, a Redis that cannot be reached is one log
-line, then `RedisUnreachable` (the `asgi-worker worker` command exits 69), or the same
-wait with `wait_for_redis=True`.
+one when it is back) and goes on. A Redis that answers but refuses what the worker asks
+(over its `maxmemory` with `noeviction`, it refuses the take's writes and every command of
+a MULTI) is waited out the same way, the worker's own look at the queue being the probe.
+At start, a Redis that cannot be reached is one log line, then `RedisUnreachable` (the
+`asgi-worker worker` command exits 69), or the same wait with `wait_for_redis=True`.
 
 A job's end is tried again after an error that may pass, for up to `redis_timeout`; past
 that, the job is ended without MULTI (what a full Redis still takes) and its claim given
@@ -151,8 +153,9 @@ class ReplayWorker(Worker):
     Where it differs from arq's `Worker`: each replay's response is stored in the
     transaction that marks its job done (one round trip less per job); one script takes
     the jobs it has slots for, and an idle worker is woken by each enqueue instead of
-    polling; and a Redis outage is waited out (logged as it starts, every 10 s, and as it
-    ends) instead of ending the worker. Any other arq job runs as in arq's `Worker`.
+    polling; and a Redis outage, or a Redis that refuses the worker's commands (over its
+    `maxmemory` with `noeviction`), is waited out (logged as it starts, every 10 s, and
+    as it ends) instead of ending the worker. Any other arq job runs as in arq's `Worker`.
 
     Args:
         *args: arq `Worker` arguments, as `worker_settings()` gives them.
@@ -209,6 +212,14 @@ class ReplayWorker(Worker):
             stuck = RedisTimeoutError(f"no answer within {limit:g} s past its wait")
             reason = stuck if deadline.expired() else error
             await patience.wait(self._check_redis, reason, starting=False)
+        except REDIS_ERRORS as error:
+            # Redis answers, but refuses the look (over its maxmemory with noeviction, the
+            # take's writes): the next look that goes through ends the wait.
+            await patience.wait(self._look_again, error, starting=False, refused=True)
+
+    async def _look_again(self) -> None:
+        """A look at the queue that does not wait for work: `Patience`'s probe."""
+        self._wait = await self._look_at_queue(0.0)
 
     async def _look_at_queue(self, wait: float) -> float:
         """Wait up to `wait` s for work, take the due jobs there are slots for, tend the rest.
@@ -265,8 +276,14 @@ class ReplayWorker(Worker):
             del self.tasks[job_id]
         self._release_sem_dec_counter_on_complete()
         self._slot_freed.set()
-        if not task.cancelled() and (error := task.exception()) is not None:
-            self._failed_runs.append(error)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if isinstance(error, REDIS_ERRORS):
+            # One of arq's own steps of the job (its ends are `finish_job`'s, which logs
+            # them): the job is taken again once its lease ends.
+            self._trouble.log(logging.ERROR, "asgi-worker: job %s: %s", job_id, brief(error))
+        else:
+            self._failed_runs.append(error)  # an error of run_job itself ends the worker
 
     def _lease_ms(self) -> int:
         # arq's in-progress lifetime: a job whose worker died is taken again after it.
@@ -291,7 +308,7 @@ class ReplayWorker(Worker):
             try:
                 async with asyncio.timeout(self._patience().probe_timeout):
                     await self.pool.delete(self.health_check_key)
-            except OUTAGE_ERRORS as error:
+            except REDIS_ERRORS as error:
                 logger.warning("asgi-worker: Redis away at shutdown: %r", error)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)

@@ -38,6 +38,7 @@ from .memory import InProcessQueue, MemoryStore
 from .near import NearCache, response_cost
 from .observe import Observer
 from .queue import ArqQueue, Job, JobQueue
+from .retries import Throttle
 from .store import RedisStore, Store
 from .waiting import Waiters
 
@@ -136,6 +137,7 @@ def open_backend(
         )
         closers += [events.close, lambda: close_client(cache)]
     if config.in_process:
+        throttle = Throttle()  # the Redis errors the jobs give up on, logged once per 10 s
 
         async def run(job: Job) -> None:
             where = entry()
@@ -150,6 +152,7 @@ def open_backend(
                 mounted=where.mounted,
                 observer=observer,
                 trace=job.trace,
+                throttle=throttle,
             )
 
         queue = InProcessQueue(run, max_jobs=config.max_jobs, max_queued=config.max_queued)

@@ -17,12 +17,18 @@ worker sleeps on the queue's wake list instead of polling every `poll_delay`. So
 cost does not grow with the number of workers, an idle worker sends about a command a
 second, and a job starts within a round trip of its enqueue.
 
-`ReplayWorker` also never dies of a Redis outage: arq's poll loop ends the worker on the
+`ReplayWorker` also never dies of a Redis error: arq's poll loop ends the worker on the
 first error that outlives a command's retries; here the worker waits until Redis is back
 (`failover.Patience`: one log line when it is lost, one every 10 s while it stays away,
-one when it is back) and goes on. At start, a Redis that cannot be reached is one log
-line, then `RedisUnreachable` (the `asgi-worker worker` command exits 69), or the same
-wait with `wait_for_redis=True`.
+one when it is back) and goes on. A Redis that answers but refuses what the worker asks
+(over its `maxmemory` with `noeviction`, it refuses the take's writes and every command of
+a MULTI) is waited out the same way, the worker's own look at the queue being the probe.
+At start, a Redis that cannot be reached is one log line, then `RedisUnreachable` (the
+`asgi-worker worker` command exits 69), or the same wait with `wait_for_redis=True`.
+
+A job's end is tried again after an error that may pass, for up to `redis_timeout`; past
+that, the job is ended without MULTI (what a full Redis still takes) and its claim given
+up, so that the next request enqueues it again at once (`ReplayWorker.finish_job`).
 """
 
 from __future__ import annotations
@@ -47,12 +53,13 @@ from arq.constants import (
 )
 from arq.utils import to_ms
 from arq.worker import Worker
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import client_url
-from .failover import OUTAGE_ERRORS, Patience, RedisUnreachable, check_master
+from .failover import Patience, RedisUnreachable, check_master
 from .jobs import Commit
+from .retries import OUTAGE_ERRORS, REDIS_ERRORS, Throttle, brief, retried, transient
 from .store import RedisStore, commit_outcome
 from .taking import IDLE_LOOK_EVERY, JobTaker, ReadAnswered, TakenJob
 
@@ -102,24 +109,24 @@ class _Pending:
         ]
 
     async def settle(self, reply: object) -> None:
-        """Log what the commit's reply says; commit on its own if the script was missing."""
+        """Log what the commit's reply says; commit on its own if the script was missing.
+
+        The job's end is already written: a commit sent on its own lands just after it.
+        """
         commit = self.commit
-        if isinstance(reply, NoScriptError):
-            # Redis restarted, or no commit ran on it yet: `Store.commit` loads the script.
-            # The job's end is already written; this commit lands just after it.
-            try:
-                async with asyncio.timeout(self.timeout):
-                    committed = await commit.send(self.store)
-            except (RedisError, OSError, TimeoutError) as error:
-                commit.report_lost(error)
-                return
-        elif isinstance(reply, Exception):
-            commit.report_lost(reply)
-            return
-        else:
+        if not isinstance(reply, Exception):
             assert isinstance(reply, bytes | str)
-            committed = commit_outcome(reply)
-        commit.report(committed)
+            commit.report(commit_outcome(reply))
+        elif isinstance(reply, NoScriptError) or transient(reply):
+            # Redis restarted, or no commit ran on it yet (`Store.commit` loads the
+            # script), or an error that may pass: the commit on its own, retried.
+            await commit.send_and_report(self.store, self.timeout)
+        else:
+            await self.give_up(reply)  # a key of the wrong type: it would fail again
+
+    async def give_up(self, error: BaseException) -> None:
+        """The commit failed for good: log it; release the claim if the error may pass."""
+        await self.commit.give_up(self.store, error, self.timeout)
 
 
 def hand_off(store: RedisStore, timeout: float, commit: Commit) -> bool:
@@ -146,8 +153,9 @@ class ReplayWorker(Worker):
     Where it differs from arq's `Worker`: each replay's response is stored in the
     transaction that marks its job done (one round trip less per job); one script takes
     the jobs it has slots for, and an idle worker is woken by each enqueue instead of
-    polling; and a Redis outage is waited out (logged as it starts, every 10 s, and as it
-    ends) instead of ending the worker. Any other arq job runs as in arq's `Worker`.
+    polling; and a Redis outage, or a Redis that refuses the worker's commands (over its
+    `maxmemory` with `noeviction`), is waited out (logged as it starts, every 10 s, and
+    as it ends) instead of ending the worker. Any other arq job runs as in arq's `Worker`.
 
     Args:
         *args: arq `Worker` arguments, as `worker_settings()` gives them.
@@ -167,6 +175,7 @@ class ReplayWorker(Worker):
         self._slot_freed = asyncio.Event()
         self._waiting_for_slot = False
         self._failed_runs: list[BaseException] = []
+        self._trouble = Throttle()  # jobs whose end Redis did not take
         self._wait = 0.0  # before the next look (see `_look_at_queue`)
         # arq's poll loop sleeps what is left of `poll_delay` after each iteration; ours
         # sleeps inside the iteration (until woken), so the loop must not add to it.
@@ -203,6 +212,14 @@ class ReplayWorker(Worker):
             stuck = RedisTimeoutError(f"no answer within {limit:g} s past its wait")
             reason = stuck if deadline.expired() else error
             await patience.wait(self._check_redis, reason, starting=False)
+        except REDIS_ERRORS as error:
+            # Redis answers, but refuses the look (over its maxmemory with noeviction, the
+            # take's writes): the next look that goes through ends the wait.
+            await patience.wait(self._look_again, error, starting=False, refused=True)
+
+    async def _look_again(self) -> None:
+        """A look at the queue that does not wait for work: `Patience`'s probe."""
+        self._wait = await self._look_at_queue(0.0)
 
     async def _look_at_queue(self, wait: float) -> float:
         """Wait up to `wait` s for work, take the due jobs there are slots for, tend the rest.
@@ -259,8 +276,14 @@ class ReplayWorker(Worker):
             del self.tasks[job_id]
         self._release_sem_dec_counter_on_complete()
         self._slot_freed.set()
-        if not task.cancelled() and (error := task.exception()) is not None:
-            self._failed_runs.append(error)
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if isinstance(error, REDIS_ERRORS):
+            # One of arq's own steps of the job (its ends are `finish_job`'s, which logs
+            # them): the job is taken again once its lease ends.
+            self._trouble.log(logging.ERROR, "asgi-worker: job %s: %s", job_id, brief(error))
+        else:
+            self._failed_runs.append(error)  # an error of run_job itself ends the worker
 
     def _lease_ms(self) -> int:
         # arq's in-progress lifetime: a job whose worker died is taken again after it.
@@ -285,7 +308,7 @@ class ReplayWorker(Worker):
             try:
                 async with asyncio.timeout(self._patience().probe_timeout):
                     await self.pool.delete(self.health_check_key)
-            except OUTAGE_ERRORS as error:
+            except REDIS_ERRORS as error:
                 logger.warning("asgi-worker: Redis away at shutdown: %r", error)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)
@@ -295,12 +318,16 @@ class ReplayWorker(Worker):
     def _patience(self) -> Patience:
         # Asked for on every poll iteration: made once per pool.
         if self._patience_for is None or self._patience_for[0] is not self.pool:
-            kwargs = self.pool.connection_pool.connection_kwargs
-            timeout = kwargs.get("socket_connect_timeout") or 2.0
             # A probe is one command with its retries; one second more covers the backoff.
-            patience = Patience(client_url(self.pool), probe_timeout=float(timeout) + 1.0)
+            timeout = self._redis_timeout() + 1.0
+            patience = Patience(client_url(self.pool), probe_timeout=timeout)
             self._patience_for = (self.pool, patience)
         return self._patience_for[1]
+
+    def _redis_timeout(self) -> float:
+        """The pool's connect timeout: `Config.redis_timeout`, in `worker_settings()`'s."""
+        kwargs = self.pool.connection_pool.connection_kwargs
+        return float(kwargs.get("socket_connect_timeout") or 2.0)
 
     async def _check_redis(self) -> None:
         await check_master(self.pool)
@@ -341,7 +368,10 @@ class ReplayWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """See arq's `Worker.finish_job`; sends the job's commit in the same transaction."""
+        """See arq's `Worker.finish_job`; sends the job's commit in the same transaction.
+
+        No Redis error ends the worker here: see `_end`, `_ride_out`.
+        """
         slot = _slot.get()
         pending = slot.pending if slot is not None else None
         if slot is not None:
@@ -350,11 +380,13 @@ class ReplayWorker(Worker):
             # The job runs again (a `Retry`, or cancelled at shutdown); a pending commit is
             # dropped with its claim still held. arq adds `incr_score` to the job's score,
             # but the take moved that to the lease's end: count from the score it had.
-            await self._run_again(job_id, slot.score + (incr_score or 0))
+            score = slot.score + (incr_score or 0)
+            await self._ride_out(job_id, "put back", partial(self._run_again, job_id, score))
             return
-        if pending is None or not finish or keep_in_progress is not None:
-            # Nothing to add, or a cron job's end: arq's own finish.
-            await super().finish_job(
+        if not finish or keep_in_progress is not None:
+            # A cron job's end, or a job this worker did not take run again: arq's own.
+            arqs = partial(
+                super().finish_job,
                 job_id,
                 finish,
                 result_data,
@@ -363,29 +395,98 @@ class ReplayWorker(Worker):
                 incr_score,
                 keep_in_progress,
             )
+            await self._ride_out(job_id, "ended", arqs)
             return
+        expire = None if keep_result_forever else result_timeout_s
+        await self._end(job_id, result_data, expire, pending)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        """See arq's `Worker.finish_failed_job` (a job expired, unreadable, ...).
+
+        A Redis error is logged (`_ride_out`), never the worker's end.
+        """
+        arqs = partial(super().finish_failed_job, job_id, result_data)
+        await self._ride_out(job_id, "ended", arqs)
+
+    async def _end(
+        self, job_id: str, result: bytes | None, expire: float | None, pending: _Pending | None
+    ) -> None:
+        """End a finished job: arq's bookkeeping and the job's commit, in one MULTI/EXEC.
+
+        A transaction that meets an error that may pass is sent again, for up to
+        `redis_timeout` in all (the commit's token makes a second one harmless). One
+        that fails past that ends the job all the same, with arq's bookkeeping sent
+        without MULTI: a Redis over its maxmemory with noeviction refuses every command
+        queued in a MULTI, but not these deletes. Its claim is given up then, so that the
+        next request enqueues the job again at once.
+        """
+        within = self._redis_timeout() if pending is None else pending.timeout
+        send = partial(self._send_end, job_id, result, expire)
+        try:
+            replies = await retried(partial(send, pending, transaction=True), within=within)
+        except REDIS_ERRORS as error:
+            await self._ride_out(job_id, "ended", partial(send, None, transaction=False))
+            if pending is not None:
+                await pending.give_up(error)
+            return
+        if pending is not None:
+            await pending.settle(replies[-1])
+            replies = replies[:-1]
+        for reply in replies:
+            if isinstance(reply, Exception):  # a key of the wrong type: the job stays
+                self._trouble.log(
+                    logging.ERROR, "asgi-worker: job %s: its end failed: %s", job_id, brief(reply)
+                )
+
+    async def _send_end(
+        self,
+        job_id: str,
+        result: bytes | None,
+        expire: float | None,
+        pending: _Pending | None,
+        *,
+        transaction: bool,
+    ) -> list[Any]:
+        """What arq's finish_job (0.26 to 0.28) sends for a finished job, and the commit.
+
+        In one pipeline: a MULTI/EXEC with `transaction`. An error in one command does
+        not undo the others (Redis has no rollback), so a failed commit cannot keep the
+        job from ending.
+        """
         pool: Any = self.pool
-        async with pool.pipeline(transaction=True) as transaction:
-            # What arq's finish_job (0.26 to 0.28) sends for a finished job...
-            if result_data:
-                expire = None if keep_result_forever else result_timeout_s
-                transaction.set(result_key_prefix + job_id, result_data, px=to_ms(expire))
-            transaction.zrem(abort_jobs_ss, job_id)
-            transaction.zrem(self.queue_name, job_id)
-            transaction.delete(
+        async with pool.pipeline(transaction=transaction) as pipe:
+            if result:
+                pipe.set(result_key_prefix + job_id, result, px=to_ms(expire))
+            pipe.zrem(abort_jobs_ss, job_id)
+            pipe.zrem(self.queue_name, job_id)
+            pipe.delete(
                 in_progress_key_prefix + job_id,
                 retry_key_prefix + job_id,
                 job_key_prefix + job_id,
             )
-            # ...and the commit. An error in one command does not undo the others (Redis
-            # has no rollback), so a failed commit cannot keep the job from ending.
-            for command in pending.commands():
-                transaction.execute_command(*command)
-            replies = await transaction.execute(raise_on_error=False)
-        await pending.settle(replies[-1])
-        for reply in replies[:-1]:
-            if isinstance(reply, Exception):
-                raise reply  # as arq's own finish_job would
+            for command in [] if pending is None else pending.commands():
+                pipe.execute_command(*command)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def _ride_out(self, job_id: str, what: str, step: Callable[[], Awaitable[Any]]) -> None:
+        """`step` (some of a job's bookkeeping), tried again after an error that may pass.
+
+        One that fails past `redis_timeout` is logged: the job is taken again once its
+        lease ends (arq's in-progress key), as if this worker had died.
+        """
+        try:
+            await retried(step, within=self._redis_timeout())
+        except REDIS_ERRORS as error:
+            self._trouble.log(
+                logging.ERROR,
+                "asgi-worker: job %s could not be %s (%s): it is taken again once its lease "
+                "ends, in %g s",
+                job_id,
+                what,
+                brief(error),
+                self.in_progress_timeout_s,
+            )
 
     async def _run_again(self, job_id: str, score: int) -> None:
         """Put a job this worker took back in the queue, due at `score` (ms)."""

@@ -240,6 +240,7 @@ def redis_client(
     *,
     read_timeout: bool = True,
     retry: Retry | None = None,
+    client_class: type[ArqRedis] = ArqRedis,
 ) -> ArqRedis:
     """A client for `url` that gives up connecting after `config.redis_timeout` seconds.
 
@@ -255,6 +256,8 @@ def redis_client(
     `url` may be a `redis+sentinel://` URL (see `config.parse_sentinel_url`): the client
     then connects to the master the Sentinels name, and asks them again on every new
     connection. `failover.FailoverWatch` drops the connections when the master changes.
+
+    `client_class`: an `ArqRedis` of the caller's, made the same way.
     """
     options: dict[str, Any] = {
         "socket_timeout": config.redis_timeout if read_timeout else None,
@@ -276,7 +279,7 @@ def redis_client(
     else:
         pool = BufferCheckingPool.from_url(url, **options)
     pool.shown_url = display_url(url)
-    return ArqRedis(pool_or_conn=pool, default_queue_name=config.queue)
+    return client_class(pool_or_conn=pool, default_queue_name=config.queue)
 
 
 def store_client(url: str, config: Config, *, read_timeout: bool = True) -> Redis | RedisCluster:

@@ -18,10 +18,11 @@ It drops the pools at the first of:
   acted on is not acted on again);
 - `-failover-abort-*`: a failover given up after its promotion: back to the old master.
 
-`Patience`: how the worker waits for Redis, at start and when it is lost while running:
-one line when it goes, one every `report_every` seconds while it stays away, one when it
-is back; between them, tries with a growing delay (up to `max_delay`), for as long as it
-takes.
+`Patience`: how the worker waits for Redis, at start and when it is lost while running
+(or answers, but refuses what the worker asks: a Redis over its `maxmemory` with
+`noeviction`): one line when it goes, one every `report_every` seconds while it stays
+away, one when it is back; between them, tries with a growing delay (up to `max_delay`),
+for as long as it takes.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
 from .config import SentinelURL
 from .connections import SentinelPool, tls_kwargs
+from .retries import REDIS_ERRORS
 
 logger = logging.getLogger("asgi_worker")
 
@@ -55,12 +57,6 @@ ABORTED = "-failover-abort-*"
 <port>`."""
 
 _RESUBSCRIBE_DELAY = 1.0
-
-OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, TimeoutError)
-"""What a command raises when Redis is away, frozen, or not the master (a replica).
-
-Other Redis errors (a key of the wrong type, a script error) are no outage: waiting
-would not end them."""
 
 
 class FailoverWatch:
@@ -254,6 +250,32 @@ async def check_master(client: Redis) -> None:
         raise NotMasterError(f"it is a read-only {kind}, not the master")
 
 
+@dataclass(frozen=True, slots=True)
+class _Words:
+    """What `Patience` logs as Redis goes, while it stays away, and as it is back."""
+
+    gone: str
+    still: str
+    back: str
+
+
+_LOST = _Words(
+    "asgi-worker: lost Redis at %s: %r; retrying until it is back, for as long as it takes",
+    "asgi-worker: Redis at %s still down after %.0f s: %r",
+    "asgi-worker: Redis at %s is back after %.1f s",
+)
+_REFUSED = _Words(
+    "asgi-worker: Redis at %s refuses the worker's commands: %r; trying again until it "
+    "takes them, for as long as it takes",
+    "asgi-worker: Redis at %s still refuses the worker's commands after %.0f s: %r",
+    "asgi-worker: Redis at %s takes the worker's commands again after %.1f s",
+)
+_FULL = (
+    " (it is over its maxmemory, and with maxmemory-policy noeviction it refuses writes "
+    "until memory is freed)"
+)
+
+
 class Patience:
     """How the worker waits for Redis: tries with a growing delay, a line per change.
 
@@ -280,14 +302,24 @@ class Patience:
         try:
             async with asyncio.timeout(self.probe_timeout):
                 await check()
-        except OUTAGE_ERRORS as error:
+        except REDIS_ERRORS as error:
             return error
         return None
 
     async def wait(
-        self, check: Callable[[], Awaitable[None]], error: BaseException, *, starting: bool
+        self,
+        check: Callable[[], Awaitable[None]],
+        error: BaseException,
+        *,
+        starting: bool,
+        refused: bool = False,
     ) -> None:
-        """Log that Redis is away (`error`), then retry `check` until it passes."""
+        """Log that Redis is away (`error`), then retry `check` until it passes.
+
+        `refused`: Redis answers, but refuses what the worker asks (`check` is then the
+        worker's own work), and the lines say so.
+        """
+        words = _REFUSED if refused else _LOST
         if starting:
             logger.error(
                 "asgi-worker: cannot reach Redis at %s: %r; waiting for it (--wait-for-redis)",
@@ -295,12 +327,8 @@ class Patience:
                 error,
             )
         else:
-            logger.error(
-                "asgi-worker: lost Redis at %s: %r; retrying until it is back, for as long "
-                "as it takes",
-                self.where,
-                error,
-            )
+            full = _FULL if isinstance(error, OutOfMemoryError) else ""
+            logger.error(words.gone + full, self.where, error)
         started = time.monotonic()
         next_report = started + self.report_every
         delay = self.first_delay
@@ -310,15 +338,8 @@ class Patience:
             failed = await self.probe(check)
             now = time.monotonic()
             if failed is None:
-                logger.warning(
-                    "asgi-worker: Redis at %s is back after %.1f s", self.where, now - started
-                )
+                logger.warning(words.back, self.where, now - started)
                 return
             if now >= next_report:
-                logger.warning(
-                    "asgi-worker: Redis at %s still down after %.0f s: %r",
-                    self.where,
-                    now - started,
-                    failed,
-                )
+                logger.warning(words.still, self.where, now - started, failed)
                 next_report += self.report_every

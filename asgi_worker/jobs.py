@@ -4,6 +4,13 @@ Independent of the queue: the arq worker and the in-process queue both call `run
 Every path ends in a commit (the app's response, a hit-for-pass marker, or a short-lived
 error response), which also releases the claim, so no request is left waiting on a job
 that has ended (docs/design.md, principle 4).
+
+Each Redis step of a job (the steps before the app runs, the commit) is tried again after
+a transient error (`retries`), for up to `Config.redis_timeout` in all. A job that gives
+up releases its claim (best effort, as long again at most), so that the next request
+enqueues a new job at once instead of waiting out the claim's lease; only an error that
+would come again (a key of the wrong type) leaves the claim to its lease, which then
+spaces the jobs that would meet it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from .replay import (
     finish,
     replay,
 )
+from .retries import REDIS_ERRORS, Throttle, brief, retried, transient
 from .store import Committed, Store, Write
 
 logger = logging.getLogger("asgi_worker")
@@ -75,10 +83,38 @@ class Commit:
     after: Callable[[], Awaitable[None]] | None = None
     """Waits for what the app does after its answer (bounded by `job_timeout`): awaited
     once the commit is sent, so that work never holds the commit up."""
+    throttle: Throttle = dataclasses.field(default_factory=Throttle)
+    """Where a failed commit is logged: one per process, shared by its jobs."""
 
     async def send(self, store: Store) -> Committed:
         """`Store.commit` of this result (unbounded: the caller sets the timeout)."""
         return await store.commit(self.digest, self.token, self.started, self.write)
+
+    async def send_retried(self, store: Store, within: float) -> Committed:
+        """`send`, tried again after a transient error for up to `within` seconds.
+
+        Safe to repeat: a commit that went through released the claim it checks, so a
+        second one is refused, never stored twice.
+        """
+        return await retried(functools.partial(self.send, store), within=within)
+
+    async def send_and_report(self, store: Store, within: float) -> str:
+        """`send_retried`, then `report`, or `give_up`; the job's word for the log."""
+        try:
+            committed = await self.send_retried(store, within)
+        except REDIS_ERRORS as error:
+            await self.give_up(store, error, within)
+            return "commit-failed"
+        return self.report(committed)
+
+    async def give_up(self, store: Store, error: BaseException, within: float) -> None:
+        """Log a commit that failed with `error`; release the claim if the error may pass.
+
+        Releasing takes up to `within` seconds. A released claim lets the next request
+        enqueue a new job at once; one that holds makes it wait for the claim's lease.
+        """
+        released = transient(error) and await release(store, self.digest, self.token, within)
+        self.report_lost(error, released=released)
 
     def report(self, committed: Committed) -> str:
         """Log a commit that stored nothing; return the job's word for the log."""
@@ -89,18 +125,16 @@ class Commit:
         logger.info("asgi-worker: %s: %s, %s", _where(self.snapshot), self.outcome, committed.value)
         return str(committed.value)
 
-    def report_lost(self, error: BaseException) -> None:
-        """Log a commit that failed: nothing stored, the claim held until its lease ends.
-
-        The next request after the lease enqueues a new job.
-        """
+    def report_lost(self, error: BaseException, *, released: bool = False) -> None:
+        """Log a commit that failed: nothing stored; say whether its claim was released."""
         self._observe("failed", "commit-failed")
-        logger.error(
-            "asgi-worker: %s: %s, but the commit failed (%s: %s)",
+        self.throttle.log(
+            logging.ERROR,
+            "asgi-worker: %s: %s, but the commit failed (%s); %s",
             _where(self.snapshot),
             self.outcome,
-            type(error).__name__,
-            error,
+            brief(error),
+            _RELEASED if released else _HELD,
         )
 
     def _observe(self, result: str, outcome: str | None) -> None:
@@ -115,8 +149,20 @@ class Commit:
             observer.job_ended(record)
 
 
+_RELEASED = "its claim is released: the next request enqueues it again"
+_HELD = "its claim holds until its lease ends"
+
 HandOff = Callable[[Commit], bool]
 """Takes a job's `Commit` to send later (see `completion.ReplayWorker`), or returns False."""
+
+
+async def release(store: Store, digest: str, token: str, within: float) -> bool:
+    """Give up the claim `token` holds (best effort, up to `within` s); False if it failed."""
+    try:
+        await retried(functools.partial(store.release, digest, token), within=within)
+    except REDIS_ERRORS:
+        return False
+    return True
 
 
 async def run_job(
@@ -132,6 +178,7 @@ async def run_job(
     mounted: bool = False,
     observer: Observer | None = None,
     trace: str | None = None,
+    throttle: Throttle | None = None,
 ) -> str:
     """Replay one request and store the result; returns a word for the job log.
 
@@ -149,6 +196,11 @@ async def run_job(
     Each job that has a readable snapshot logs one line as it ends (`log_job`).
 
     `observer` sees the job (`trace`: the enqueuing request's `traceparent`, if any).
+
+    A Redis step that fails past its retries ends the job without raising (its word is
+    "failed (<error>)", or "commit-failed"): it is logged through `throttle`, which a
+    worker shares between its jobs so that a Redis refusing them all is a line every
+    10 s, not one a job.
     """
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
@@ -180,6 +232,7 @@ async def run_job(
                     mounted,
                     record,
                     observer,
+                    throttle or Throttle(),
                 )
             except asyncio.CancelledError:
                 raise
@@ -245,21 +298,21 @@ async def _run(
     state: Mapping[str, Any] | None,
     hand_off: HandOff | None,
     mounted: bool,
-    record: JobRecord | None = None,
-    observer: Observer | None = None,
+    record: JobRecord | None,
+    observer: Observer | None,
+    throttle: Throttle,
 ) -> str:
     digest = snapshot.digest
-    started = claimed_at
-    # Long enough for the app and the commit after it.
-    needed = config.job_timeout + config.redis_timeout
     # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
-    async with asyncio.timeout(config.redis_timeout):
-        if started is None or store.lease_left(started) < needed:
-            started = await store.begin(digest, token, snapshot.path)
-            if started is None:
-                return "superseded"  # its lease ran out and a newer job holds the claim
-        # Before the app runs: a prefix invalidation from now on finds the path.
-        await store.list_path(snapshot.path)
+    try:
+        started = await retried(
+            functools.partial(_before_the_app, store, config, snapshot, token, claimed_at),
+            within=config.redis_timeout,
+        )
+    except REDIS_ERRORS as error:
+        return await _give_up(store, config, snapshot, token, error, throttle)
+    if started is None:
+        return "superseded"  # its lease ran out and a newer job holds the claim
     began = time.monotonic()
     if observer is None or record is None:
         replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
@@ -276,18 +329,64 @@ async def _run(
     if replayed.rest is not None:  # the app's run, which may go on after its answer
         ends_at = began + config.job_timeout
         after = functools.partial(_after_answer, replayed, ends_at, snapshot, config)
-    commit = Commit(digest, token, started, write, outcome, snapshot, record, observer, after)
+    commit = Commit(
+        digest, token, started, write, outcome, snapshot, record, observer, after, throttle
+    )
     if hand_off is not None and hand_off(commit):
         if record is not None:
             record.deferred = True
         return outcome  # the worker commits it as it marks the job done, then waits `after`
     try:
-        async with asyncio.timeout(config.redis_timeout):
-            committed = await commit.send(store)
-        return commit.report(committed)
+        return await commit.send_and_report(store, config.redis_timeout)
     finally:
         if after is not None:
             await after()
+
+
+async def _before_the_app(
+    store: Store, config: Config, snapshot: RequestSnapshot, token: str, claimed_at: float | None
+) -> float | None:
+    """The job's steps before its app runs; its start time, None if its claim was lost.
+
+    Safe to repeat: the claim renewed again is still the job's own, the path listed again
+    is still listed.
+    """
+    started = claimed_at
+    # Long enough for the app and the commit after it.
+    needed = config.job_timeout + config.redis_timeout
+    if started is None or store.lease_left(started) < needed:
+        started = await store.begin(snapshot.digest, token, snapshot.path)
+        if started is None:
+            return None
+    # Before the app runs: a prefix invalidation from now on finds the path.
+    await store.list_path(snapshot.path)
+    return started
+
+
+async def _give_up(
+    store: Store,
+    config: Config,
+    snapshot: RequestSnapshot,
+    token: str,
+    error: BaseException,
+    throttle: Throttle,
+) -> str:
+    """End a job whose steps before the app failed past their retries; its word for the log.
+
+    Its claim is released if the error may pass, so that the next request enqueues the
+    job again at once.
+    """
+    released = transient(error) and await release(
+        store, snapshot.digest, token, config.redis_timeout
+    )
+    throttle.log(
+        logging.ERROR,
+        "asgi-worker: %s: not run: Redis failed before the app ran (%s); %s",
+        _where(snapshot),
+        brief(error),
+        _RELEASED if released else _HELD,
+    )
+    return f"failed ({type(error).__name__})"
 
 
 def to_write(

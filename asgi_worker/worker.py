@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 from arq.connections import ArqRedis, RedisSettings
+from arq.constants import health_check_key_suffix
 from arq.logs import default_log_config
 from arq.worker import func
 from asgi_lifespan import LifespanManager, LifespanNotSupported
@@ -22,17 +23,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, ExpiryT, KeyT
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .completion import hand_off
 from .config import Config, ConfigurationError, is_sentinel_url, parse_sentinel_url
-from .connections import close_client, redis_client, store_client, tls_kwargs
+from .connections import client_url, close_client, redis_client, store_client, tls_kwargs
 from .discovery import config_mismatch, find_config
 from .failover import FailoverWatch
 from .instrument import observer_for
 from .jobs import HandOff, run_job
 from .observe import Observer
 from .queue import JOB_FUNCTION, deserialize, serialize
+from .retries import REDIS_ERRORS, Throttle, brief
 from .store import RedisStore
 
 logger = logging.getLogger("asgi_worker")
@@ -57,6 +60,8 @@ class _Runtime:
     """Set when the queue is on the store's Redis: a `ReplayWorker` may then send a
     job's commit in the transaction that ends the job."""
     store_client: Redis | RedisCluster
+    throttle: Throttle
+    """Where the jobs log the Redis errors they give up on: a line every 10 s at most."""
 
 
 def worker_settings(
@@ -148,6 +153,7 @@ def worker_settings(
             hand_off=runtime.hand_off,
             observer=observer,
             trace=trace,
+            throttle=runtime.throttle,
         )
 
     return {
@@ -226,16 +232,52 @@ def _log_as_arq_does() -> None:
 _QUEUE_RETRY = (ExponentialBackoff(cap=0.5, base=0.05), 4)
 
 
+class _QueueClient(ArqRedis):
+    """The worker's client for arq's queue: a health-check report Redis refuses is no end.
+
+    arq's `Worker` writes its report (`<queue>:health-check`, every
+    `health_check_interval`) in its poll loop, where any error ends the worker: a Redis
+    over its maxmemory with noeviction refuses that write, and so ended even an idle
+    worker within a minute. Here the report is logged as missed, and the next one is
+    written an interval later. Every other command is the pool's own.
+    """
+
+    health_check_key = ""
+    """The key of the worker's report (`<queue>:health-check`)."""
+
+    async def psetex(self, name: KeyT, time_ms: ExpiryT, value: EncodableT) -> Any:
+        """Redis's PSETEX; for the health-check key, a Redis error is logged instead."""
+        sent: Any = super().psetex(name, time_ms, value)
+        try:
+            return await sent
+        except REDIS_ERRORS as error:
+            if name != self.health_check_key:
+                raise
+            logger.warning(
+                "asgi-worker: Redis at %s did not take the worker's health-check report (%s); "
+                "the worker goes on, and reports again in %d s",
+                client_url(self),
+                brief(error),
+                _HEALTH_CHECK_INTERVAL,
+            )
+            return False
+
+
 def _queue_client(config: Config) -> ArqRedis:
     """The worker's client for arq's queue: our pool, retries and connect timeout.
 
     No per-read timeout, as arq's own pool has none: with one, redis-py sends each
     command under `asyncio.wait_for`, which on Python 3.11 can swallow a cancellation
     (CPython gh-86296), and a worker told to stop would poll on. `ReplayWorker` bounds
-    each poll iteration instead.
+    each poll iteration instead. A health-check report Redis refuses is logged, not
+    fatal (`_QueueClient`).
     """
     url = config.queue_redis_url or config.redis_url
-    return redis_client(url, config, read_timeout=False, retry=Retry(*_QUEUE_RETRY))
+    retry = Retry(*_QUEUE_RETRY)
+    client = redis_client(url, config, read_timeout=False, retry=retry, client_class=_QueueClient)
+    assert isinstance(client, _QueueClient)
+    client.health_check_key = config.queue + health_check_key_suffix
+    return client
 
 
 def _redis_settings(config: Config) -> RedisSettings:
@@ -280,7 +322,8 @@ async def _start(app: ASGIApp, config: Config) -> _Runtime:
         store = RedisStore(client, prefix=config.prefix, claim_ttl=config.claim_lease)
         shared = config.queue_redis_url in (None, config.redis_url)
         commit_with_job = partial(hand_off, store, config.redis_timeout) if shared else None
-        return _Runtime(stack, store, captured.get("state"), commit_with_job, client)
+        state = captured.get("state")
+        return _Runtime(stack, store, state, commit_with_job, client, Throttle())
     except BaseException:
         await stack.aclose()
         raise

@@ -157,11 +157,18 @@ class OwnRedis:
     """One redis-server process at a time, always on the same port (TLS only with `tls`)."""
 
     def __init__(
-        self, directory: Path, port: int | None = None, *, tls: ServerTLS | None = None
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        tls: ServerTLS | None = None,
+        arguments: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.tls = tls
+        self.arguments = arguments
+        """More redis-server arguments (`--maxmemory-policy noeviction`, ...)."""
         self.url = (
             f"rediss://127.0.0.1:{self.port}/0?{tls.query()}"
             if tls
@@ -200,8 +207,8 @@ class OwnRedis:
         wait_answering(client, f"redis-server on port {self.port}", self.process)
 
     def extra_arguments(self) -> list[str]:
-        """More redis-server arguments (a cluster node's, see own_cluster.py)."""
-        return []
+        """More redis-server arguments: `arguments`, and a cluster node's (own_cluster.py)."""
+        return list(self.arguments)
 
     def kill(self) -> None:
         """Crash it (SIGKILL): every key is gone, and connections drop."""
@@ -246,10 +253,14 @@ class OwnRedis:
 
 @contextmanager
 def own_redis(
-    directory: Path, *, started: bool = True, tls: ServerTLS | None = None
+    directory: Path,
+    *,
+    started: bool = True,
+    tls: ServerTLS | None = None,
+    arguments: tuple[str, ...] = (),
 ) -> Iterator[OwnRedis]:
     """A redis-server for one test (started unless `started=False`); always stopped."""
-    server = OwnRedis(directory, tls=tls)
+    server = OwnRedis(directory, tls=tls, arguments=arguments)
     try:
         if started:
             server.start()

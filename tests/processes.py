@@ -47,10 +47,21 @@ class Processes:
         self._env = env
         self._running: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
 
-    def start(self, name: str, command: list[str], cwd: Path = PROJECT) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        cwd: Path = PROJECT,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start `command`, its output in `<name>.log`; `env` replaces the group's."""
         handle = (self._directory / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            command, cwd=cwd, env=self._env, stdout=handle, stderr=subprocess.STDOUT
+            command,
+            cwd=cwd,
+            env=self._env if env is None else env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
         )
         self._running.append((name, process, handle))
         return process

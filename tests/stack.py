@@ -39,8 +39,13 @@ HIT = "asgi-worker; hit"
 MISS = "asgi-worker; fwd=uri-miss"
 
 
-def environment(prefix: str, redis_url: str = REDIS_URL, **settings: str) -> dict[str, str]:
-    """The variables both processes get; `settings` are `ASGI_WORKER_<NAME>` values."""
+def environment(
+    prefix: str, redis_url: str = REDIS_URL, counts_url: str | None = None, **settings: str
+) -> dict[str, str]:
+    """The variables both processes get; `settings` are `ASGI_WORKER_<NAME>` values.
+
+    e2e_app counts runs on `counts_url`, by default the cache's Redis.
+    """
     env = {name: value for name, value in os.environ.items() if not name.startswith("ASGI_")}
     env.update(
         ASGI_WORKER_REDIS_URL=redis_url,
@@ -49,7 +54,7 @@ def environment(prefix: str, redis_url: str = REDIS_URL, **settings: str) -> dic
         ASGI_WORKER_RETRY_AFTER="1",
         ASGI_WORKER_EXCLUDE="/health",
         PYTHONUNBUFFERED="1",
-        AW_E2E_COUNTS_URL=redis_url,  # where e2e_app counts runs, whatever the cache's URL
+        AW_E2E_COUNTS_URL=counts_url or redis_url,  # where e2e_app counts runs
     )
     env.update({f"ASGI_WORKER_{name.upper()}": value for name, value in settings.items()})
     return env
@@ -64,6 +69,8 @@ class Stack:
     prefix: str
     redis: Redis
     web: subprocess.Popen[bytes]
+    counts: Redis
+    """Where e2e_app counts runs (`running_stack`'s `counts_url`)."""
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -97,12 +104,12 @@ class Stack:
 
     def runs(self, path: str) -> int:
         """How many times the endpoint at `path` ran, in any process (see e2e_app)."""
-        value = self.redis.get(runs_key(self.prefix, path))
+        value = self.counts.get(runs_key(self.prefix, path))
         return 0 if value is None else int(value)
 
     def runs_by_url(self) -> dict[str, int]:
         """How many times `/hang` ran, per `path?query`."""
-        raw = self.redis.hgetall(runs_by_url_key(self.prefix))
+        raw = self.counts.hgetall(runs_by_url_key(self.prefix))
         return {key.decode(): int(value) for key, value in raw.items()}
 
     def queued(self) -> int:
@@ -124,14 +131,17 @@ def running_stack(
     uvicorn_args: tuple[str, ...] = (),
     worker: bool = True,
     redis_url: str = REDIS_URL,
+    counts_url: str | None = None,
     **settings: str,
 ) -> Iterator[Stack]:
     """uvicorn (and a worker, unless `worker=False`) for one test; see `environment`."""
     port = free_port()
     redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
     redis.ping()
+    counts = redis if counts_url is None else Redis.from_url(counts_url, socket_timeout=5)
+    env = environment(prefix, redis_url, counts_url, **settings)
     try:
-        with processes(directory, environment(prefix, redis_url, **settings)) as group:
+        with processes(directory, env) as group:
             command = [sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1"]
             web = group.start("uvicorn", [*command, "--port", str(port), *uvicorn_args])
             base_url = f"http://127.0.0.1:{port}"
@@ -139,16 +149,17 @@ def running_stack(
                 "uvicorn",
                 lambda: httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200,
             )
-            stack = Stack(group, base_url, prefix, redis, web)
+            stack = Stack(group, base_url, prefix, redis, web, counts)
             if worker:
                 stack.start_worker()
             yield stack
     finally:
-        with contextlib.suppress(RedisError):  # a test may have taken its own Redis away
-            for pattern in (f"{prefix}*", f"arq:*{prefix}*"):
-                for key in redis.scan_iter(match=pattern, count=1000):
-                    redis.delete(key)
-        redis.close()
+        for client in dict.fromkeys((redis, counts)):
+            with contextlib.suppress(RedisError):  # a test may have taken its own Redis away
+                for pattern in (f"{prefix}*", f"arq:*{prefix}*"):
+                    for key in client.scan_iter(match=pattern, count=1000):
+                        client.delete(key)
+            client.close()
 
 
 async def get_until_ready(

@@ -257,8 +257,12 @@ class UnreachableStore:
     async def begin(self, digest: str, token: str, path: str) -> float:
         raise ConnectionError("Redis went away")
 
+    async def release(self, digest: str, token: str) -> None:
+        raise ConnectionError("Redis went away")
+
 
 async def test_a_job_that_fails_in_the_worker_itself_is_counted_failed(config: Config) -> None:
+    config = dataclasses.replace(config, redis_timeout=0.2)  # how long the job tries
     snapshot = RequestSnapshot(
         scheme="http",
         host="example.com",
@@ -271,15 +275,15 @@ async def test_a_job_that_fails_in_the_worker_itself_is_counted_failed(config: C
     observer = PrometheusObserver()
     app = create_app(config)
     observer.bind(app)
-    with pytest.raises(ConnectionError):
-        await run_job(
-            app,
-            UnreachableStore(),
-            config,
-            encode_snapshot(snapshot),
-            "t",
-            observer=observer,  # type: ignore[arg-type]
-        )
+    word = await run_job(
+        app,
+        UnreachableStore(),  # type: ignore[arg-type]
+        config,
+        encode_snapshot(snapshot),
+        "t",
+        observer=observer,
+    )
+    assert word == "failed (ConnectionError)"
     found = samples(generate_latest(observer.registry).decode())
     assert value(found, "asgi_worker_jobs_total", outcome="failed", route="/reports/{year}") == 1
     assert value(found, "asgi_worker_replay_seconds_count", route="/reports/{year}") == 0

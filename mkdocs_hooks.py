@@ -7,7 +7,7 @@ is built from docs/ alone: this hook adds each file of `REPO_FILES` to it as
 is left as it is, so `mkdocs build --strict` fails on it.
 
 The table of `Config` fields in docs/configuration.md is made from the docstrings under
-the fields in asgi_worker/config.py, their one source: this hook makes it afresh for the
+the fields in asgi_worker/core/config.py, their one source: this hook makes it afresh for the
 site, and `python mkdocs_hooks.py` writes it into the page for GitHub's readers
 (tests/test_docs.py fails while the page's copy differs).
 """
@@ -22,7 +22,7 @@ from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files
 from mkdocs.structure.pages import Page
 
-from asgi_worker.config import Config, field_docs
+from asgi_worker.core.config import Config, field_docs
 
 ROOT = Path(__file__).resolve().parent
 PUBLISHED = "repo"
@@ -36,7 +36,7 @@ REPO_FILES = frozenset(
 LINK = re.compile(r"(\]\()([^)\s#]+)((?:#[^)\s]*)?\))")
 CONFIG_PAGE = "configuration.md"
 TABLE_START = (
-    "<!-- config-table: made from the docstrings in asgi_worker/config.py by "
+    "<!-- config-table: made from the docstrings in asgi_worker/core/config.py by "
     "`python mkdocs_hooks.py`; edit those, not this table -->\n"
 )
 TABLE_END = "<!-- config-table end -->\n"

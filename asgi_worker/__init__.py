@@ -4,10 +4,10 @@ GET requests are served only from a Redis cache; a miss answers `202 Accepted` a
 and one background arq job replays the request through the same app to fill the cache.
 """
 
-from .completion import ReplayWorker
-from .config import Config, ConfigurationError
-from .middleware import WorkerMiddleware
-from .worker import worker_settings
+from asgi_worker.core.config import Config, ConfigurationError
+from asgi_worker.web.middleware import WorkerMiddleware
+from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.settings import worker_settings
 
 __all__ = [
     "Config",

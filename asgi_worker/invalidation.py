@@ -21,11 +21,11 @@ from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp
 
-from .config import Config
-from .connections import close_client, store_client
-from .discovery import find_all
-from .store import RedisStore, Store
-from .targets import ByGlob, ByPath, ByQuery, ByTag, Target
+from asgi_worker.backends.redis.clients import close_client, store_client
+from asgi_worker.backends.redis.store import RedisStore, Store
+from asgi_worker.core.config import Config
+from asgi_worker.core.discovery import find_all
+from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag, Target
 
 
 class Invalidator:

@@ -21,10 +21,10 @@ from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp
 
-from .completion import ReplayWorker
-from .config import Config
-from .discovery import find_all, find_config, find_middleware
-from .worker import worker_settings
+from asgi_worker.core.config import Config
+from asgi_worker.core.discovery import find_all, find_config, find_middleware
+from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.settings import worker_settings
 
 __all__ = ["find_middleware", "run_pending", "worker_running"]
 

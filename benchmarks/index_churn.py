@@ -38,10 +38,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from asgi_worker import scripts
-from asgi_worker.keys import RedisKeys
-from asgi_worker.store import RedisStore, Write
-from asgi_worker.targets import ByPath, ByTag
+from asgi_worker.backends.redis import scripts
+from asgi_worker.backends.redis.store import RedisStore, Write
+from asgi_worker.core.invalidation_targets import ByPath, ByTag
+from asgi_worker.core.keys import RedisKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/reports"
@@ -161,7 +161,7 @@ def baseline_scripts(revision: str) -> dict[str, str] | None:
     """The baseline's `scripts.py` constants, or None if git cannot show them."""
     try:
         source = subprocess.run(
-            ["git", "show", f"{revision}:asgi_worker/scripts.py"],
+            ["git", "show", f"{revision}:asgi_worker/backends/redis/scripts.py"],
             cwd=ROOT,
             check=True,
             capture_output=True,
@@ -170,7 +170,7 @@ def baseline_scripts(revision: str) -> dict[str, str] | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     namespace: dict[str, Any] = {}
-    exec(compile(source, f"{revision}:asgi_worker/scripts.py", "exec"), namespace)
+    exec(compile(source, f"{revision}:asgi_worker/backends/redis/scripts.py", "exec"), namespace)
     return {name: value for name, value in namespace.items() if isinstance(value, str)}
 
 
@@ -286,7 +286,8 @@ async def main(args: argparse.Namespace) -> None:
     if old is not None:
         layouts.insert(0, Layout(f"old ({args.baseline})", client, f"{run}-old", old))
     else:
-        print(f"(no baseline: `git show {args.baseline}:asgi_worker/scripts.py` failed)\n")
+        source = "asgi_worker/backends/redis/scripts.py"
+        print(f"(no baseline: `git show {args.baseline}:{source}` failed)\n")
     try:
         for layout in layouts:
             await layout.load()

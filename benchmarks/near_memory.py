@@ -15,7 +15,7 @@ is its own object, as in the server) with three headers (`content-length`, `cont
   process's real memory, allocator rounding and fragmentation included; Linux only).
 
 "before" is a copy of the old accounting (256 B per entry plus the body); "after" is
-`asgi_worker.near.NearCache` with `response_cost`, as `open_backend` builds it. Ratios
+`asgi_worker.web.near_cache.NearCache` with `response_cost`, as `open_backend` builds it. Ratios
 are measured bytes over configured bytes: 1.00 is the bound kept exactly.
 """
 
@@ -34,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from asgi_worker.codec import StoredResponse, decode_response, encode_response
-from asgi_worker.near import NearCache, response_cost
+from asgi_worker.core.codec import StoredResponse, decode_response, encode_response
+from asgi_worker.web.near_cache import NearCache, response_cost
 
 Value = TypeVar("Value")
 

@@ -33,7 +33,7 @@ from typing import Any
 from redis import Redis
 
 from asgi_worker import Config
-from asgi_worker.codec import decode_response
+from asgi_worker.core.codec import decode_response
 from benchmarks import profiling, report
 from benchmarks.apps import PAYLOAD, floor_blob, floor_key
 from benchmarks.load import HttpConnection, get_many, run_load, wrk_available

@@ -45,9 +45,9 @@ from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
 from asgi_worker import Config, ReplayWorker, worker_settings
-from asgi_worker.jobs import to_write
-from asgi_worker.keys import RequestSnapshot
-from asgi_worker.replay import replay
+from asgi_worker.core.keys import RequestSnapshot
+from asgi_worker.core.replay import replay
+from asgi_worker.worker.job import to_write
 from benchmarks import profiling
 from benchmarks.apps import create_asgi_worker_app
 from benchmarks.servers import cpu_seconds

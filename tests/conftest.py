@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_worker import Config
-from asgi_worker.connections import close_client, store_client
+from asgi_worker.backends.redis.clients import close_client, store_client
 
 from .own_cluster import OwnCluster, own_cluster
 

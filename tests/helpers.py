@@ -20,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.keys import RedisKeys, snapshot_from_scope
+from asgi_worker.core.keys import RedisKeys, snapshot_from_scope
 from asgi_worker.testing import worker_running
 
 from .conftest import REDIS_URL

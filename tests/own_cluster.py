@@ -23,9 +23,9 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_worker import Config
-from asgi_worker.connections import NodeSubscriber, close_client, store_client
-from asgi_worker.events import EventListener
-from asgi_worker.keys import RedisKeys
+from asgi_worker.backends.redis.clients import NodeSubscriber, close_client, store_client
+from asgi_worker.backends.redis.events import EventListener
+from asgi_worker.core.keys import RedisKeys
 
 from .own_redis import OwnRedis, ServerTLS, wait_until
 

@@ -35,7 +35,7 @@ def asgi_worker_command(*arguments: str) -> list[str]:
     found = str(script) if script.exists() else shutil.which("asgi-worker")
     if found:
         return [found, *arguments]
-    code = "import sys; from asgi_worker.cli import main; sys.exit(main())"
+    code = "import sys; from asgi_worker.cli.commands import main; sys.exit(main())"
     return [sys.executable, "-c", code, *arguments]
 
 

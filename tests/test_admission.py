@@ -19,10 +19,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.connections import redis_client
-from asgi_worker.keys import RedisKeys, snapshot_from_scope
-from asgi_worker.normalize import KeyRules, normalize_percent
-from asgi_worker.queue import ArqQueue, Job, QueueFull
+from asgi_worker.backends.redis.clients import redis_client
+from asgi_worker.backends.redis.queue import ArqQueue, Job, QueueFull
+from asgi_worker.core.keys import RedisKeys, snapshot_from_scope
+from asgi_worker.core.normalize import KeyRules, normalize_percent
 from asgi_worker.testing import run_pending
 
 from .helpers import make_config

@@ -30,7 +30,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from asgi_worker.demo import client_js
+from asgi_worker.cli.demo import client_js
 
 from .processes import PROJECT, demo
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from asgi_worker.cli import main
+from asgi_worker.cli.commands import main
 
 
 @pytest.mark.parametrize("width", [80, 64])

@@ -16,9 +16,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_worker import Config, ReplayWorker, WorkerMiddleware, worker_settings
-from asgi_worker.cli import main
-from asgi_worker.keys import RedisKeys
-from asgi_worker.stats import Stats, collect_stats
+from asgi_worker.cli.commands import main
+from asgi_worker.core.keys import RedisKeys
+from asgi_worker.observability.stats import Stats, collect_stats
 
 from .conftest import REDIS_URL
 

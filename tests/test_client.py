@@ -22,6 +22,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from asgi_worker.cli.demo import client_js
 from asgi_worker.client import (
     DEFAULT_RETRY_AFTER,
     MIN_RETRY_AFTER,
@@ -30,7 +31,6 @@ from asgi_worker.client import (
     parse_retry_after,
     retry_delay,
 )
-from asgi_worker.demo import client_js
 
 from .processes import PROJECT, demo
 from .test_docs import docs_example, docs_page

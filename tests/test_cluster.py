@@ -16,11 +16,11 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_worker import Config
-from asgi_worker.config import ConfigurationError, TLSOptions, display_url, parse_cluster_url
-from asgi_worker.connections import close_client, store_client
+from asgi_worker.backends.redis.clients import close_client, store_client
+from asgi_worker.core.config import ConfigurationError, TLSOptions, display_url, parse_cluster_url
+from asgi_worker.core.keys import RedisKeys
 from asgi_worker.invalidation import Invalidator
-from asgi_worker.keys import RedisKeys
-from asgi_worker.stats import collect_stats
+from asgi_worker.observability.stats import collect_stats
 
 from .apps import make_app
 from .conftest import REDIS_URL, backend

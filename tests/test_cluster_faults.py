@@ -21,8 +21,8 @@ import redis
 from redis.crc import key_slot
 
 from asgi_worker import Config
-from asgi_worker.connections import close_client, store_client
-from asgi_worker.keys import RedisKeys, path_tag
+from asgi_worker.backends.redis.clients import close_client, store_client
+from asgi_worker.core.keys import RedisKeys, path_tag
 
 from .apps import make_app
 from .conftest import REDIS_URL

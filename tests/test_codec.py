@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asgi_worker.codec import (
+from asgi_worker.core.codec import (
     CorruptEntryError,
     StoredResponse,
     decode_response,
@@ -20,7 +20,7 @@ from asgi_worker.codec import (
     encode_response,
     encode_snapshot,
 )
-from asgi_worker.keys import RequestSnapshot
+from asgi_worker.core.keys import RequestSnapshot
 
 RESPONSE = StoredResponse(
     status=200,

@@ -28,9 +28,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_worker import Config, ReplayWorker, WorkerMiddleware, scripts, worker_settings
-from asgi_worker.keys import RedisKeys
-from asgi_worker.store import Committed, RedisStore, Write
-from asgi_worker.targets import ByPath
+from asgi_worker.backends.redis.store import Committed, RedisStore, Write
+from asgi_worker.core.invalidation_targets import ByPath
+from asgi_worker.core.keys import RedisKeys
 
 from .apps import make_app
 

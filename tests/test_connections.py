@@ -10,7 +10,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import Connection
 
 from asgi_worker import Config
-from asgi_worker.connections import BufferCheckingPool, has_leftovers, redis_client
+from asgi_worker.backends.redis.clients import BufferCheckingPool, has_leftovers, redis_client
 
 from .conftest import REDIS_URL
 

@@ -13,9 +13,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asgi_worker import Config, ConfigurationError, WorkerMiddleware
-from asgi_worker.codec import CorruptEntryError, decode_snapshot, encode_snapshot
-from asgi_worker.credentials import CredentialGuard
-from asgi_worker.keys import snapshot_from_scope
+from asgi_worker.core.codec import CorruptEntryError, decode_snapshot, encode_snapshot
+from asgi_worker.core.credentials import CredentialGuard
+from asgi_worker.core.keys import snapshot_from_scope
 from asgi_worker.testing import run_pending
 
 from .conftest import BACKENDS

@@ -17,7 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route
 
 from asgi_worker import Config, ConfigurationError, WorkerMiddleware
-from asgi_worker.discovery import config_mismatch, find_all, find_config, find_middleware
+from asgi_worker.core.discovery import config_mismatch, find_all, find_config, find_middleware
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.testing import run_pending
 

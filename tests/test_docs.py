@@ -123,7 +123,10 @@ def test_the_api_reference_has_every_public_name() -> None:
     public = [f"asgi_worker.{name}" for name in asgi_worker.__all__ if name != "__version__"]
     public += [f"asgi_worker.testing.{name}" for name in asgi_worker.testing.__all__]
     public += ["asgi_worker.invalidation.Invalidator", "asgi_worker.client"]
-    public += ["asgi_worker.stats.collect_stats", "asgi_worker.stats.check_queue"]
+    public += [
+        "asgi_worker.observability.stats.collect_stats",
+        "asgi_worker.observability.stats.check_queue",
+    ]
     assert not set(public) - documented, "missing in docs/reference.md"
 
 
@@ -145,7 +148,7 @@ def test_the_config_table_is_made_from_the_field_docstrings() -> None:
     page = docs_page("configuration.md")
     assert mkdocs_hooks.with_config_table(page) == page, (
         "docs/configuration.md's table of fields differs from the docstrings in "
-        "asgi_worker/config.py: run `python mkdocs_hooks.py`"
+        "asgi_worker/core/config.py: run `python mkdocs_hooks.py`"
     )
 
 

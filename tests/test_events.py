@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from asgi_worker import Config
-from asgi_worker.connections import redis_client, shared_source
-from asgi_worker.events import EventListener
+from asgi_worker.backends.redis.clients import redis_client, shared_source
+from asgi_worker.backends.redis.events import EventListener
 
 from .conftest import REDIS_URL
 

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from asgi_worker import Config
-from asgi_worker.codec import StoredResponse, encode_response
+from asgi_worker.core.codec import StoredResponse, encode_response
 
 from .helpers import (
     SECRET,

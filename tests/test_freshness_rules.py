@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asgi_worker import Config
-from asgi_worker.freshness import Lifetime, cache_control, entity_tag, lifetime, none_match
+from asgi_worker.core.freshness import Lifetime, cache_control, entity_tag, lifetime, none_match
 
 CONFIG = Config(
     ttl=300, error_ttl=10, stale_ttl=5, min_ttl=1, pass_ttl=60, ttl_rules=(("/r/*", 30),)

@@ -29,8 +29,13 @@ from redis import Redis
 from starlette.types import Message, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.keys import InvalidHostError, normalize_host, scope_client, snapshot_from_scope
-from asgi_worker.replay import REPLAY_EXTENSION
+from asgi_worker.core.keys import (
+    InvalidHostError,
+    normalize_host,
+    scope_client,
+    snapshot_from_scope,
+)
+from asgi_worker.core.replay import REPLAY_EXTENSION
 from asgi_worker.testing import run_pending
 
 from .conftest import REDIS_URL

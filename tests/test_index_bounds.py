@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from asgi_worker.keys import RedisKeys
-from asgi_worker.memory import MemoryStore
-from asgi_worker.store import Committed, RedisStore, Store, Write
-from asgi_worker.targets import ByGlob, ByPath, ByQuery, ByTag
+from asgi_worker.backends.memory import MemoryStore
+from asgi_worker.backends.redis.store import Committed, RedisStore, Store, Write
+from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag
+from asgi_worker.core.keys import RedisKeys
 
 from .conftest import REDIS_URL
 

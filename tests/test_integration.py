@@ -15,8 +15,8 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from asgi_worker import Config, worker_settings
-from asgi_worker import worker as worker_module
-from asgi_worker.queue import deserialize, serialize
+from asgi_worker.backends.redis.queue import deserialize, serialize
+from asgi_worker.worker import settings as worker_module
 
 from .apps import make_app
 

@@ -20,7 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from asgi_worker import Config, ReplayWorker, scripts
-from asgi_worker.keys import RedisKeys
+from asgi_worker.core.keys import RedisKeys
 
 from .apps import make_app
 from .conftest import REDIS_URL

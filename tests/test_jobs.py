@@ -16,11 +16,11 @@ from redis.asyncio import Redis
 from starlette.types import Receive, Scope, Send
 
 from asgi_worker import Config
-from asgi_worker.codec import decode_response, encode_snapshot
-from asgi_worker.jobs import run_job
-from asgi_worker.keys import RequestSnapshot
-from asgi_worker.memory import MemoryStore
-from asgi_worker.store import RedisStore, Store
+from asgi_worker.backends.memory import MemoryStore
+from asgi_worker.backends.redis.store import RedisStore, Store
+from asgi_worker.core.codec import decode_response, encode_snapshot
+from asgi_worker.core.keys import RequestSnapshot
+from asgi_worker.worker.job import run_job
 
 from .conftest import REDIS_URL
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asgi_worker.credentials import CredentialGuard
-from asgi_worker.keymemo import KeyMemo
-from asgi_worker.keys import snapshot_from_scope
+from asgi_worker.core.credentials import CredentialGuard
+from asgi_worker.core.keys import snapshot_from_scope
+from asgi_worker.web.key_memo import KeyMemo
 
 from .test_keys import VARY, scope
 

@@ -11,8 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from asgi_worker.codec import decode_snapshot, encode_snapshot
-from asgi_worker.keys import RedisKeys, RequestSnapshot, path_tag, scope_client, snapshot_from_scope
+from asgi_worker.core.codec import decode_snapshot, encode_snapshot
+from asgi_worker.core.keys import (
+    RedisKeys,
+    RequestSnapshot,
+    path_tag,
+    scope_client,
+    snapshot_from_scope,
+)
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 

@@ -29,11 +29,11 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from asgi_worker import Config, ConfigurationError, ReplayWorker, WorkerMiddleware, worker_settings
-from asgi_worker.codec import encode_snapshot
-from asgi_worker.jobs import run_job
-from asgi_worker.keys import RequestSnapshot
-from asgi_worker.metrics import PrometheusObserver
-from asgi_worker.routes import OTHER, RouteLabels
+from asgi_worker.core.codec import encode_snapshot
+from asgi_worker.core.keys import RequestSnapshot
+from asgi_worker.observability.metrics import PrometheusObserver
+from asgi_worker.observability.route_labels import OTHER, RouteLabels
+from asgi_worker.worker.job import run_job
 
 from .processes import PROJECT, asgi_worker_command, free_port
 from .stack import running_stack
@@ -381,7 +381,7 @@ def test_the_package_runs_without_either_extra() -> None:
     assert "pip install 'asgi-worker[metrics]'" in result.stdout
     assert "pip install 'asgi-worker[otel]'" in result.stdout
 
-    cli = BLOCK_EXTRAS + "from asgi_worker.cli import main; main()"
+    cli = BLOCK_EXTRAS + "from asgi_worker.cli.commands import main; main()"
     arguments = ["worker", "tests.cli_apps:app", "--metrics-port", "9"]
     result = subprocess.run(
         [sys.executable, "-c", cli, *arguments],

@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from starlette.types import Message, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.codec import StoredResponse, encode_response
-from asgi_worker.replay import REPLAY_EXTENSION
+from asgi_worker.core.codec import StoredResponse, encode_response
+from asgi_worker.core.replay import REPLAY_EXTENSION
 
 from .helpers import (
     build_app,

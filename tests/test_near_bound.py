@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
-from asgi_worker import near as near_module
-from asgi_worker.codec import StoredResponse, decode_response, encode_response
-from asgi_worker.near import NearCache, response_cost
+from asgi_worker.core.codec import StoredResponse, decode_response, encode_response
+from asgi_worker.web import near_cache as near_module
+from asgi_worker.web.near_cache import NearCache, response_cost
 
 MAX_BYTES = 4 * 1024 * 1024
 

@@ -11,9 +11,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from asgi_worker import Config
+from asgi_worker.core.keys import RedisKeys
 from asgi_worker.invalidation import Invalidator
-from asgi_worker.keys import RedisKeys
-from asgi_worker.near import NearCache
+from asgi_worker.web.near_cache import NearCache
 
 from .conftest import backend
 from .test_freshness import Site, open_site

@@ -23,11 +23,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_worker import Config, WorkerMiddleware, worker_settings
-from asgi_worker import queue as queue_module
-from asgi_worker.cli import main
-from asgi_worker.codec import encode_snapshot
-from asgi_worker.keys import RequestSnapshot
-from asgi_worker.queue import (
+from asgi_worker.backends.redis import queue as queue_module
+from asgi_worker.backends.redis.queue import (
     HEALTH_REPORT_INTERVAL,
     JOB_FUNCTION,
     NO_WORKER_AFTER,
@@ -36,7 +33,10 @@ from asgi_worker.queue import (
     deserialize,
     serialize,
 )
-from asgi_worker.stats import collect_stats
+from asgi_worker.cli.commands import main
+from asgi_worker.core.codec import encode_snapshot
+from asgi_worker.core.keys import RequestSnapshot
+from asgi_worker.observability.stats import collect_stats
 from asgi_worker.testing import run_pending, worker_running
 
 from .conftest import REDIS_URL

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from asgi_worker.keys import RedisKeys
-from asgi_worker.store import Committed, RedisStore, Write
+from asgi_worker.backends.redis.store import Committed, RedisStore, Write
+from asgi_worker.core.keys import RedisKeys
 from asgi_worker.testing import run_pending
 
 from .helpers import build_app, claim_key, digest_of, make_config, serve

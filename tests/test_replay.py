@@ -16,8 +16,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
-from asgi_worker.keys import RequestSnapshot, snapshot_from_scope
-from asgi_worker.replay import (
+from asgi_worker.core.keys import RequestSnapshot, snapshot_from_scope
+from asgi_worker.core.replay import (
     REPLAY_EXTENSION,
     BodyTooLargeError,
     InvalidResponseError,

@@ -20,9 +20,9 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
-from asgi_worker.freshness import lifetime
-from asgi_worker.keys import InvalidHostError, RequestSnapshot, normalize_host
-from asgi_worker.replay import replay
+from asgi_worker.core.freshness import lifetime
+from asgi_worker.core.keys import InvalidHostError, RequestSnapshot, normalize_host
+from asgi_worker.core.replay import replay
 from asgi_worker.testing import run_pending
 
 from .helpers import make_config

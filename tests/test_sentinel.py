@@ -35,8 +35,8 @@ import redis
 from redis.sentinel import Sentinel
 
 from asgi_worker import Config
-from asgi_worker.connections import redis_client
-from asgi_worker.failover import FailoverWatch
+from asgi_worker.backends.redis.clients import redis_client
+from asgi_worker.backends.redis.sentinel import FailoverWatch
 
 from .own_sentinel import MASTER_NAME, Topology, own_sentinel
 from .processes import Processes, asgi_worker_command, free_port, http_client, processes

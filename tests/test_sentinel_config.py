@@ -13,10 +13,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from asgi_worker import Config, ConfigurationError
-from asgi_worker.config import SentinelURL, TLSOptions, display_url, parse_sentinel_url
-from asgi_worker.connections import BufferCheckingPool, NewestSentinel, SentinelPool, redis_client
-from asgi_worker.failover import FailoverWatch
-from asgi_worker.worker import _redis_settings, worker_settings
+from asgi_worker.backends.redis.clients import (
+    BufferCheckingPool,
+    NewestSentinel,
+    SentinelPool,
+    redis_client,
+)
+from asgi_worker.backends.redis.sentinel import FailoverWatch
+from asgi_worker.core.config import SentinelURL, TLSOptions, display_url, parse_sentinel_url
+from asgi_worker.worker.settings import _redis_settings, worker_settings
 
 from .helpers import build_app
 

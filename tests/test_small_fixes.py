@@ -9,8 +9,8 @@ import uvicorn
 from click.testing import CliRunner
 
 from asgi_worker import Config, ConfigurationError
-from asgi_worker.cli import main
-from asgi_worker.demo import demo_config
+from asgi_worker.cli.commands import main
+from asgi_worker.cli.demo import demo_config
 from asgi_worker.testing import find_middleware
 
 

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from asgi_worker.keys import RedisKeys
-from asgi_worker.memory import MemoryStore
-from asgi_worker.store import Committed, Lookup, RedisStore, Store, Write
-from asgi_worker.targets import ByGlob, ByPath, ByQuery, ByTag, Target
+from asgi_worker.backends.memory import MemoryStore
+from asgi_worker.backends.redis.store import Committed, Lookup, RedisStore, Store, Write
+from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag, Target
+from asgi_worker.core.keys import RedisKeys
 
 LEASE = 0.3
 DIGEST = "0123456789abcdef0123456789abcdef"

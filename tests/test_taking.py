@@ -1,4 +1,4 @@
-"""How a `ReplayWorker` takes jobs and sleeps (asgi_worker/taking.py), on a Redis of its own.
+"""How a `ReplayWorker` takes jobs and sleeps (worker/job_taker.py), on a Redis of its own.
 
 Its own redis-server, so that the command counts are this test's alone. Each claim
 below would fail under arq's own polling: an idle worker sent ~100 commands a second
@@ -23,9 +23,9 @@ from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
 from asgi_worker import Config
-from asgi_worker.completion import ReplayWorker
-from asgi_worker.taking import IDLE_LOOK_EVERY, JobTaker, ReadAnswered, Taken, TakenJob
-from asgi_worker.worker import worker_settings
+from asgi_worker.worker.job_taker import IDLE_LOOK_EVERY, JobTaker, ReadAnswered, Taken, TakenJob
+from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.settings import worker_settings
 
 from .helpers import BASE_URL, build_app
 from .own_redis import OwnRedis, own_redis

@@ -32,9 +32,9 @@ import redis
 import trustme
 
 from asgi_worker import Config
-from asgi_worker.completion import ReplayWorker
-from asgi_worker.failover import RedisUnreachable
-from asgi_worker.worker import worker_settings
+from asgi_worker.backends.redis.sentinel import RedisUnreachable
+from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.settings import worker_settings
 
 from .helpers import build_app, digest_of, response_key, serve
 from .own_cluster import OwnCluster, cluster_listener, own_cluster

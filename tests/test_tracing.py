@@ -25,8 +25,8 @@ from starlette.routing import Route
 
 from asgi_worker import Config, ReplayWorker, WorkerMiddleware, worker_settings
 from asgi_worker.client import fetch
+from asgi_worker.observability.tracing import TracingObserver
 from asgi_worker.testing import run_pending
-from asgi_worker.tracing import TracingObserver
 
 
 @pytest.fixture

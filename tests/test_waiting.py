@@ -17,7 +17,7 @@ from starlette.types import Message
 
 from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.testing import find_middleware
-from asgi_worker.waiting import Preference, parse_prefer
+from asgi_worker.web.waiting import Preference, parse_prefer
 
 from .conftest import WITH_CLUSTER, backend
 from .helpers import backend_config, serve

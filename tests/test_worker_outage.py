@@ -26,8 +26,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from asgi_worker import Config
-from asgi_worker.completion import ReplayWorker
-from asgi_worker.worker import worker_settings
+from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.settings import worker_settings
 
 from .helpers import build_app, make_config, serve
 from .own_redis import OwnRedis, own_redis

@@ -1,0 +1,282 @@
+"""The `JobQueue` protocol and `ArqQueue`, which puts replay jobs on an arq queue.
+
+Jobs are msgpack-encoded, not pickled (arq's default): the worker never unpickles bytes
+that anyone able to write to Redis could have put there.
+
+Admission and fairness happen at enqueue, in the same one round trip:
+
+- `max_queued` caps the jobs in the queue; one more raises `QueueFull` (the client gets
+  a 503), so a cache-busting flood cannot grow the queue without bound.
+- Fair queueing: arq runs jobs in order of their score (the time they are due). Each
+  path keeps a clock of when its next job is due: a job is scored at `max(now, clock)`
+  and moves the clock on by the path's typical job duration over the worker's slots, so
+  a path can fill the slots but not build a backlog of jobs that are due at once. A
+  flood of distinct URLs on one path is spread into the future; a cold URL of another
+  path is due at once and runs as soon as a slot frees. A job that could not start
+  within its claim lease is not queued (`QueueFull`): it would only expire unrun.
+
+Each enqueue also pushes a token on the queue's wake list, which an idle `ReplayWorker`
+blocks on (see `taking`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+from arq.connections import ArqRedis
+from arq.constants import health_check_key_suffix, job_key_prefix
+from arq.jobs import serialize_job
+from redis.exceptions import RedisError
+
+from asgi_worker.backends.redis.queue_scripts import ENQUEUE, WAKE_TOKENS
+from asgi_worker.core.codec import peek_snapshot
+from asgi_worker.core.keys import RedisKeys
+from asgi_worker.worker.job import request_line
+
+logger = logging.getLogger("asgi_worker")
+
+JOB_FUNCTION = "asgi_worker.replay"
+"""The name the replay job is registered under in the arq worker."""
+
+
+def wake_key(queue_name: str) -> str:
+    """The list each enqueue pushes a token on, and idle workers block on (BLPOP)."""
+    return queue_name + ":wake"
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One replay to run: the encoded request snapshot and the claim it runs under."""
+
+    job_id: str
+    snapshot: bytes
+    token: str
+    claimed_at: float
+    """`Lookup.claimed_at` of the claim: the job's start time (see `jobs.run_job`)."""
+    path: str = ""
+    """The request's path: jobs of one path share a fair-queueing clock."""
+    trace: str | None = None
+    """The W3C `traceparent` of the enqueuing request's span, with tracing on."""
+
+
+class QueueFull(Exception):
+    """The queue holds `Config.max_queued` jobs, or the path's jobs would not start in time."""
+
+
+class JobQueue(Protocol):
+    """Where the middleware hands jobs to workers."""
+
+    async def enqueue(self, job: Job) -> None:
+        """Make the job run once, soon; `QueueFull` if it cannot be taken now."""
+        ...
+
+
+def serialize(data: dict[str, Any]) -> bytes:
+    """Arq `job_serializer`: msgpack; anything msgpack cannot hold becomes its repr."""
+    packed: bytes = msgpack.packb(data, use_bin_type=True, default=repr)
+    return packed
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+    """Arq `job_deserializer`: the inverse of `serialize`.
+
+    A replay job's snapshot comes back as a `SnapshotBytes`: arq logs each job's
+    arguments with `repr`, and the request reads better there than its msgpack.
+    """
+    unpacked: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    arguments = unpacked.get("a")
+    if (
+        unpacked.get("f") == JOB_FUNCTION
+        and isinstance(arguments, list)
+        and arguments
+        and isinstance(arguments[0], bytes)
+    ):
+        arguments[0] = SnapshotBytes(arguments[0])
+    return unpacked
+
+
+class SnapshotBytes(bytes):
+    """An encoded request snapshot whose `repr` is the request: `GET /path?query`.
+
+    Still the very bytes (`run_job` decodes them); only what arq's job-start log line
+    shows changes. Credentials (sealed in the snapshot) and `vary` headers are not shown.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        try:
+            return request_line(peek_snapshot(bytes(self)))
+        except Exception:  # a repr for a log line must not raise
+            return f"<unreadable request snapshot, {len(self)} bytes>"
+
+
+HEALTH_REPORT_INTERVAL = 60.0
+"""How often our worker writes arq's health-check key (worker.py `_HEALTH_CHECK_INTERVAL`).
+
+arq writes it with a lifetime of the interval + 1 s: a key present means a worker on the
+queue reported within that time."""
+NO_WORKER_AFTER = 2 * HEALTH_REPORT_INTERVAL + 10.0
+"""Seconds without a worker's report after which the web process says there is none. A
+busy worker (all `max_jobs` slots taken) may miss a report, hence twice the interval."""
+WORKER_CHECK_EVERY = 10.0
+"""A web process reads the health-check key at most this often (and only on a 202)."""
+
+
+class WorkerWatch:
+    """Whether any worker serves the queue, from arq's health-check key, read throttled.
+
+    The key's absence shows only that no worker reported within its lifetime; the
+    silence is counted from the first check that found it absent, plus that lifetime.
+    Past `NO_WORKER_AFTER`, `missing` is true and a WARNING naming the queue is logged,
+    once per report interval while it lasts.
+    """
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        queue_name: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._redis = redis
+        self._queue_name = queue_name
+        self._key = queue_name + health_check_key_suffix
+        self._clock = clock
+        self._checked_at: float | None = None
+        self._checking = False
+        self._absent_since: float | None = None
+        self._warned_at: float | None = None
+        self.missing = False
+        """The last check's answer: no worker has reported for too long."""
+
+    async def check(self, within: float) -> bool:
+        """`missing`, read again from Redis if the last read is `WORKER_CHECK_EVERY` old.
+
+        Concurrent callers do not wait for a read on its way: they get the last answer.
+        A read takes at most `within` seconds; a Redis error keeps the last answer (the
+        request's own lookup reports those).
+        """
+        now = self._clock()
+        due = self._checked_at is None or now - self._checked_at >= WORKER_CHECK_EVERY
+        if self._checking or not due:
+            return self.missing
+        self._checking = True
+        try:
+            async with asyncio.timeout(within):
+                ttl_ms = await self._redis.pttl(self._key)
+        except (RedisError, OSError, TimeoutError) as error:
+            logger.debug("asgi-worker: could not read %s: %r", self._key, error)
+            return self.missing
+        finally:
+            self._checking = False
+            self._checked_at = now
+        self._update(int(ttl_ms), now)
+        return self.missing
+
+    def _update(self, ttl_ms: int, now: float) -> None:
+        if ttl_ms != -2:  # -2: no such key; -1 (no expiry) or a lifetime: reported
+            if self.missing:
+                logger.info("asgi-worker: a worker reports on queue %r again", self._queue_name)
+            self._absent_since = None
+            self.missing = False
+            return
+        if self._absent_since is None:
+            self._absent_since = now
+        silent = now - self._absent_since + HEALTH_REPORT_INTERVAL + 1
+        self.missing = silent > NO_WORKER_AFTER
+        if not self.missing:
+            return
+        if self._warned_at is None or now - self._warned_at >= HEALTH_REPORT_INTERVAL:
+            self._warned_at = now
+            logger.warning(
+                "asgi-worker: no worker has reported on queue %r for over %d s: misses are "
+                "queued and answered 202, but nothing runs them (start one: asgi-worker "
+                "worker MODULE:APP)",
+                self._queue_name,
+                silent,
+                extra={"queue": self._queue_name, "silent_seconds": round(silent)},
+            )
+
+
+class ArqQueue:
+    """A `JobQueue` on arq, enqueueing in one round trip (one script).
+
+    arq's own `enqueue_job` takes three (WATCH, EXISTS, MULTI/EXEC) to refuse duplicate
+    job ids. Our job ids hold the claim token, so they are unique by construction; the
+    script writes what `enqueue_job` writes, after the admission checks of the module doc.
+    """
+
+    def __init__(
+        self,
+        redis: ArqRedis,
+        *,
+        queue_name: str,
+        expires: float,
+        prefix: str,
+        max_queued: int = 0,
+        fair_slots: int = 0,
+        horizon: float = 0.0,
+    ) -> None:
+        """`fair_slots` is the worker's `max_jobs` (0 turns fair queueing off).
+
+        `horizon` is how far in the future a job may be scored and still start within
+        its claim lease.
+        """
+        self._redis = redis
+        self._queue_name = queue_name
+        # A job still queued after its claim expired is stale: another request has
+        # claimed and enqueued again by then, so arq may drop it.
+        self._expires_ms = max(1, round(expires * 1000))
+        self._prefix = prefix
+        self._max_queued = max_queued
+        self._fair_slots = fair_slots
+        self._horizon_ms = max(0, round(horizon * 1000))
+        self._script = redis.register_script(ENQUEUE)
+        self._wake_key = wake_key(queue_name)
+        self.worker_watch = WorkerWatch(redis, queue_name)
+        """Whether a worker serves the queue (see `WorkerWatch`)."""
+
+    async def enqueue(self, job: Job) -> None:
+        """See `JobQueue.enqueue`."""
+        now_ms = round(time.time() * 1000)
+        arguments_of_job: tuple[object, ...] = (job.snapshot, job.token, job.claimed_at)
+        if job.trace is not None:  # only then: without tracing the job is as it always was
+            arguments_of_job += (job.trace,)
+        payload = serialize_job(
+            JOB_FUNCTION,
+            arguments_of_job,
+            {},
+            None,
+            now_ms,
+            serializer=serialize,
+        )
+        path = job.path.encode("utf-8", "surrogatepass")
+        clock = f"{self._prefix}:clock:{hashlib.sha1(path, usedforsecurity=False).hexdigest()}"
+        keys = [
+            job_key_prefix + job.job_id,
+            self._queue_name,
+            clock,
+            RedisKeys(self._prefix).durations(job.path),
+            self._wake_key,
+        ]
+        arguments: list[bytes | str | int] = [
+            payload,
+            self._expires_ms,
+            0,  # now: Redis's clock (see queue_scripts)
+            job.job_id,
+            self._max_queued,
+            self._fair_slots,
+            self._horizon_ms,
+            path,
+            WAKE_TOKENS,
+        ]
+        if await self._script(keys, arguments) is None:
+            raise QueueFull(f"the queue {self._queue_name!r} cannot take a job of {job.path}")

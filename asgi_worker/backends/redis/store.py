@@ -1,0 +1,514 @@
+"""The `Store` protocol and `RedisStore`, its Redis implementation.
+
+A store holds encoded entries, their freshness, the claims that dedup jobs, and the
+indexes that invalidation needs. Each method but `invalidate` is atomic: in Redis one Lua
+script (see scripts.py), one round trip. Every index stays near the size of what it names
+that is still live (each write forgets a few expired members).
+
+An invalidation is a series of short steps instead, so that no index size holds Redis for
+long: it stamps first, then walks the index (or for a prefix, the path list) in batches.
+Every entry stored before the stamp is expired; an entry a job stores meanwhile is new
+(the job began after the stamp, or its commit would be refused) and may or may not be.
+
+Invalidation races are settled with times, not locks. The claim that starts a job is
+taken at a time on the store's clock (`Lookup.claimed_at`), and the job lists its path
+for prefix invalidation before its app runs; every invalidation stamps the paths and tags it
+touches; and `commit` refuses a result whose claim was taken no later than an invalidation
+of its path or of one of its tags. The app runs only after its job was claimed, so a job
+never stores what it computed before an invalidation. A job that waited in the queue for
+most of its lease first calls `begin`, which renews the lease and takes a new start time.
+
+Every script touches one Redis Cluster slot (keys.py), so the same code runs on a single
+Redis and on a Cluster. What spans slots is a series of single-slot steps, ordered so that
+the guarantees above still hold:
+
+- The path list (prefix and glob invalidation). A job lists its path (`list_path`)
+  after its claim and before its app runs. An invalidation that reads the list before
+  that began before the app ran, so the app sees the new data; one that reads it after
+  stamps the path, later than the claim, and refuses the job. A path is delisted
+  (`DELIST_PATH`) only if its index held nothing live when read and no claim was listed
+  since; a commit stores only under a live claim, whose member keeps the index live, so
+  no stored entry's path is ever missing from the list.
+- Tags. A job's tags are indexed (`TAG_ADD`) before its commit stores the entry; a tag
+  invalidated since the job began refuses it there. A tag invalidation stamps the tag
+  first, then stamps each entry it reaches in the tag's index (`DROP`): a commit that
+  has not stored yet is refused by the entry's stamp, one that has is expired by the walk.
+  Tag stamps and claims may live on different nodes: their order relies on the nodes'
+  clocks agreeing (as any two processes' clocks must for `lease_left`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
+
+from asgi_worker.backends.redis import scripts
+from asgi_worker.core.invalidation_targets import (
+    ByGlob,
+    ByPath,
+    ByQuery,
+    ByTag,
+    Target,
+    glob_range,
+    query_matches,
+)
+from asgi_worker.core.keys import TAG_LENGTH, RedisKeys
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The answer of `Store.lookup`."""
+
+    entry: bytes | None = None
+    """The stored entry (fresh or stale), or None on a miss."""
+    stale: bool = False
+    """The entry is past its freshness (served while one refresh runs)."""
+    claimed: bool = False
+    """This lookup took the claim: the caller must enqueue the job."""
+    claimed_at: float | None = field(default=None, compare=False)
+    """When the claim was taken, on the store's clock: the job's start time for `commit`
+    (and `Store.lease_left`). Set exactly when `claimed` is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """What a job stores, and for how long."""
+
+    entry: bytes
+    fresh: float
+    """Seconds the entry is fresh."""
+    keep: float
+    """Seconds the entry is kept in all: `fresh` plus the stale window."""
+    path: str
+    query: bytes
+    tags: tuple[str, ...] = ()
+    failed: bool = False
+    """An error response: if a stale copy exists, keep serving it instead (RFC 5861
+    stale-if-error) and try again after `retry_after` seconds."""
+    retry_after: float = 1.0
+    duration: float | None = None
+    """Seconds the app took; folded into the path's typical duration (adaptive Retry-After)."""
+
+
+class Committed(enum.Enum):
+    """What became of a `Store.commit`."""
+
+    STORED = "stored"
+    KEPT_STALE = "kept-stale"
+    """The job failed; the stale copy stays, and the next refresh waits `retry_after`."""
+    REFUSED = "refused"
+    """An invalidation came after the job began, or a newer claim took over: not stored."""
+
+
+class Store(Protocol):
+    """Where entries, claims and indexes live. Implementations keep each method atomic."""
+
+    async def lookup(self, digest: str, token: str, path: str) -> Lookup:
+        """Return the entry; claim the key for `token` if it is missing or stale and free.
+
+        `path` is the request's: its claim counts in the path's index while the job runs
+        (the job lists the path itself, `list_path`).
+        """
+        ...
+
+    def lease_left(self, claimed_at: float) -> float:
+        """Seconds left of a lease taken at `claimed_at`, by this process's clock (no I/O)."""
+        ...
+
+    async def begin(self, digest: str, token: str, path: str) -> float | None:
+        """Renew the claim of a job about to run; return the store's time, None if lost.
+
+        Needed only when the lease may run out before the job ends (see `lease_left`).
+        """
+        ...
+
+    async def list_path(self, path: str) -> None:
+        """Make `path` findable by prefix and glob invalidation.
+
+        A job calls it before its app runs, so an invalidation that misses the path
+        began before the app ran.
+        """
+        ...
+
+    async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
+        """Store the job's result (see `Write`, `Committed`) and release the claim.
+
+        Only under the job's own live claim: a job that outlived its lease is refused.
+        """
+        ...
+
+    async def release(self, digest: str, token: str) -> None:
+        """Give up the claim `token` holds (e.g. the job could not be enqueued)."""
+        ...
+
+    async def discard(self, digest: str) -> None:
+        """Delete the stored entry (e.g. it could not be decoded)."""
+        ...
+
+    async def typical_duration(self, path: str) -> float | None:
+        """Seconds jobs for `path` have recently taken (a moving average), if known."""
+        ...
+
+    async def invalidate(self, target: Target, *, soft: bool = False) -> int:
+        """Expire the entries `target` selects: delete them, or if `soft` mark them stale.
+
+        Returns how many entries were affected. Stamps before it expires anything (a job
+        that began earlier is refused at commit); on Redis it then runs in short steps,
+        not atomically (see the module docstring).
+        """
+        ...
+
+
+# Members of an index read and expired per step: a ZSCAN page, then one script over its
+# entries (a tag's members may span several slots: one script per slot). Each step holds
+# Redis well under a millisecond or two, whatever the index size.
+_PAGE = 256
+# Pages of the path list read from Python for a prefix or glob (ZRANGEBYLEX).
+_PATHS_PAGE = 500
+
+StoreClient = Redis | RedisCluster
+"""A client for the cache: one Redis (plain or Sentinel) or a Redis Cluster."""
+
+
+class Script:
+    """A Lua script run by its SHA-1 (EVALSHA), and sent whole (EVAL) where it is missing.
+
+    Not redis-py's `register_script`, which on a miss loads the script on the nodes its
+    client believes are masters and tries EVALSHA once more: on a Cluster whose slot has
+    just moved, or whose replica has just been promoted, that second try can meet a node
+    without the script again. EVAL follows the key to whichever node serves it now (MOVED
+    and ASK) and leaves the script cached there.
+    """
+
+    def __init__(self, client: StoreClient, text: str) -> None:
+        self._client: Any = client  # redis-py types eval/evalsha for one client class each
+        self.text = text
+        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        """The script's reply for `keys` and `args`."""
+        try:
+            return await self._client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a new or restarted node, or one the slot just moved to
+            return await self._client.eval(self.text, len(keys), *keys, *args)
+
+    def command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        """The EVALSHA of `__call__`, for a pipeline; a `NoScriptError` reply: call it."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+class RedisStore:
+    """A `Store` on one Redis or a Redis Cluster (the same scripts; see keys.py).
+
+    A hit is one script on the request's own keys: one round trip to the node of its slot.
+    """
+
+    def __init__(self, redis: StoreClient, *, prefix: str, claim_ttl: float) -> None:
+        # The caller owns `redis` and closes it: the queue may share the same client.
+        self._redis = redis
+        self._keys = RedisKeys(prefix)
+        self._claim_ms = _milliseconds(claim_ttl)
+        # An invalidation stamp matters only to jobs that began before it, and none runs
+        # longer than its claim lease: keep the stamp that long, plus a margin.
+        self._stamp_ms = self._claim_ms + 60_000
+        keys = self._keys
+        self._path_list = [keys.paths(), keys.paths_by_expiry(), keys.path_listings()]
+        self._lookup = Script(redis, scripts.LOOKUP)
+        self._begin = Script(redis, scripts.BEGIN)
+        self._list_path = Script(redis, scripts.LIST_PATH)
+        self._delist_path = Script(redis, scripts.DELIST_PATH)
+        self._tag_add = Script(redis, scripts.TAG_ADD)
+        self._commit = Script(redis, scripts.COMMIT)
+        self._release = Script(redis, scripts.RELEASE)
+        self._stamp = Script(redis, scripts.STAMP)
+        self._drop = Script(redis, scripts.DROP)
+
+    async def lookup(self, digest: str, token: str, path: str) -> Lookup:
+        """See `Store.lookup`."""
+        keys = self._keys
+        entry, stale, claimed_at = await self._lookup(
+            keys=[
+                keys.response(digest),
+                keys.fresh(digest),
+                keys.claim(digest),
+                keys.path_index(path),
+            ],
+            args=[token, self._claim_ms],
+        )
+        if claimed_at == 0:
+            return Lookup(entry, stale == 1)
+        return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
+
+    async def list_path(self, path: str) -> None:
+        """See `Store.list_path`. A new path also delists a few dead ones."""
+        due = await self._list_path(keys=self._path_list, args=[_text(path), self._claim_ms])
+        await asyncio.gather(
+            *(self._delist_if_dead(due[i], due[i + 1]) for i in range(0, len(due), 2))
+        )
+
+    async def _delist_if_dead(self, raw_path: bytes, listings: bytes) -> None:
+        # The count was read before the index: a claim listed after this read moves it.
+        path = raw_path.decode("utf-8", "surrogatepass")
+        newest = await self._redis.zrange(self._keys.path_index(path), -1, -1, withscores=True)
+        await self._delist_path(
+            keys=self._path_list,
+            args=[raw_path, listings, str(int(newest[0][1])) if newest else ""],
+        )
+
+    async def _due_at(self, path: str, at_ms: int) -> None:
+        """Have the path list look at `path` again at `at_ms` (a hint: see DELIST_PATH)."""
+        await self._redis.execute_command(*self._due(path, at_ms))
+
+    def _due(self, path: str, at_ms: int) -> tuple[bytes | str | int, ...]:
+        return ("ZADD", self._keys.paths_by_expiry(), "XX", at_ms, _text(path))
+
+    def lease_left(self, claimed_at: float) -> float:
+        """See `Store.lease_left`.
+
+        Compares Redis's clock with ours, as arq does with its enqueuers' clocks. If they
+        disagree, the cost is a needless renewal, or at worst a job run twice.
+        """
+        return claimed_at / 1e6 + self._claim_ms / 1000 - time.time()
+
+    async def begin(self, digest: str, token: str, path: str) -> float | None:
+        """See `Store.begin`. The path stays listed: the claim being renewed listed it."""
+        keys = self._keys
+        started = await self._begin(
+            keys=[keys.claim(digest), keys.path_index(path)], args=[token, self._claim_ms]
+        )
+        return None if started is None else float(started)
+
+    async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
+        """See `Store.commit`: the tags' indexes first (one step per tag), then the entry."""
+        keys = self._keys
+        indexed = await asyncio.gather(
+            *(
+                self._tag_add(
+                    keys=[keys.tag(tag), keys.tag_stamp(tag)],
+                    args=[int(started), digest, _milliseconds(write.keep)],
+                )
+                for tag in write.tags
+            )
+        )
+        keys_, args = self._commit_arguments(digest, token, started, write, 0 in indexed)
+        # The path list's hint (`due_command`) goes with the commit: one round trip. (A
+        # pipeline, not a transaction: on a Cluster the two are on different nodes.)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*self.due_command(write))
+            pipe.execute_command(*self._commit.command(keys_, args))
+            _, reply = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, NoScriptError):  # Redis restarted: the script call loads it
+            reply = await self._commit(keys=keys_, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+        return commit_outcome(reply)
+
+    def commit_command(
+        self, digest: str, token: str, started: float, write: Write
+    ) -> tuple[bytes | str | int, ...]:
+        """`commit` as one EVALSHA command, to send in a caller's own transaction.
+
+        Only for a `write` without tags (those are indexed in steps of their own first:
+        use `commit`); send `due_command` with it. `commit_outcome` reads its reply. It
+        assumes the script is loaded: if Redis answers `NoScriptError` instead (a first
+        commit, or Redis restarted), call `commit`, which loads it.
+        """
+        assert not write.tags, "a tagged commit takes steps of its own: use commit()"
+        return self._commit.command(*self._commit_arguments(digest, token, started, write, False))
+
+    def due_command(self, write: Write) -> tuple[bytes | str | int, ...]:
+        """What `commit` sends with its script, as a command for a caller's transaction.
+
+        The path was listed until the end of the claim's lease; this has the path list
+        look at it again when the entry ends, so that the list stays near the live paths.
+        Only a hint (see `DELIST_PATH`), so it may go with a commit that is refused.
+        """
+        return self._due(write.path, _expiry_ms(write))
+
+    def _commit_arguments(
+        self, digest: str, token: str, started: float, write: Write, tag_refused: bool
+    ) -> tuple[list[str], list[bytes]]:
+        keys = self._keys
+        return (
+            [
+                keys.response(digest),
+                keys.fresh(digest),
+                keys.claim(digest),
+                keys.entry_stamp(digest),
+                keys.path_index(write.path),
+                keys.path_stamp(write.path),
+                keys.durations(write.path),
+            ],
+            [write.entry, _commit_meta(keys, digest, token, started, write, tag_refused)],
+        )
+
+    async def release(self, digest: str, token: str) -> None:
+        """See `Store.release`."""
+        await self._release(keys=[self._keys.claim(digest)], args=[token])
+
+    async def discard(self, digest: str) -> None:
+        """See `Store.discard`."""
+        await self._redis.delete(self._keys.response(digest), self._keys.fresh(digest))
+
+    async def typical_duration(self, path: str) -> float | None:
+        """See `Store.typical_duration`."""
+        # redis-py's stubs want a str field; ours is bytes so that any path round-trips.
+        redis: Any = self._redis
+        found = await redis.hget(self._keys.durations(path), _text(path))
+        return None if found is None else int(found) / 1000
+
+    async def invalidate(self, target: Target, *, soft: bool = False) -> int:
+        """See `Store.invalidate`: a stamp, then pages of the index, each a short step."""
+        keys = self._keys
+        if isinstance(target, ByPath):
+            return await self._invalidate_path(target.path, soft)
+        if isinstance(target, ByTag):
+            await self._stamp(keys=[keys.tag_stamp(target.tag)], args=[self._stamp_ms])
+            return await self._walk(keys.tag(target.tag), soft, path_index=False)
+        if isinstance(target, ByGlob):
+            return await self._invalidate_glob(target, soft)
+        assert isinstance(target, ByQuery)
+        await self._stamp(keys=[keys.path_stamp(target.path)], args=[self._stamp_ms])
+        # The query rules live in Python (targets.py): each page's matches are expired.
+        params = target.params
+        return await self._walk(
+            keys.path_index(target.path),
+            soft,
+            path_index=True,
+            select=lambda member: query_matches(member[32:], params),
+        )
+
+    async def _invalidate_path(self, path: str, soft: bool) -> int:
+        keys = self._keys
+        await self._stamp(keys=[keys.path_stamp(path)], args=[self._stamp_ms])
+        count = await self._walk(keys.path_index(path), soft, path_index=True)
+        if not soft:
+            # Due now: the path list forgets the path unless its index still holds
+            # something live (a running claim, an entry stored meanwhile), see DELIST_PATH.
+            await self._due_at(path, 0)
+        return count
+
+    async def _walk(
+        self,
+        index: str,
+        soft: bool,
+        *,
+        path_index: bool,
+        select: Callable[[bytes], bool] | None = None,
+    ) -> int:
+        """Expire the entries `index` names (those `select` keeps), a page at a time.
+
+        ZSCAN returns every member present from the first call to the last at least once,
+        whatever is added or removed meanwhile; a member added after the stamp (a job
+        that began after it) may or may not be seen. Claims ('~') are left alone: the
+        stamp refuses the jobs that began before it. A member seen twice is sent once.
+        """
+        sent: set[bytes] = set()
+        count = 0
+        cursor = 0
+        while True:
+            cursor, page = await self._redis.zscan(index, cursor, count=_PAGE)
+            # Entries of one slot per script: a path's index is all one slot (with the
+            # index itself); a tag's may name entries of many.
+            groups: dict[bytes, list[bytes]] = {}
+            for member, _expiry in page:
+                digest = member[:32]
+                if member.startswith(b"~") or digest in sent:
+                    continue
+                if select is None or select(member):
+                    sent.add(digest)
+                    groups.setdefault(b"" if path_index else digest[:TAG_LENGTH], []).append(member)
+            for members in groups.values():
+                count += await self._drop_page(index, members, soft, path_index=path_index)
+            if cursor == 0:
+                return count
+
+    async def _drop_page(
+        self, index: str, members: list[bytes], soft: bool, *, path_index: bool
+    ) -> int:
+        keys = self._keys
+        names: list[str] = []
+        for member in members:
+            digest = member[:32].decode("ascii", "replace")
+            names += [keys.response(digest), keys.fresh(digest), keys.entry_stamp(digest)]
+        if path_index:
+            names.append(index)
+        count, forget, _touched = await self._drop(
+            keys=names,
+            args=[
+                "1" if soft else "0",
+                0 if path_index else self._stamp_ms,  # a tag walk stamps each entry
+                keys.events(),
+                "1" if path_index else "0",
+                *members,
+            ],
+        )
+        if forget and not path_index:
+            await self._redis.zrem(index, *forget)
+        return int(count)
+
+    async def _invalidate_glob(self, target: ByGlob, soft: bool) -> int:
+        # The path list is ordered by bytes: page through the candidates from an exclusive
+        # lower bound, which paths added or forgotten meanwhile cannot shift.
+        low, high = glob_range(target.pattern)
+        count = 0
+        while True:
+            page = await self._redis.zrangebylex(self._keys.paths(), low, high, 0, _PATHS_PAGE)
+            for raw in page:
+                path = raw.decode("utf-8", "surrogatepass")
+                if target.matches(path):
+                    count += await self._invalidate_path(path, soft)
+            if len(page) < _PATHS_PAGE:
+                return count
+            low = b"(" + page[-1]
+
+
+def commit_outcome(reply: bytes | str) -> Committed:
+    """The `Committed` a commit script's reply stands for."""
+    return Committed(reply.decode() if isinstance(reply, bytes) else reply)
+
+
+def _commit_meta(
+    keys: RedisKeys, digest: str, token: str, started: float, write: Write, tag_refused: bool
+) -> bytes:
+    """The commit script's arguments after the entry, packed in the order it unpacks them."""
+    meta = [
+        token,
+        int(started),
+        _milliseconds(write.fresh),
+        _milliseconds(write.keep),
+        _text(write.path),
+        write.query,
+        write.failed,
+        _milliseconds(write.retry_after),
+        digest,
+        False if write.duration is None else _milliseconds(write.duration),
+        tag_refused,
+        keys.events(),
+    ]
+    # Redis's cmsgpack predates msgpack's bin type: bytes go as (binary-safe) raw strings.
+    packed: bytes = msgpack.packb(meta, use_bin_type=False)
+    return packed
+
+
+def _text(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")
+
+
+def _expiry_ms(write: Write) -> int:
+    """When the entry `write` stores ends (ms, this process's clock; a hint is enough)."""
+    return round(time.time() * 1000) + _milliseconds(write.keep)
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))

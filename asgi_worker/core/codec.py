@@ -1,0 +1,164 @@
+"""msgpack encoding of what crosses Redis: stored responses and request snapshots.
+
+Every encoded value starts with a format version, so a future format can be told apart
+and an old or foreign value is refused with `CorruptEntryError` instead of misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from asgi_worker.core.credentials import CredentialGuard
+from asgi_worker.core.keys import Headers, RequestSnapshot, header_pairs
+
+_RESPONSE_V1 = 1
+_SNAPSHOT_V2 = 2  # 2: the server root path added
+_SNAPSHOT_V3 = 3  # 3: the client's address added (version 2 is still read)
+
+
+class CorruptEntryError(ValueError):
+    """Bytes that are not a value this version of asgi-worker wrote."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A complete response as the app sent it, ready to be served again."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    stored_at: float
+    """Unix time the worker finished the response (for `Age`)."""
+    hit_for_pass: bool = False
+    """A marker, not a response: the app's answer was private, so requests for this key
+    go straight to the app until the marker expires (Varnish's hit-for-pass)."""
+
+
+def encode_response(response: StoredResponse) -> bytes:
+    """Pack a response for Redis."""
+    return _pack(
+        [
+            _RESPONSE_V1,
+            response.status,
+            [list(pair) for pair in response.headers],
+            response.body,
+            response.stored_at,
+            response.hit_for_pass,
+        ]
+    )
+
+
+def decode_response(data: bytes) -> StoredResponse:
+    """Unpack a response; `CorruptEntryError` for anything `encode_response` did not make."""
+    items = _unpack(data, {_RESPONSE_V1: 6})
+    _, status, headers, body, stored_at, hit_for_pass = items
+    if not (
+        isinstance(hit_for_pass, bool)
+        and isinstance(status, int)
+        and (100 <= status <= 999 or (hit_for_pass and status == 0))
+        and isinstance(body, bytes)
+        and isinstance(stored_at, int | float)
+        and math.isfinite(stored_at)
+    ):
+        raise CorruptEntryError("stored response has fields of the wrong type")
+    try:
+        pairs = header_pairs(headers)
+    except ValueError as error:
+        raise CorruptEntryError(str(error)) from None
+    return StoredResponse(
+        status=status,
+        headers=pairs,
+        body=body,
+        stored_at=float(stored_at),
+        hit_for_pass=hit_for_pass,
+    )
+
+
+def encode_snapshot(snapshot: RequestSnapshot, guard: CredentialGuard | None = None) -> bytes:
+    """Pack a request snapshot for a job; credentials are sealed with `guard`."""
+    sealed = b""
+    if snapshot.credentials:
+        if guard is None:
+            raise ValueError("a snapshot with credentials is only encoded sealed")
+        sealed = guard.seal(_pack([list(pair) for pair in snapshot.credentials]))
+    client = None if snapshot.client is None else list(snapshot.client)
+    return _pack([_SNAPSHOT_V3, *snapshot.canonical(), sealed, client])
+
+
+def decode_snapshot(data: bytes, guard: CredentialGuard | None = None) -> RequestSnapshot:
+    """Unpack a snapshot; `CorruptEntryError` for anything `encode_snapshot` did not make.
+
+    Version 2 snapshots (jobs queued by the release before) are read too, with no client.
+    """
+    snapshot, sealed = _decode_snapshot(data)
+    if not sealed:
+        return snapshot
+    try:
+        if guard is None:
+            raise ValueError("the job carries sealed credentials, and no secret is configured")
+        credentials = header_pairs(msgpack.unpackb(guard.open(sealed), raw=False))
+    except (ValueError, TypeError) as error:
+        raise CorruptEntryError(str(error)) from None
+    return dataclasses.replace(snapshot, credentials=credentials)
+
+
+def peek_snapshot(data: bytes) -> RequestSnapshot:
+    """The request of an encoded snapshot, its credentials (if any) left sealed: for logs."""
+    return _decode_snapshot(data)[0]
+
+
+def _decode_snapshot(data: bytes) -> tuple[RequestSnapshot, bytes]:
+    """The snapshot without its credentials, and the credentials still sealed."""
+    items = _unpack(data, {_SNAPSHOT_V3: 12, _SNAPSHOT_V2: 11})
+    client = items.pop() if items[0] == _SNAPSHOT_V3 else None
+    sealed = items[-1]
+    try:
+        snapshot = RequestSnapshot.from_canonical(items[1:-1])
+        if client is not None:
+            snapshot = dataclasses.replace(snapshot, client=_client(client))
+        if not isinstance(sealed, bytes):
+            raise ValueError("sealed credentials are not bytes")
+    except (ValueError, TypeError) as error:
+        raise CorruptEntryError(str(error)) from None
+    return snapshot, sealed
+
+
+def _client(value: Any) -> tuple[str, int]:
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    ):
+        raise ValueError("the client's address is not [host, port]")
+    return value[0], value[1]
+
+
+def _pack(items: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(items, use_bin_type=True)
+    return packed
+
+
+def _unpack(data: bytes, lengths: Mapping[int, int]) -> list[Any]:
+    """The list packed in `data`: its first item a format version in `lengths`.
+
+    `lengths` maps each version read to its number of items.
+    """
+    try:
+        items = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise CorruptEntryError(f"not msgpack: {error}") from None
+    if not (
+        isinstance(items, list)
+        and items
+        and type(items[0]) is int  # hashable, and not a bool standing for 1
+        and lengths.get(items[0]) == len(items)
+    ):
+        raise CorruptEntryError("not a value of this format version")
+    return items

@@ -1,0 +1,517 @@
+"""`WorkerMiddleware`: serve GETs from the cache, hand misses to a worker, answer 202."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sniffio
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from asgi_worker.backends.memory import InProcessQueue
+from asgi_worker.backends.redis.queue import ArqQueue, Job, QueueFull
+from asgi_worker.backends.redis.store import Store
+from asgi_worker.core.app_layers import walk
+from asgi_worker.core.codec import (
+    CorruptEntryError,
+    StoredResponse,
+    decode_response,
+    encode_snapshot,
+)
+from asgi_worker.core.config import Config
+from asgi_worker.core.keys import (
+    Client,
+    HostNotAllowedError,
+    InvalidHostError,
+    RedisKeys,
+    RequestSnapshot,
+    scope_client,
+)
+from asgi_worker.core.normalize import KeyRules
+from asgi_worker.core.policy import Policy
+from asgi_worker.core.replay import replay_marker
+from asgi_worker.observability.from_config import observer_for
+from asgi_worker.observability.observer import Observer, RequestRecord
+from asgi_worker.web.backend import Backend, Entry, open_backend
+from asgi_worker.web.key_memo import KeyMemo
+from asgi_worker.web.responses import send_accepted, send_bad_request, send_stored, send_unavailable
+from asgi_worker.web.single_flight import SingleFlight
+from asgi_worker.web.waiting import Gone, hold, parse_prefer
+
+logger = logging.getLogger("asgi_worker")
+
+# Errors that mean "the backend cannot answer now", as opposed to bugs.
+_BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
+
+# What `_serve` says it did, for an observer; cheap constants when there is none.
+_HIT, _NEAR_HIT, _STALE, _MISS = "hit", "near-hit", "stale", "miss"
+
+
+class WorkerMiddleware:
+    """ASGI middleware that answers GET and HEAD only from a cache a worker fills.
+
+    A hit is served from the stored response, with `Age`, `ETag` and `Cache-Status`. A
+    miss answers `202 Accepted` with `Retry-After` at once, and makes sure exactly one
+    job exists to replay the request: in an arq worker (`worker_settings`,
+    `asgi-worker worker`), or in this process with `memory://` or `inline_worker`.
+    Everything else (other methods, websockets, requests with credentials, excluded
+    paths) goes straight to the wrapped app. With Redis down the answer is `503`, or
+    the app's with `fail_open`.
+
+    ```python
+    app.add_middleware(WorkerMiddleware, config=Config())  # Starlette, FastAPI
+    app = WorkerMiddleware(app, config=Config())           # any ASGI app
+    ```
+
+    A replay enters at the top of the app you serve, as the server's requests do, and
+    what the app inside this middleware answers to it is the response stored.
+    """
+
+    def __init__(self, app: ASGIApp, *, config: Config, observer: Observer | None = None) -> None:
+        """Wrap `app` in the cache `config` describes.
+
+        Args:
+            app: The ASGI app whose GET responses are cached; replays reach it too.
+            config: The settings, the same as the worker's.
+            observer: Measures or traces requests. By default the one `config` asks for
+                (`metrics`, `tracing`); with neither, none at all, at no cost.
+        """
+        self.app = app
+        self.config = config
+        self._observer = observer if observer is not None else observer_for(config)
+        self._exposition = None if self._observer is None else self._observer.exposition()
+        self._policy = Policy(config)
+        self._keys = RedisKeys(config.prefix)
+        self._guard = config.credential_guard()
+        self._key_memo = KeyMemo(config.vary, self._guard, KeyRules.from_config(config))
+        # Opened on the first request, inside the server's event loop; closed at shutdown.
+        self._backend: Backend | None = None
+        # The server's lifespan state, for replays run in this process (inline worker).
+        self._lifespan_state: Mapping[str, Any] | None = None
+        # Claim tokens: unique per claim, and cheap (no syscall) on the hit path where
+        # they go unused. The random part tells processes and restarts apart.
+        self._token_prefix = secrets.token_hex(6)
+        self._token_counter = itertools.count()
+        self._inflight: SingleFlight[_Found | None] = SingleFlight()
+        # Where in-process replays enter the app: learned from the first request.
+        self._entry: Entry | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch one ASGI connection."""
+        if scope["type"] == "lifespan":
+            if (refusal := _unsupported_loop()) is not None:
+                await _refuse_startup(refusal, receive, send)
+                return
+            self._lifespan_state = scope.get("state")
+            await self.app(scope, self._closing_at_shutdown(receive), send)
+        elif self._policy.handles(scope):
+            if self._observer is None:
+                await self._serve(scope, receive, send)
+            else:
+                await self._serve_observed(self._observer, scope, receive, send)
+        else:
+            marker = replay_marker(scope) if scope["type"] == "http" else None
+            if marker is not None and marker.take(self.config.prefix):
+                await marker.answer(self.app, scope, receive, send)  # the one stored
+                return
+            if self._observer is not None and marker is None and scope["type"] == "http":
+                if self._serves_metrics(scope):  # a scrape with credentials, or excluded
+                    await self._exposition(scope, receive, send)  # type: ignore[misc]
+                    return
+                self._observer.bypassed(scope)
+            await self.app(scope, receive, send)
+
+    def _serves_metrics(self, scope: Scope) -> bool:
+        return self._exposition is not None and scope["path"] == self.config.metrics_path
+
+    async def _serve_observed(
+        self, observer: Observer, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """`_serve`, measured and traced; also serves the metrics at `metrics_path`."""
+        if self._serves_metrics(scope):
+            await self._exposition(scope, receive, send)  # type: ignore[misc]
+            return
+        if self._entry is None:
+            self._first_request(scope)  # binds the observer: a span is named by its route
+        record = RequestRecord(scope)
+        with observer.request(record):
+            outcome = await self._serve(scope, receive, send, record)
+            if outcome == _NEAR_HIT:
+                record.near = True
+                outcome = _HIT
+            elif outcome == _MISS:
+                outcome = "miss-enqueued" if record.enqueued else "miss-queued"
+            record.outcome = outcome
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord | None = None
+    ) -> str:
+        """Answer one cache request; returns what it did (for an observer).
+
+        `record` (with an observer) is marked if this request's lookup enqueued the job.
+        """
+        head = scope["method"] == "HEAD"
+        try:
+            snapshot, digest = self._key_memo.key(scope)
+        except InvalidHostError as error:
+            logger.info("asgi-worker: 400 for %s", error)
+            reason = b"host not served" if isinstance(error, HostNotAllowedError) else b"bad Host"
+            await send_bad_request(send, head=head, reason=reason)
+            return "bad-request"
+        if self._entry is None:
+            self._first_request(scope)
+        applied: list[tuple[bytes, bytes]] = []
+        waited = False
+        try:
+            client = scope_client(scope) if self.config.replay_client else None
+            found = await self._lookup(snapshot, digest, client, record)
+            if found is None:
+                preference = parse_prefer(_headers(scope, b"prefer"))
+                # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
+                # "respond-async, wait=N") we hold up to N seconds, then answer 202.
+                seconds = min(preference.wait or 0.0, self.config.max_wait)
+                if seconds > 0:
+                    held = await self._wait_for(snapshot, digest, client, seconds, receive, record)
+                    if isinstance(held, Gone):
+                        return "gone"  # the client went away while waiting: nobody to answer
+                    found = held
+                    if found is not None:
+                        waited = True
+                        # The hold we granted: the client's wait, or less if capped.
+                        applied.append((b"preference-applied", b"wait=%d" % math.ceil(seconds)))
+                if found is None and preference.respond_async:
+                    applied.append((b"preference-applied", b"respond-async"))
+        except QueueFull as error:
+            # Admission control: nothing was queued and the claim is released.
+            logger.warning("asgi-worker: 503, %s", error)
+            retry_after = self.config.retry_after
+            await send_unavailable(send, retry_after=retry_after, head=head, queue_full=True)
+            return "queue-full"
+        except _BACKEND_ERRORS as error:
+            logger.error("asgi-worker: cache backend unavailable: %r", error)
+            if self.config.fail_open:
+                await self.app(scope, receive, send)
+            else:
+                await send_unavailable(send, retry_after=self.config.retry_after, head=head)
+            return "unavailable"
+        if found is None:
+            await send_accepted(
+                send,
+                retry_after=await self._retry_after(snapshot),
+                extra=applied,
+                no_worker=await self._no_worker(),
+            )
+            return _MISS
+        if found.response.hit_for_pass:
+            await self.app(scope, receive, send)  # the app said private: never share it
+            return "pass"
+        if_none_match = _headers(scope, b"if-none-match")
+        await send_stored(
+            found.response,
+            send,
+            head=head,
+            stale=found.stale,
+            if_none_match=b", ".join(if_none_match) if if_none_match else None,
+            extra=applied,
+        )
+        if waited:
+            return "waited"
+        return _STALE if found.stale else _NEAR_HIT if found.near else _HIT
+
+    async def _retry_after(self, snapshot: RequestSnapshot) -> int:
+        """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive."""
+        config = self.config
+        if not config.adaptive_retry_after:
+            return config.retry_after
+        try:
+            async with asyncio.timeout(config.redis_timeout):
+                typical = await self._open().store.typical_duration(snapshot.path)
+        except _BACKEND_ERRORS:
+            return config.retry_after  # the 202 matters more than its hint
+        if typical is None:
+            return config.retry_after
+        return min(max(math.ceil(typical), config.retry_after), config.max_retry_after)
+
+    async def _no_worker(self) -> bool:
+        """True if no worker has reported on the queue for too long (arq backend only).
+
+        Asked on a 202 only, never on a hit; reads Redis at most once per
+        `queue.WORKER_CHECK_EVERY` seconds per process (see `queue.WorkerWatch`).
+        """
+        queue = self._open().queue
+        if not isinstance(queue, ArqQueue):
+            return False  # in-process jobs: this process is the worker
+        return await queue.worker_watch.check(self.config.redis_timeout)
+
+    async def _wait_for(
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        seconds: float,
+        receive: Receive,
+        record: RequestRecord | None,
+    ) -> _Found | Gone | None:
+        """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
+        backend = self._open()
+        await backend.listen(min(seconds, self.config.redis_timeout))
+        observer = self._observer
+        if observer is not None:
+            observer.waiting(1)
+        try:
+            return await hold(
+                backend.waiters,
+                digest,
+                lambda: self._lookup(snapshot, digest, client, record),
+                seconds,
+                receive,
+            )
+        finally:
+            if observer is not None:
+                observer.waiting(-1)
+
+    async def _lookup(
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        record: RequestRecord | None,
+    ) -> _Found | None:
+        """One round trip in the common case; a job is enqueued only by the claimant.
+
+        `client` is the address a job enqueued here replays (`Config.replay_client`).
+
+        With `Config.coalesce`, a request arriving while a lookup of the same key is on its
+        way in this process waits for that one instead of sending its own (single-flight):
+        a hot key costs one round trip per round-trip time, not one per request. The
+        `record` of the request whose lookup is sent is the one marked as the enqueuer.
+        """
+        # The near cache is a dict read: no round trip to share, nothing to time out.
+        near = self._open().near_cache()
+        if near is not None and (cached := near.get(digest)) is not None:
+            return _Found(cached, stale=False, near=True)
+        if not self.config.coalesce:
+            return await self._timed_lookup(snapshot, digest, client, record)
+        return await self._inflight.run(
+            digest, lambda: self._timed_lookup(snapshot, digest, client, record)
+        )
+
+    async def _timed_lookup(
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        record: RequestRecord | None,
+    ) -> _Found | None:
+        # One timer for the whole lookup (the web client has no per-read timeout).
+        observer = self._observer
+        if observer is None:
+            async with asyncio.timeout(self.config.redis_timeout):
+                return await self._lookup_now(snapshot, digest, client, None)
+        began = time.perf_counter()
+        async with asyncio.timeout(self.config.redis_timeout):
+            found = await self._lookup_now(snapshot, digest, client, record)
+        observer.lookup(time.perf_counter() - began)
+        return found
+
+    async def _lookup_now(
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        record: RequestRecord | None,
+    ) -> _Found | None:
+        backend = self._open()
+        near = backend.near_cache()
+        token = f"{self._token_prefix}{next(self._token_counter):x}"
+        found = await backend.store.lookup(digest, token, snapshot.path)
+        response = None
+        if found.entry is not None:
+            try:
+                response = decode_response(found.entry)
+            except CorruptEntryError as error:
+                logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
+                await backend.store.discard(digest)
+                if not found.claimed:
+                    found = await backend.store.lookup(digest, token, snapshot.path)
+        if found.claimed_at is not None:
+            # The snapshot may be another request's (`KeyMemo`): the address is this one's.
+            payload = encode_snapshot(dataclasses.replace(snapshot, client=client), self._guard)
+            job_id = self._keys.job_id(digest, token)
+            observer = self._observer
+            trace = None if observer is None else observer.carry()
+            job = Job(job_id, payload, token, found.claimed_at, snapshot.path, trace)
+            try:
+                await backend.queue.enqueue(job)
+            except BaseException as error:
+                # Let the next request claim again rather than wait for the lease.
+                await _quietly(backend.store.release(digest, token))
+                if response is None or not isinstance(error, (*_BACKEND_ERRORS, QueueFull)):
+                    raise
+                # A stale copy is better than a 503: serve it, refresh on a later request.
+                logger.error("asgi-worker: could not enqueue a refresh: %r", error)
+            else:
+                if record is not None:
+                    record.enqueued = True
+        if response is None:
+            return None
+        if near is not None and not found.stale:
+            near.put(digest, response)
+        return _Found(response, found.stale)
+
+    @property
+    def waiting(self) -> int:
+        """How many requests this middleware holds now for `Prefer: wait`."""
+        return 0 if self._backend is None else self._backend.waiters.count
+
+    @property
+    def opened(self) -> bool:
+        """True once this middleware has opened its store and queue (on first use)."""
+        return self._backend is not None
+
+    @property
+    def store(self) -> Store:
+        """The store of the responses this middleware serves (opened on first use).
+
+        What `Invalidator.for_app` invalidates.
+        """
+        return self._open().store
+
+    async def drain(self) -> int:
+        """Wait until the jobs running in this process have finished.
+
+        Only with `memory://` or `inline_worker` do jobs run in the web process; with an
+        arq worker there is nothing to wait for.
+
+        Returns:
+            How many jobs finished.
+        """
+        queue = self._backend.queue if self._backend is not None else None
+        return await queue.drain() if isinstance(queue, InProcessQueue) else 0
+
+    def _open(self) -> Backend:
+        if self._backend is None:
+            self._backend = open_backend(
+                self.config,
+                entry=lambda: self._entry or Entry(self),
+                state=lambda: self._lifespan_state,
+                observer=self._observer,
+            )
+        return self._backend
+
+    def _closing_at_shutdown(self, receive: Receive) -> Receive:
+        async def receive_then_close() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown" and self._backend is not None:
+                backend, self._backend = self._backend, None
+                await backend.close()
+            return message
+
+        return receive_then_close
+
+    def _first_request(self, scope: Scope) -> None:
+        """Learn where replays enter, and share the backend of a twin, if the app has one.
+
+        Litestar builds one middleware per route handler and method: with `memory://`,
+        each would keep entries of its own, and a HEAD would miss what its GET stored.
+        Middlewares of one app with equal configs share one backend, as they share Redis.
+
+        Raises `RuntimeError` on an event loop other than asyncio's (a server without
+        lifespan: with one, the startup refused it already).
+        """
+        if (refusal := _unsupported_loop()) is not None:
+            raise RuntimeError(refusal)
+        self._entry = self._entry_for(scope)
+        if self._observer is not None:
+            self._observer.bind(self._entry.app)
+        app = scope.get("app")
+        if self._backend is not None or app is None:
+            return
+        for node, _ in walk(app):
+            twin = isinstance(node, WorkerMiddleware) and node is not self
+            if twin and node.config == self.config and node._backend is not None:
+                self._backend = node._backend
+                return
+
+    def _entry_for(self, scope: Scope) -> Entry:
+        """Where a replay of this request enters, as the arq worker's enters the served app.
+
+        The framework's app in the scope (Starlette, FastAPI and Litestar put it there) if
+        it reaches this middleware: it adds what it always adds to the scope. Below a
+        Starlette `Mount` that app is the mounted sub-app; the outermost router (in
+        `scope["router"]`) is entered instead, so the mount and the router that `url_for`
+        uses are the served app's. Without either (Quart, Django, a plain ASGI app)
+        nothing outside this middleware adds anything, and the replay enters here.
+        """
+        below_mount = "app_root_path" in scope
+        fallback = Entry(self, mounted=below_mount)
+        for key in ("app", "router"):
+            candidate = scope.get(key)
+            if candidate is None or candidate is self:
+                continue
+            through_mount = self._reached_from(candidate)
+            if through_mount is None:
+                continue
+            if through_mount or not below_mount:
+                return Entry(candidate)  # it sees the server's root path
+            fallback = Entry(candidate, mounted=True)
+        return fallback
+
+    def _reached_from(self, app: object) -> bool | None:
+        """Whether `app` reaches this middleware through a `Mount`; None if not at all."""
+        for node, through_mount in walk(app):
+            if node is self:
+                return through_mount
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    response: StoredResponse
+    stale: bool
+    near: bool = False
+
+
+def _unsupported_loop() -> str | None:
+    """Why this event loop cannot run the middleware, or None under asyncio.
+
+    Redis clients, the queue and the worker are asyncio's (redis.asyncio, arq): under
+    trio, say so at start-up in one line instead of failing inside the first request.
+    """
+    library = sniffio.current_async_library()
+    if library == "asyncio":
+        return None
+    return (
+        f"asgi-worker runs on asyncio only, and this server runs {library}: serve the app "
+        "with an asyncio event loop (uvicorn, hypercorn's default asyncio worker, "
+        "granian's asyncio loop)"
+    )
+
+
+async def _refuse_startup(refusal: str, receive: Receive, send: Send) -> None:
+    """Answer the lifespan's startup with a failure that says why: the server stops."""
+    logger.error("asgi-worker: %s", refusal)
+    message = await receive()
+    if message["type"] == "lifespan.startup":
+        await send({"type": "lifespan.startup.failed", "message": refusal})
+
+
+def _headers(scope: Scope, name: bytes) -> list[bytes]:
+    return [bytes(value) for key, value in scope.get("headers") or () if key.lower() == name]
+
+
+async def _quietly(step: Awaitable[object]) -> None:
+    """Best-effort clean-up while another error is already on its way to the caller."""
+    try:
+        await step
+    except Exception as error:  # the original error matters more than this one
+        logger.warning("asgi-worker: clean-up failed: %r", error)

@@ -1,0 +1,199 @@
+"""How a `ReplayWorker` takes jobs off arq's queue, and sleeps when there are none.
+
+arq's own worker polls: every `poll_delay` it reads the due jobs and races every other
+worker for each one with a WATCH/MULTI transaction. Its cost per job grows with the
+number of workers, and an idle worker still sends a hundred commands a second at a
+10 ms poll. Here a worker takes jobs with one script (`queue_scripts.TAKE`), which reads
+only what it takes, and an idle worker blocks on the queue's wake list, which each
+enqueue pushes a token on (`queue_scripts.ENQUEUE`). The wait and the take go in one
+round trip: a pipeline of BLPOP and the take, which Redis runs the moment the wait ends.
+A worker wakes for a new job within that round trip, and when nothing comes, looks at the
+queue every `IDLE_LOOK_EVERY` seconds (jobs enqueued by other means than `ArqQueue`, say
+arq's `enqueue_job`, push no token).
+
+The take also reads each job it takes as arq's `Worker.run_job` would first read it (the
+job, its try counted, whether it was aborted). `ReadAnswered` hands that to `run_job`
+in place of its own read: a job starts with no round trip after the one that took it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from redis.exceptions import NoScriptError
+
+from asgi_worker.backends.redis.queue import wake_key
+from asgi_worker.backends.redis.queue_scripts import TAKE
+
+logger = logging.getLogger("asgi_worker")
+
+IDLE_LOOK_EVERY = 3.0
+"""Seconds an idle worker sleeps at most before it looks at the queue again unwoken.
+
+Each look is four commands as Redis counts them (BLPOP, the take, the clock and the
+one read inside it): 1.3 a second per idle worker."""
+
+
+# arq's run_job keeps a job's try count this long (seconds).
+_RETRY_KEY_TTL = 88400
+
+
+@dataclass(frozen=True, slots=True)
+class TakenJob:
+    """A job one take got, and what arq's `run_job` reads of it first."""
+
+    job_id: str
+    score: int
+    """Its score when taken (the take rescores it to its lease's end)."""
+    payload: bytes | None
+    """The job as arq stored it; None if it expired."""
+    tries: int
+    """This try's number: the job's retry count, counted by the take."""
+    aborted: bool
+    """Whether it was aborted (arq's `Job.abort`); only read with `allow_abort_jobs`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """What one take got: the jobs, and when the next job is due."""
+
+    jobs: list[TakenJob]
+    due_in_ms: int | None
+    """In how many ms the earliest job left in the queue is due (0: now), if any."""
+
+
+class JobTaker:
+    """Takes due jobs for one worker, after waiting for an enqueue's wake token if asked."""
+
+    def __init__(self, pool: ArqRedis, queue_name: str, *, read_aborts: bool = False) -> None:
+        self.pool = pool
+        self._queue_name = queue_name
+        self._abort_set = abort_jobs_ss if read_aborts else ""
+        self._wake_key = wake_key(queue_name)
+        self._script = pool.register_script(TAKE)
+
+    async def take(self, most: int, *, lease_ms: int, wait: float = 0.0, now_ms: int = 0) -> Taken:
+        """Take up to `most` due jobs: each is this worker's until its lease ends.
+
+        With `wait`, first wait up to that many seconds for a wake token (an enqueue);
+        the take runs when the wait ends, in the same round trip. `now_ms` is for tests:
+        0 takes what is due by Redis's clock.
+        """
+        arguments: list[str | int] = [
+            now_ms,
+            most,
+            lease_ms,
+            in_progress_key_prefix,
+            job_key_prefix,
+            retry_key_prefix,
+            _RETRY_KEY_TTL,
+            self._abort_set,
+        ]
+        if wait <= 0:
+            reply = await self._script([self._queue_name], arguments)
+        else:
+            reply = await self._wait_then_take(wait, arguments)
+        flat, due_in = reply
+        jobs = [
+            TakenJob(
+                flat[i].decode(), int(flat[i + 1]), flat[i + 2], int(flat[i + 3]), flat[i + 4] == 1
+            )
+            for i in range(0, len(flat), 5)
+        ]
+        return Taken(jobs, None if due_in is None else int(due_in))
+
+    async def _wait_then_take(self, wait: float, arguments: list[str | int]) -> Any:
+        # A plain pipeline: Redis runs the take right after the BLPOP returns, on the same
+        # connection, with no round trip between. (EVALSHA by hand: redis-py's pipeline
+        # would ask SCRIPT EXISTS first on every execute, a round trip more.)
+        # BLPOP takes a timeout in seconds with a resolution of 1 ms; 0 would block for
+        # ever, so a wait is never shorter than that.
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.blpop([self._wake_key], timeout=max(0.001, wait))  # type: ignore[arg-type]
+            pipe.execute_command("EVALSHA", self._script.sha, 1, self._queue_name, *arguments)
+            _, reply = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, NoScriptError):
+            # Redis restarted, or never ran the take: the script call loads it and takes
+            # now, without another wait (the wait is over, and a job may have come).
+            return await self._script([self._queue_name], arguments)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+
+class ReadAnswered:
+    """The queue's pool as arq's `Worker.run_job` sees it for one job the take has read.
+
+    `run_job` (arq 0.26 to 0.28) opens with one MULTI: GET the job, INCR its try count,
+    EXPIRE that, and with `allow_abort_jobs` ZREM the job from the aborted set. `TAKE`
+    did the same as it took the job. The first pipeline `run_job` opens is answered from
+    that (`used` is called then); everything else goes to the pool.
+    """
+
+    def __init__(self, pool: ArqRedis, job: TakenJob, used: Callable[[], None]) -> None:
+        self._pool = pool
+        self._job = job
+        self._used = used
+
+    def pipeline(self, transaction: bool = True) -> AnsweredRead:
+        """The pipeline that answers `run_job`'s read; see `AnsweredRead`."""
+        self._used()
+        return AnsweredRead(self._pool, self._job, transaction)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+class AnsweredRead:
+    """A pipeline that answers the read it expects from what the take read.
+
+    Any other pipeline (an arq version that reads differently) is sent to Redis as it
+    is, with a warning: the job then runs, with its try counted twice.
+    """
+
+    def __init__(self, pool: ArqRedis, job: TakenJob, transaction: bool) -> None:
+        self._pool = pool
+        self._job = job
+        self._transaction = transaction
+        self._queued: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    async def __aenter__(self) -> AnsweredRead:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def __getattr__(self, command: str) -> Callable[..., AnsweredRead]:
+        def queue(*args: Any, **kwargs: Any) -> AnsweredRead:
+            self._queued.append((command, args, kwargs))
+            return self
+
+        return queue
+
+    async def execute(self) -> list[Any]:
+        """The replies to the queued commands: the take's read, if it was that read."""
+        job = self._job
+        retry_key = retry_key_prefix + job.job_id
+        expected: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+            ("get", (job_key_prefix + job.job_id,), {}),
+            ("incr", (retry_key,), {}),
+            ("expire", (retry_key, _RETRY_KEY_TTL), {}),
+        ]
+        replies: list[Any] = [job.payload, job.tries, True]
+        if len(self._queued) == len(expected) + 1:
+            expected.append(("zrem", (abort_jobs_ss, job.job_id), {}))
+            replies.append(int(job.aborted))
+        if self._queued == expected:
+            return replies
+        logger.warning(
+            "asgi-worker: arq's first read of job %s is not the take's: sent to Redis", job.job_id
+        )
+        async with self._pool.pipeline(transaction=self._transaction) as pipe:
+            for command, args, kwargs in self._queued:
+                getattr(pipe, command)(*args, **kwargs)
+            return await pipe.execute()

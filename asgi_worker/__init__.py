@@ -6,7 +6,7 @@ and one background arq job replays the request through the same app to fill the 
 
 from asgi_worker.core.config import Config, ConfigurationError
 from asgi_worker.web.middleware import WorkerMiddleware
-from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.arq_worker import ReplayWorker
 from asgi_worker.worker.settings import worker_settings
 
 __all__ = [

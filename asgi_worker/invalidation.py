@@ -26,6 +26,7 @@ from asgi_worker.backends.redis.store import RedisStore, Store
 from asgi_worker.core.config import Config
 from asgi_worker.core.discovery import find_all
 from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag, Target
+from asgi_worker.web.middleware import WorkerMiddleware
 
 
 class Invalidator:
@@ -87,7 +88,7 @@ class Invalidator:
         Raises:
             LookupError: `app` holds no `WorkerMiddleware`.
         """
-        middlewares = [found.middleware for found in find_all(app)]
+        middlewares = [found.middleware for found in find_all(app, WorkerMiddleware)]
         if not middlewares:
             raise LookupError(f"no WorkerMiddleware found in the app ({type(app).__qualname__})")
         # Those that served (twins share one store); else the first, which opens its own.

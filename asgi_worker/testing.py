@@ -22,8 +22,10 @@ from contextlib import asynccontextmanager
 from starlette.types import ASGIApp
 
 from asgi_worker.core.config import Config
-from asgi_worker.core.discovery import find_all, find_config, find_middleware
-from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.core.discovery import find_all, find_config
+from asgi_worker.core.discovery import find_middleware as _find
+from asgi_worker.web.middleware import WorkerMiddleware
+from asgi_worker.worker.arq_worker import ReplayWorker
 from asgi_worker.worker.settings import worker_settings
 
 __all__ = ["find_middleware", "run_pending", "worker_running"]
@@ -49,7 +51,7 @@ async def run_pending(app: ASGIApp, config: Config | None = None) -> int:
         config = find_config(app)
     if config.in_process:
         # Each middleware instance runs its own jobs (Litestar builds one per route).
-        drained = [await found.middleware.drain() for found in find_all(app)]
+        drained = [await found.middleware.drain() for found in find_all(app, WorkerMiddleware)]
         return sum(drained)
     worker = ReplayWorker(**worker_settings(app, config), burst=True, handle_signals=False)
     try:
@@ -86,3 +88,12 @@ async def worker_running(app: ASGIApp, config: Config | None = None) -> AsyncIte
         # Let the jobs already running finish: arq's close() would cancel them.
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         await worker.close()
+
+
+def find_middleware(app: ASGIApp) -> WorkerMiddleware | None:
+    """The outermost `WorkerMiddleware` in `app`, or None.
+
+    Found through middleware stacks, mounts and the frameworks' wrappers (Starlette,
+    FastAPI, Litestar, Quart): for a test to reach the middleware's `store` or `drain`.
+    """
+    return _find(app, WorkerMiddleware)

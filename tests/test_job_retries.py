@@ -19,14 +19,15 @@ from urllib.parse import urlsplit
 import pytest
 from redis.asyncio import Redis
 
-from asgi_worker import Config, ReplayWorker, scripts
+from asgi_worker import Config, ReplayWorker
+from asgi_worker.backends.redis import scripts
 from asgi_worker.core.keys import RedisKeys
 
 from .apps import make_app
 from .conftest import REDIS_URL
 from .helpers import claim_keys, make_config, queued
 from .reset_proxy import ResetProxy, reset_proxy
-from .test_completion import drain, get
+from .test_arq_worker import drain, get
 
 COMMIT = hashlib.sha1(scripts.COMMIT.encode()).hexdigest().encode()
 """What every commit sends (EVALSHA <its SHA-1>), alone or in the end-of-job MULTI."""

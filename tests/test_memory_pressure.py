@@ -30,7 +30,7 @@ from .helpers import make_config
 from .own_redis import OwnRedis, own_redis
 from .processes import asgi_worker_command
 from .stack import APP, REDIS_URL, environment, get_until_ready, running_stack, wait_until
-from .test_completion import WorkerFactory, drain, get
+from .test_arq_worker import WorkerFactory, drain, get
 
 # The filler's values: few keys, so that freeing them is quick.
 _FILLER_BYTES = 64 * 1024

@@ -23,8 +23,8 @@ from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
 from asgi_worker import Config
-from asgi_worker.worker.job_taker import IDLE_LOOK_EVERY, JobTaker, ReadAnswered, Taken, TakenJob
-from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.arq_worker import PreReadPool, ReplayWorker
+from asgi_worker.worker.job_taker import IDLE_LOOK_EVERY, JobTaker, Taken, TakenJob
 from asgi_worker.worker.settings import worker_settings
 
 from .helpers import BASE_URL, build_app
@@ -353,7 +353,7 @@ async def test_a_read_the_take_did_not_expect_goes_to_redis(
     await redis.set(job_key_prefix + job_id, b"stored")
     used: list[bool] = []
     read = TakenJob(job_id, 0, b"from the take", 1, aborted=False)
-    pool = ReadAnswered(redis, read, lambda: used.append(True))
+    pool = PreReadPool(redis, read, lambda: used.append(True))
     async with pool.pipeline(transaction=True) as pipe:
         pipe.get(job_key_prefix + job_id)
         pipe.exists(job_key_prefix + job_id)

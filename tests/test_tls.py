@@ -32,8 +32,8 @@ import redis
 import trustme
 
 from asgi_worker import Config
-from asgi_worker.backends.redis.sentinel import RedisUnreachable
-from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.arq_worker import ReplayWorker
+from asgi_worker.worker.outage import RedisUnreachable
 from asgi_worker.worker.settings import worker_settings
 
 from .helpers import build_app, digest_of, response_key, serve

@@ -26,7 +26,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from asgi_worker import Config
-from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.arq_worker import ReplayWorker
 from asgi_worker.worker.settings import worker_settings
 
 from .helpers import build_app, make_config, serve

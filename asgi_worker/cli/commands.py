@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from asgi_worker.backends.redis.clients import close_client, redis_client, store_client
-from asgi_worker.backends.redis.sentinel import RedisUnreachable
 from asgi_worker.core.config import ENV_PREFIX, Config, ConfigurationError, display_url
 from asgi_worker.core.discovery import find_config
 from asgi_worker.invalidation import Invalidator
@@ -28,7 +27,8 @@ from asgi_worker.observability.stats import (
     check_queue,
     collect_stats,
 )
-from asgi_worker.worker.replay_worker import ReplayWorker
+from asgi_worker.worker.arq_worker import ReplayWorker
+from asgi_worker.worker.outage import RedisUnreachable
 from asgi_worker.worker.settings import configure_logging, worker_settings
 
 

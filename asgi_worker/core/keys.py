@@ -253,6 +253,27 @@ def scope_client(scope: Scope) -> Client | None:
     return host, port
 
 
+def request_target(snapshot: RequestSnapshot) -> str:
+    """`/path?query` of a snapshot, as the request line has it (no query: the path)."""
+    query = snapshot.query_string.decode("latin-1")
+    return f"{snapshot.path}?{query}" if query else snapshot.path
+
+
+def request_line(snapshot: RequestSnapshot) -> str:
+    """`GET /path?query` for logs, control characters escaped (a log line stays one line).
+
+    A replay is always a GET: a HEAD is served from what its GET stored.
+    """
+    return f"GET {printable(request_target(snapshot))}"
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped, for one log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def _server_host(scope: Scope, scheme: str) -> str:
     server = scope.get("server")
     if not server or server[0] is None:

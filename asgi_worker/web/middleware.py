@@ -28,6 +28,7 @@ from asgi_worker.core.codec import (
     encode_snapshot,
 )
 from asgi_worker.core.config import Config
+from asgi_worker.core.discovery import CacheLayer
 from asgi_worker.core.keys import (
     Client,
     HostNotAllowedError,
@@ -56,7 +57,7 @@ _BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 _HIT, _NEAR_HIT, _STALE, _MISS = "hit", "near-hit", "stale", "miss"
 
 
-class WorkerMiddleware:
+class WorkerMiddleware(CacheLayer):
     """ASGI middleware that answers GET and HEAD only from a cache a worker fills.
 
     A hit is served from the stored response, with `Age`, `ETag` and `Cache-Status`. A

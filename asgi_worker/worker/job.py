@@ -36,7 +36,7 @@ from asgi_worker.core.codec import (
 )
 from asgi_worker.core.config import Config
 from asgi_worker.core.freshness import entity_tag, lifetime, shareable
-from asgi_worker.core.keys import Headers, RequestSnapshot
+from asgi_worker.core.keys import Headers, RequestSnapshot, printable, request_line, request_target
 from asgi_worker.core.replay import (
     BodyTooLargeError,
     LeftRunningError,
@@ -127,7 +127,9 @@ class Commit:
         self._observe(committed.value, "refused" if refused else None)
         if committed is Committed.STORED:
             return self.outcome
-        logger.info("asgi-worker: %s: %s, %s", _where(self.snapshot), self.outcome, committed.value)
+        logger.info(
+            "asgi-worker: %s: %s, %s", request_target(self.snapshot), self.outcome, committed.value
+        )
         return str(committed.value)
 
     def report_lost(self, error: BaseException, *, released: bool = False) -> None:
@@ -136,7 +138,7 @@ class Commit:
         self.throttle.log(
             logging.ERROR,
             "asgi-worker: %s: %s, but the commit failed (%s); %s",
-            _where(self.snapshot),
+            request_target(self.snapshot),
             self.outcome,
             brief(error),
             _RELEASED if released else _HELD,
@@ -270,27 +272,13 @@ def log_job(snapshot: RequestSnapshot, outcome: str, duration: float) -> None:
         digest,
         extra={
             "method": "GET",
-            "path": _printable(snapshot.path),
-            "query": _printable(snapshot.query_string.decode("latin-1")),
+            "path": printable(snapshot.path),
+            "query": printable(snapshot.query_string.decode("latin-1")),
             "outcome": outcome,
             "duration": round(duration, 6),
             "digest": digest,
         },
     )
-
-
-def request_line(snapshot: RequestSnapshot) -> str:
-    """`GET /path?query` for logs, control characters escaped (a log line stays one line).
-
-    A replay is always a GET: a HEAD is served from what its GET stored.
-    """
-    return f"GET {_printable(_where(snapshot))}"
-
-
-def _printable(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 async def _run(
@@ -387,7 +375,7 @@ async def _give_up(
     throttle.log(
         logging.ERROR,
         "asgi-worker: %s: not run: Redis failed before the app ran (%s); %s",
-        _where(snapshot),
+        request_target(snapshot),
         brief(error),
         _RELEASED if released else _HELD,
     )
@@ -503,11 +491,6 @@ def _private(
     return not shared or (replayed.leaving is not None and not shareable(replayed.leaving))
 
 
-def _where(snapshot: RequestSnapshot) -> str:
-    query = snapshot.query_string.decode("latin-1")
-    return f"{snapshot.path}?{query}" if query else snapshot.path
-
-
 async def _replay_or_error(
     app: ASGIApp,
     snapshot: RequestSnapshot,
@@ -533,7 +516,7 @@ async def _replay_or_error(
     except LiveStreamError as error:
         logger.info(
             "asgi-worker: %s is a live stream (%s): not stored, the app serves it for pass_ttl=%ss",
-            _where(snapshot),
+            request_target(snapshot),
             error,
             config.pass_ttl,
         )
@@ -541,24 +524,26 @@ async def _replay_or_error(
     except ReplayTimeoutError:
         logger.error(
             "asgi-worker: %s took longer than job_timeout=%ss",
-            _where(snapshot),
+            request_target(snapshot),
             config.job_timeout,
         )
         return _error(504, "Gateway Timeout"), "timeout"
     except BodyTooLargeError as error:
-        logger.error("asgi-worker: %s not stored: %s", _where(snapshot), error)
+        logger.error("asgi-worker: %s not stored: %s", request_target(snapshot), error)
         return _error(502, "Response Too Large"), "too-large"
     except ReplayError as error:
-        logger.error("asgi-worker: %s gave an invalid response: %s", _where(snapshot), error)
+        logger.error(
+            "asgi-worker: %s gave an invalid response: %s", request_target(snapshot), error
+        )
         return _error(502, "Bad Gateway"), "invalid"
     except Exception:
-        logger.exception("asgi-worker: %s raised", _where(snapshot))
+        logger.exception("asgi-worker: %s raised", request_target(snapshot))
         return _error(500, "Internal Server Error"), "error"
     if response.handled is not None:
         logger.error(
             "asgi-worker: %s raised; a layer outside the cache answered it with %d, as it "
             "would a request from the server, and that answer is stored",
-            _where(snapshot),
+            request_target(snapshot),
             response.status,
             exc_info=response.handled,
         )
@@ -581,13 +566,13 @@ async def _after_answer(
         logger.error(
             "asgi-worker: %s: the app was still running after its answer at "
             "job_timeout=%ss, and is cancelled (its answer is stored)",
-            _where(snapshot),
+            request_target(snapshot),
             config.job_timeout,
         )
     elif failure is not None:
         logger.error(
             "asgi-worker: %s: the app raised after its answer (its answer is stored)",
-            _where(snapshot),
+            request_target(snapshot),
             exc_info=failure,
         )
 

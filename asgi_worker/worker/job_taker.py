@@ -12,14 +12,14 @@ queue every `IDLE_LOOK_EVERY` seconds (jobs enqueued by other means than `ArqQue
 arq's `enqueue_job`, push no token).
 
 The take also reads each job it takes as arq's `Worker.run_job` would first read it (the
-job, its try counted, whether it was aborted). `ReadAnswered` hands that to `run_job`
-in place of its own read: a job starts with no round trip after the one that took it.
+job, its try counted, whether it was aborted). `arq_worker.PreReadPool` hands that to
+`run_job` in place of its own read: a job starts with no round trip after the one that
+took it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +39,8 @@ Each look is four commands as Redis counts them (BLPOP, the take, the clock and 
 one read inside it): 1.3 a second per idle worker."""
 
 
-# arq's run_job keeps a job's try count this long (seconds).
-_RETRY_KEY_TTL = 88400
+RETRY_KEY_TTL = 88400
+"""Seconds arq's `run_job` keeps a job's try count (the take counts it as arq does)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +91,7 @@ class JobTaker:
             in_progress_key_prefix,
             job_key_prefix,
             retry_key_prefix,
-            _RETRY_KEY_TTL,
+            RETRY_KEY_TTL,
             self._abort_set,
         ]
         if wait <= 0:
@@ -124,76 +124,3 @@ class JobTaker:
         if isinstance(reply, Exception):
             raise reply
         return reply
-
-
-class ReadAnswered:
-    """The queue's pool as arq's `Worker.run_job` sees it for one job the take has read.
-
-    `run_job` (arq 0.26 to 0.28) opens with one MULTI: GET the job, INCR its try count,
-    EXPIRE that, and with `allow_abort_jobs` ZREM the job from the aborted set. `TAKE`
-    did the same as it took the job. The first pipeline `run_job` opens is answered from
-    that (`used` is called then); everything else goes to the pool.
-    """
-
-    def __init__(self, pool: ArqRedis, job: TakenJob, used: Callable[[], None]) -> None:
-        self._pool = pool
-        self._job = job
-        self._used = used
-
-    def pipeline(self, transaction: bool = True) -> AnsweredRead:
-        """The pipeline that answers `run_job`'s read; see `AnsweredRead`."""
-        self._used()
-        return AnsweredRead(self._pool, self._job, transaction)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pool, name)
-
-
-class AnsweredRead:
-    """A pipeline that answers the read it expects from what the take read.
-
-    Any other pipeline (an arq version that reads differently) is sent to Redis as it
-    is, with a warning: the job then runs, with its try counted twice.
-    """
-
-    def __init__(self, pool: ArqRedis, job: TakenJob, transaction: bool) -> None:
-        self._pool = pool
-        self._job = job
-        self._transaction = transaction
-        self._queued: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-
-    async def __aenter__(self) -> AnsweredRead:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
-    def __getattr__(self, command: str) -> Callable[..., AnsweredRead]:
-        def queue(*args: Any, **kwargs: Any) -> AnsweredRead:
-            self._queued.append((command, args, kwargs))
-            return self
-
-        return queue
-
-    async def execute(self) -> list[Any]:
-        """The replies to the queued commands: the take's read, if it was that read."""
-        job = self._job
-        retry_key = retry_key_prefix + job.job_id
-        expected: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
-            ("get", (job_key_prefix + job.job_id,), {}),
-            ("incr", (retry_key,), {}),
-            ("expire", (retry_key, _RETRY_KEY_TTL), {}),
-        ]
-        replies: list[Any] = [job.payload, job.tries, True]
-        if len(self._queued) == len(expected) + 1:
-            expected.append(("zrem", (abort_jobs_ss, job.job_id), {}))
-            replies.append(int(job.aborted))
-        if self._queued == expected:
-            return replies
-        logger.warning(
-            "asgi-worker: arq's first read of job %s is not the take's: sent to Redis", job.job_id
-        )
-        async with self._pool.pipeline(transaction=self._transaction) as pipe:
-            for command, args, kwargs in self._queued:
-                getattr(pipe, command)(*args, **kwargs)
-            return await pipe.execute()

@@ -41,8 +41,8 @@ from asgi_worker.core.config import Config, ConfigurationError, is_sentinel_url,
 from asgi_worker.core.discovery import config_mismatch, find_config
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer
+from asgi_worker.worker.arq_worker import hand_off
 from asgi_worker.worker.job import HandOff, run_job
-from asgi_worker.worker.replay_worker import hand_off
 
 logger = logging.getLogger("asgi_worker")
 _ARQ_LOGGER = "arq"

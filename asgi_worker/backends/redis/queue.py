@@ -37,8 +37,7 @@ from redis.exceptions import RedisError
 
 from asgi_worker.backends.redis.queue_scripts import ENQUEUE, WAKE_TOKENS
 from asgi_worker.core.codec import peek_snapshot
-from asgi_worker.core.keys import RedisKeys
-from asgi_worker.worker.job import request_line
+from asgi_worker.core.keys import RedisKeys, request_line
 
 logger = logging.getLogger("asgi_worker")
 

@@ -1,4 +1,11 @@
-"""`ReplayWorker`: an arq worker that stores a replay's result as it marks the job done.
+"""arq behind one door: `ReplayWorker`, the only code that leans on arq's internals.
+
+It subclasses arq's `Worker` and overrides private parts of it (`_poll_iteration`, the
+end of a job, the first read of `run_job` through `PreReadPool`), which arq does not
+promise to keep: the worker's tests run against every arq release the package accepts
+(`nox -s arq`), and `test_arq_worker.py` pins the signatures it overrides.
+
+`ReplayWorker` stores a replay's result as it marks the job done.
 
 A replay job ends in two writes: its commit (the entry, the indexes, the claim released)
 and arq's bookkeeping (the job, its retry count and in-progress key deleted, the queue
@@ -11,7 +18,7 @@ sets for the job's task: a job run by a plain arq `Worker` (`arq module.WorkerSe
 finds none, and commits itself, as it does when the queue is on another Redis than the
 store.
 
-`ReplayWorker` takes jobs its own way (see `taking`): one script takes the due jobs it
+`ReplayWorker` takes jobs its own way (see `job_taker`): one script takes the due jobs it
 has slots for, where arq's poll raced every other worker for every due job, and an idle
 worker sleeps on the queue's wake list instead of polling every `poll_delay`. So a job's
 cost does not grow with the number of workers, an idle worker sends about a command a
@@ -19,7 +26,7 @@ second, and a job starts within a round trip of its enqueue.
 
 `ReplayWorker` also never dies of a Redis error: arq's poll loop ends the worker on the
 first error that outlives a command's retries; here the worker waits until Redis is back
-(`failover.Patience`: one log line when it is lost, one every 10 s while it stays away,
+(`outage.Patience`: one log line when it is lost, one every 10 s while it stays away,
 one when it is back) and goes on. A Redis that answers but refuses what the worker asks
 (over its `maxmemory` with `noeviction`, it refuses the take's writes and every command of
 a MULTI) is waited out the same way, the worker's own look at the queue being the probe.
@@ -65,10 +72,10 @@ from asgi_worker.backends.redis.retries import (
     retried,
     transient,
 )
-from asgi_worker.backends.redis.sentinel import Patience, RedisUnreachable, check_master
 from asgi_worker.backends.redis.store import RedisStore, commit_outcome
 from asgi_worker.worker.job import Commit
-from asgi_worker.worker.job_taker import IDLE_LOOK_EVERY, JobTaker, ReadAnswered, TakenJob
+from asgi_worker.worker.job_taker import IDLE_LOOK_EVERY, RETRY_KEY_TTL, JobTaker, TakenJob
+from asgi_worker.worker.outage import Patience, RedisUnreachable, check_master
 
 logger = logging.getLogger("asgi_worker")
 
@@ -203,7 +210,7 @@ class ReplayWorker(Worker):
 
     async def _poll_iteration(self) -> None:
         # arq's iteration reads every due job and races other workers for each; ours waits
-        # for work, then takes jobs with one script (see `taking`). arq's poll loop
+        # for work, then takes jobs with one script (see `job_taker`). arq's poll loop
         # around it sleeps only what is left of `poll_delay`: nothing, after a wait.
         # An outage is waited out, where arq's loop would end the worker. Past its wait,
         # a look takes milliseconds: one that takes longer is stuck on a Redis that
@@ -345,13 +352,13 @@ class ReplayWorker(Worker):
         slot = _slot.get()
         if slot is None or slot.read is None:
             return pool
-        return ReadAnswered(pool, slot.read, slot.read_used)  # type: ignore[return-value]
+        return PreReadPool(pool, slot.read, slot.read_used)  # type: ignore[return-value]
 
     async def run_job(self, job_id: str, score: int, read: TakenJob | None = None) -> None:
         """See arq's `Worker.run_job`; gives the job a slot to leave its commit in.
 
         `read`: what the take read of the job, which answers `run_job`'s own first read
-        (`taking.ReadAnswered`): the job starts a round trip sooner.
+        (`PreReadPool`): the job starts a round trip sooner.
         """
         slot = _Slot(score, read)
         token = _slot.set(slot)
@@ -500,3 +507,76 @@ class ReplayWorker(Worker):
             transaction.delete(in_progress_key_prefix + job_id)
             transaction.zadd(self.queue_name, {job_id: score}, xx=True)
             await transaction.execute()
+
+
+class PreReadPool:
+    """The queue's pool as arq's `Worker.run_job` sees it for one job the take has read.
+
+    `run_job` (arq 0.26 to 0.28) opens with one MULTI: GET the job, INCR its try count,
+    EXPIRE that, and with `allow_abort_jobs` ZREM the job from the aborted set. `TAKE`
+    did the same as it took the job. The first pipeline `run_job` opens is answered from
+    that (`used` is called then); everything else goes to the pool.
+    """
+
+    def __init__(self, pool: ArqRedis, job: TakenJob, used: Callable[[], None]) -> None:
+        self._pool = pool
+        self._job = job
+        self._used = used
+
+    def pipeline(self, transaction: bool = True) -> PreReadPipeline:
+        """The pipeline that answers `run_job`'s read; see `PreReadPipeline`."""
+        self._used()
+        return PreReadPipeline(self._pool, self._job, transaction)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+class PreReadPipeline:
+    """A pipeline that answers the read it expects from what the take read.
+
+    Any other pipeline (an arq version that reads differently) is sent to Redis as it
+    is, with a warning: the job then runs, with its try counted twice.
+    """
+
+    def __init__(self, pool: ArqRedis, job: TakenJob, transaction: bool) -> None:
+        self._pool = pool
+        self._job = job
+        self._transaction = transaction
+        self._queued: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    async def __aenter__(self) -> PreReadPipeline:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def __getattr__(self, command: str) -> Callable[..., PreReadPipeline]:
+        def queue(*args: Any, **kwargs: Any) -> PreReadPipeline:
+            self._queued.append((command, args, kwargs))
+            return self
+
+        return queue
+
+    async def execute(self) -> list[Any]:
+        """The replies to the queued commands: the take's read, if it was that read."""
+        job = self._job
+        retry_key = retry_key_prefix + job.job_id
+        expected: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+            ("get", (job_key_prefix + job.job_id,), {}),
+            ("incr", (retry_key,), {}),
+            ("expire", (retry_key, RETRY_KEY_TTL), {}),
+        ]
+        replies: list[Any] = [job.payload, job.tries, True]
+        if len(self._queued) == len(expected) + 1:
+            expected.append(("zrem", (abort_jobs_ss, job.job_id), {}))
+            replies.append(int(job.aborted))
+        if self._queued == expected:
+            return replies
+        logger.warning(
+            "asgi-worker: arq's first read of job %s is not the take's: sent to Redis", job.job_id
+        )
+        async with self._pool.pipeline(transaction=self._transaction) as pipe:
+            for command, args, kwargs in self._queued:
+                getattr(pipe, command)(*args, **kwargs)
+            return await pipe.execute()

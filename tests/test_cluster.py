@@ -17,8 +17,9 @@ from redis.asyncio.cluster import RedisCluster
 
 from asgi_worker import Config
 from asgi_worker.backends.redis.clients import close_client, store_client
-from asgi_worker.core.config import ConfigurationError, TLSOptions, display_url, parse_cluster_url
+from asgi_worker.core.config import ConfigurationError
 from asgi_worker.core.keys import RedisKeys
+from asgi_worker.core.redis_urls import TLSOptions, display_url, parse_cluster_url
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.observability.stats import collect_stats
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from asgi_worker import Config, ConfigurationError
-from asgi_worker.core.config import FieldDoc, _field_type, display_url, documented, field_docs
+from asgi_worker.core.config import FieldDoc, _field_type, documented, field_docs
+from asgi_worker.core.redis_urls import display_url
 
 
 def test_defaults_are_valid() -> None:

@@ -20,7 +20,7 @@ from asgi_worker.backends.redis.clients import (
     redis_client,
 )
 from asgi_worker.backends.redis.sentinel import FailoverWatch
-from asgi_worker.core.config import SentinelURL, TLSOptions, display_url, parse_sentinel_url
+from asgi_worker.core.redis_urls import SentinelURL, TLSOptions, display_url, parse_sentinel_url
 from asgi_worker.worker.settings import _redis_settings, worker_settings
 
 from .helpers import build_app

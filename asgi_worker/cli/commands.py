@@ -15,8 +15,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from asgi_worker.backends.redis.clients import close_client, redis_client, store_client
-from asgi_worker.core.config import ENV_PREFIX, Config, ConfigurationError, display_url
+from asgi_worker.core.config import ENV_PREFIX, Config, ConfigurationError
 from asgi_worker.core.discovery import find_config
+from asgi_worker.core.redis_urls import display_url
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, Observers

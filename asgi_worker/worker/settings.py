@@ -37,8 +37,9 @@ from asgi_worker.backends.redis.queue import JOB_FUNCTION, deserialize, serializ
 from asgi_worker.backends.redis.retries import REDIS_ERRORS, Throttle, brief
 from asgi_worker.backends.redis.sentinel import FailoverWatch
 from asgi_worker.backends.redis.store import RedisStore
-from asgi_worker.core.config import Config, ConfigurationError, is_sentinel_url, parse_sentinel_url
+from asgi_worker.core.config import Config, ConfigurationError
 from asgi_worker.core.discovery import config_mismatch, find_config
+from asgi_worker.core.redis_urls import is_sentinel_url, parse_sentinel_url
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer
 from asgi_worker.worker.arq_worker import hand_off

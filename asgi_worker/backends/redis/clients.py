@@ -45,8 +45,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from asgi_worker.core.config import (
-    Config,
+from asgi_worker.core.config import Config
+from asgi_worker.core.redis_urls import (
     SentinelURL,
     TLSOptions,
     display_url,
@@ -253,7 +253,7 @@ def redis_client(
     `retry` replaces the one immediate retry of a command that met a dead connection;
     with it, timeouts are retried too (the worker's queue client rides out a blip).
 
-    `url` may be a `redis+sentinel://` URL (see `config.parse_sentinel_url`): the client
+    `url` may be a `redis+sentinel://` URL (see `redis_urls.parse_sentinel_url`): the client
     then connects to the master the Sentinels name, and asks them again on every new
     connection. `failover.FailoverWatch` drops the connections when the master changes.
 

@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from asgi_worker.backends.redis.clients import SentinelPool, tls_kwargs
-from asgi_worker.core.config import SentinelURL
+from asgi_worker.core.redis_urls import SentinelURL
 
 logger = logging.getLogger("asgi_worker")
 

@@ -311,6 +311,11 @@ def path_tag(path: str) -> str:
     return _sha1(path)[:TAG_LENGTH]
 
 
+def wake_key(queue_name: str) -> str:
+    """The list each enqueue pushes a token on, and idle workers block on (BLPOP)."""
+    return queue_name + ":wake"
+
+
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
     """Every Redis key name the cache writes, in one place (as arq's constants.py does).
@@ -401,6 +406,13 @@ class RedisKeys:
         path, so the fair-queueing clock (scripts.ENQUEUE) reads it as before.
         """
         return self._path(path, "dur")
+
+    def fair_clock(self, path: str) -> str:
+        """When the path's next job is due under fair queueing (`queue_scripts.ENQUEUE`).
+
+        On the queue's Redis, which is never a Cluster: no hash tag needed.
+        """
+        return f"{self.prefix}:clock:{_sha1(path)}"
 
     def durations_pattern(self) -> str:
         """Matches every `durations` key (for SCAN: `asgi-worker stats`)."""

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Scope
 from asgi_worker.core.config import ConfigurationError
 from asgi_worker.observability.observer import JobRecord, NoObserver, RequestRecord
 from asgi_worker.observability.route_labels import DEFAULT_MAX_LABELS, RouteFunction, RouteLabels
-from asgi_worker.observability.stats import seconds_past_due
+from asgi_worker.observability.stats import QueueDepth, read_queue
 
 logger = logging.getLogger("asgi_worker")
 
@@ -265,10 +265,11 @@ class _QueueCollector(Collector):
         )
         loop, redis, queue_name, timeout = source
         try:
-            future: Future[tuple[int, float | None]] = asyncio.run_coroutine_threadsafe(
-                _read_queue(redis, queue_name), loop
+            future: Future[QueueDepth] = asyncio.run_coroutine_threadsafe(
+                read_queue(redis, queue_name), loop
             )
-            depth, oldest = future.result(timeout)
+            found = future.result(timeout)
+            depth, oldest = found.queued, found.oldest_queued
         except Exception as error:  # a scrape must answer; the gauge says what happened
             logger.warning("asgi-worker: metrics could not read queue %r: %r", queue_name, error)
             up.add_metric([queue_name], 0)
@@ -287,11 +288,3 @@ class _QueueCollector(Collector):
         )
         age.add_metric([queue_name], 0.0 if oldest is None else oldest)
         return [up, depth_family, age]
-
-
-async def _read_queue(redis: Any, queue_name: str) -> tuple[int, float | None]:
-    async with redis.pipeline(transaction=False) as pipeline:
-        pipeline.zcard(queue_name)
-        pipeline.zrange(queue_name, 0, 0, withscores=True)
-        depth, first = await pipeline.execute()
-    return int(depth), seconds_past_due(first)

@@ -98,11 +98,7 @@ async def collect_stats(config: Config, store: Redis | RedisCluster, queue: Redi
             pipeline.hgetall(key.decode())
         paths, *per_path = await pipeline.execute()
     durations = {path: ms for found in per_path for path, ms in found.items()}
-    async with queue.pipeline(transaction=False) as pipeline:
-        pipeline.zcard(config.queue)
-        pipeline.get(config.queue + health_check_key_suffix)
-        pipeline.zrange(config.queue, 0, 0, withscores=True)
-        queued, health, first = await pipeline.execute()
+    depth = await read_queue(queue, config.queue)
     typical = sorted(
         ((_path(path), int(ms) / 1000) for path, ms in durations.items()),
         key=lambda item: item[1],
@@ -112,13 +108,13 @@ async def collect_stats(config: Config, store: Redis | RedisCluster, queue: Redi
         stored=stored,
         fresh=fresh,
         claims=claims,
-        queued=int(queued),
+        queued=depth.queued,
         running=running,
         paths=int(paths),
         slowest=tuple(typical[:_SLOWEST]),
-        worker_health=health.decode("utf-8", "replace") if health is not None else None,
+        worker_health=depth.worker_health,
         seconds=time.perf_counter() - began,
-        oldest_queued=seconds_past_due(first),
+        oldest_queued=depth.oldest_queued,
     )
 
 
@@ -180,17 +176,43 @@ async def check_queue(
     Returns:
         The check; its `problem` is None when all is well.
     """
-    async with queue.pipeline(transaction=False) as pipeline:
-        pipeline.zcard(config.queue)
-        pipeline.get(config.queue + health_check_key_suffix)
-        pipeline.zrange(config.queue, 0, 0, withscores=True)
-        queued, health, first = await pipeline.execute()
+    depth = await read_queue(queue, config.queue)
     return QueueCheck(
         queue=config.queue,
-        worker_health=health.decode("utf-8", "replace") if health is not None else None,
+        worker_health=depth.worker_health,
+        queued=depth.queued,
+        oldest_queued=depth.oldest_queued,
+        max_age=max_age,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """What one read of a queue finds: its jobs, the oldest one's lateness, the worker."""
+
+    queued: int
+    """Jobs in the queue (due or not, running or not)."""
+    oldest_queued: float | None
+    """Seconds since the earliest-due job was due (see `seconds_past_due`); None if empty."""
+    worker_health: str | None
+    """The latest worker's health report (arq's health-check key), None if none is current."""
+
+
+async def read_queue(queue: Any, queue_name: str) -> QueueDepth:
+    """Read `queue_name`'s depth, its oldest job and its worker's report in one round trip.
+
+    `queue` is a client on the queue's Redis (returning bytes). The one read behind
+    `collect_stats`, `check_queue` and the metrics' queue gauges.
+    """
+    async with queue.pipeline(transaction=False) as pipeline:
+        pipeline.zcard(queue_name)
+        pipeline.get(queue_name + health_check_key_suffix)
+        pipeline.zrange(queue_name, 0, 0, withscores=True)
+        queued, health, first = await pipeline.execute()
+    return QueueDepth(
         queued=int(queued),
         oldest_queued=seconds_past_due(first),
-        max_age=max_age,
+        worker_health=health.decode("utf-8", "replace") if health is not None else None,
     )
 
 

@@ -27,8 +27,9 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.exceptions import NoScriptError
 
-from asgi_worker.backends.redis.queue import wake_key
 from asgi_worker.backends.redis.queue_scripts import TAKE
+from asgi_worker.backends.redis.script_runner import Script
+from asgi_worker.core.keys import wake_key
 
 logger = logging.getLogger("asgi_worker")
 
@@ -75,7 +76,7 @@ class JobTaker:
         self._queue_name = queue_name
         self._abort_set = abort_jobs_ss if read_aborts else ""
         self._wake_key = wake_key(queue_name)
-        self._script = pool.register_script(TAKE)
+        self._script = Script(pool, TAKE)
 
     async def take(self, most: int, *, lease_ms: int, wait: float = 0.0, now_ms: int = 0) -> Taken:
         """Take up to `most` due jobs: each is this worker's until its lease ends.
@@ -109,13 +110,13 @@ class JobTaker:
 
     async def _wait_then_take(self, wait: float, arguments: list[str | int]) -> Any:
         # A plain pipeline: Redis runs the take right after the BLPOP returns, on the same
-        # connection, with no round trip between. (EVALSHA by hand: redis-py's pipeline
-        # would ask SCRIPT EXISTS first on every execute, a round trip more.)
+        # connection, with no round trip between. (`Script.command`: redis-py's pipeline
+        # of a registered script would ask SCRIPT EXISTS first, a round trip more.)
         # BLPOP takes a timeout in seconds with a resolution of 1 ms; 0 would block for
         # ever, so a wait is never shorter than that.
         async with self.pool.pipeline(transaction=False) as pipe:
             pipe.blpop([self._wake_key], timeout=max(0.001, wait))  # type: ignore[arg-type]
-            pipe.execute_command("EVALSHA", self._script.sha, 1, self._queue_name, *arguments)
+            pipe.execute_command(*self._script.command([self._queue_name], arguments))
             _, reply = await pipe.execute(raise_on_error=False)
         if isinstance(reply, NoScriptError):
             # Redis restarted, or never ran the take: the script call loads it and takes

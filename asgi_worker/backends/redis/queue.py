@@ -22,7 +22,6 @@ blocks on (see `taking`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,18 +35,14 @@ from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from asgi_worker.backends.redis.queue_scripts import ENQUEUE, WAKE_TOKENS
+from asgi_worker.backends.redis.script_runner import Script
 from asgi_worker.core.codec import peek_snapshot
-from asgi_worker.core.keys import RedisKeys, request_line
+from asgi_worker.core.keys import RedisKeys, request_line, wake_key
 
 logger = logging.getLogger("asgi_worker")
 
 JOB_FUNCTION = "asgi_worker.replay"
 """The name the replay job is registered under in the arq worker."""
-
-
-def wake_key(queue_name: str) -> str:
-    """The list each enqueue pushes a token on, and idle workers block on (BLPOP)."""
-    return queue_name + ":wake"
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +233,7 @@ class ArqQueue:
         self._max_queued = max_queued
         self._fair_slots = fair_slots
         self._horizon_ms = max(0, round(horizon * 1000))
-        self._script = redis.register_script(ENQUEUE)
+        self._script = Script(redis, ENQUEUE)
         self._wake_key = wake_key(queue_name)
         self.worker_watch = WorkerWatch(redis, queue_name)
         """Whether a worker serves the queue (see `WorkerWatch`)."""
@@ -258,12 +253,12 @@ class ArqQueue:
             serializer=serialize,
         )
         path = job.path.encode("utf-8", "surrogatepass")
-        clock = f"{self._prefix}:clock:{hashlib.sha1(path, usedforsecurity=False).hexdigest()}"
+        keys_of = RedisKeys(self._prefix)
         keys = [
             job_key_prefix + job.job_id,
             self._queue_name,
-            clock,
-            RedisKeys(self._prefix).durations(job.path),
+            keys_of.fair_clock(job.path),
+            keys_of.durations(job.path),
             self._wake_key,
         ]
         arguments: list[bytes | str | int] = [

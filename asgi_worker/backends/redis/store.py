@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from asgi_worker.backends.redis import scripts
+from asgi_worker.backends.redis.script_runner import Script
 from asgi_worker.core.invalidation_targets import (
     ByGlob,
     ByPath,
@@ -178,33 +178,6 @@ _PATHS_PAGE = 500
 
 StoreClient = Redis | RedisCluster
 """A client for the cache: one Redis (plain or Sentinel) or a Redis Cluster."""
-
-
-class Script:
-    """A Lua script run by its SHA-1 (EVALSHA), and sent whole (EVAL) where it is missing.
-
-    Not redis-py's `register_script`, which on a miss loads the script on the nodes its
-    client believes are masters and tries EVALSHA once more: on a Cluster whose slot has
-    just moved, or whose replica has just been promoted, that second try can meet a node
-    without the script again. EVAL follows the key to whichever node serves it now (MOVED
-    and ASK) and leaves the script cached there.
-    """
-
-    def __init__(self, client: StoreClient, text: str) -> None:
-        self._client: Any = client  # redis-py types eval/evalsha for one client class each
-        self.text = text
-        self.sha = hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
-
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        """The script's reply for `keys` and `args`."""
-        try:
-            return await self._client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a new or restarted node, or one the slot just moved to
-            return await self._client.eval(self.text, len(keys), *keys, *args)
-
-    def command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
-        """The EVALSHA of `__call__`, for a pipeline; a `NoScriptError` reply: call it."""
-        return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class RedisStore:

@@ -1,38 +1,35 @@
-"""What metrics and tracing cost on the hit path, against the code before them, in one run.
+"""What metrics and tracing cost on the hit path, against neither, in one run.
 
-    python -m benchmarks.observe_cost [--rounds 7] [--requests 20000] [--base REV]
+    python -m benchmarks.observe_cost [--rounds 7] [--requests 20000]
 
 Each variant runs in a fresh interpreter: Starlette behind `WorkerMiddleware` on the
 `memory://` backend (no network: what is measured is the middleware's own CPU per hit),
 called directly as an ASGI app, `--requests` hits of one prewarmed URL per batch, the
 median batch kept. Variants:
 
-- `base`: the package as it was at `--base` (default: where this branch left main),
-  exported with `git archive` to a temporary directory;
-- `off`: this tree, neither metrics nor tracing (the default);
+- `off`: neither metrics nor tracing (the default): the baseline;
 - `metrics`: `Config(metrics=True)` (prometheus-client, in-process registry);
 - `tracing`: `Config(tracing=True)` with the OpenTelemetry SDK's `TracerProvider` and no
   exporter (every span is created, sampled and ended, then dropped).
 
 The variants run interleaved, the order rotating every round; the report is the median
-per variant over the rounds and its ratio to `base`.
+per variant over the rounds and its ratio to `off`. (Against the code before observers
+existed, the figures are in docs/metrics.md; that comparison is not rerun.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("base", "off", "metrics", "tracing")
+VARIANTS = ("off", "metrics", "tracing")
 
 
 async def measure(variant: str, requests: int, batches: int) -> float:
@@ -96,60 +93,35 @@ async def measure(variant: str, requests: int, batches: int) -> float:
     return statistics.median(timings)
 
 
-def run_child(source: Path, variant: str, requests: int) -> float:
-    env = {**os.environ, "PYTHONPATH": str(source)}
+def run_child(variant: str, requests: int) -> float:
     command = [sys.executable, "-m", "benchmarks.observe_cost", "--child", variant]
     command += ["--requests", str(requests)]
     result = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=600
+        command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600
     )
     return float(result.stdout.strip().splitlines()[-1])
-
-
-def export_base(revision: str, into: Path) -> str:
-    """`asgi_worker` as of `revision` (a merge base with main by default), into `into`."""
-    if revision == "merge-base":
-        revision = subprocess.run(
-            ["git", "merge-base", "HEAD", "main"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    archive = subprocess.run(
-        ["git", "archive", revision, "asgi_worker"], cwd=ROOT, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return revision
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--base", default="merge-base", help="git revision of the baseline")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:
         print(asyncio.run(measure(arguments.child, arguments.requests, batches=5)))
         return
     results: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    with tempfile.TemporaryDirectory() as directory:
-        base = Path(directory)
-        revision = export_base(arguments.base, base)
-        for round_number in range(arguments.rounds):
-            shift = round_number % len(VARIANTS)
-            for variant in VARIANTS[shift:] + VARIANTS[:shift]:
-                source = base if variant == "base" else ROOT
-                child = "off" if variant == "base" else variant
-                results[variant].append(run_child(source, child, arguments.requests))
+    for round_number in range(arguments.rounds):
+        shift = round_number % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            results[variant].append(run_child(variant, arguments.requests))
     print(f"hit path, memory:// backend, ns per request (median of {arguments.rounds} rounds)")
-    print(f"base: {revision[:12]}")
-    reference = statistics.median(results["base"])
+    reference = statistics.median(results["off"])
     for variant, values in results.items():
         median = statistics.median(values)
         print(
-            f"  {variant:8} {median:9.0f} ns  x{median / reference:.3f} of base  "
+            f"  {variant:8} {median:9.0f} ns  x{median / reference:.3f} of off  "
             f"(+{median - reference:.0f} ns; rounds {min(values):.0f}-{max(values):.0f})"
         )
 

@@ -2,8 +2,17 @@
 
 GET requests are served only from a Redis cache; a miss answers `202 Accepted` at once
 and one background arq job replays the request through the same app to fill the cache.
+
+The public API is what this module exports, and the tool modules beside it:
+`asgi_worker.invalidation` (`Invalidator`), `asgi_worker.testing` (`run_pending`,
+`worker_running`, `find_middleware`), `asgi_worker.client` (`fetch`) and
+`asgi_worker.stats` (`collect_stats`, `check_queue`). The subpackages (`core`,
+`backends`, `observability`, `worker`, `web`, `cli`) are internal: their names may change
+in any release.
 """
 
+from asgi_worker.backends.redis.queue import JobQueue
+from asgi_worker.backends.redis.store import Store
 from asgi_worker.core.config import Config, ConfigurationError
 from asgi_worker.web.middleware import WorkerMiddleware
 from asgi_worker.worker.arq_worker import ReplayWorker
@@ -12,7 +21,9 @@ from asgi_worker.worker.settings import worker_settings
 __all__ = [
     "Config",
     "ConfigurationError",
+    "JobQueue",
     "ReplayWorker",
+    "Store",
     "WorkerMiddleware",
     "__version__",
     "worker_settings",

@@ -28,6 +28,8 @@ from asgi_worker.core.discovery import find_all
 from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag, Target
 from asgi_worker.web.middleware import WorkerMiddleware
 
+__all__ = ["Invalidator"]
+
 
 class Invalidator:
     """Expire stored responses by path, prefix, glob, query parameters or tag.

@@ -123,10 +123,7 @@ def test_the_api_reference_has_every_public_name() -> None:
     public = [f"asgi_worker.{name}" for name in asgi_worker.__all__ if name != "__version__"]
     public += [f"asgi_worker.testing.{name}" for name in asgi_worker.testing.__all__]
     public += ["asgi_worker.invalidation.Invalidator", "asgi_worker.client"]
-    public += [
-        "asgi_worker.observability.stats.collect_stats",
-        "asgi_worker.observability.stats.check_queue",
-    ]
+    public += [f"asgi_worker.stats.{name}" for name in ("collect_stats", "check_queue")]
     assert not set(public) - documented, "missing in docs/reference.md"
 
 

@@ -7,6 +7,7 @@ keeps the imports honest to it. Imports anywhere in a module count, lazy ones in
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,21 @@ def test_the_check_refuses_an_import_from_above(module: str, imported: str) -> N
     other, other_rank = layer_of(imported)
     assert own != other
     assert other_rank >= rank
+
+
+def test_the_module_map_names_every_module_and_only_modules() -> None:
+    """docs/development.md's module map is the one map, and true to the tree."""
+    page = (PACKAGE.parent / "docs" / "development.md").read_text()
+    section = page.split("## The module map", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            first_cell = row.split("|")[1]
+            named.update(re.findall(r"`([\w/]+\.(?:py|js))`", first_cell))
+    files = {
+        path.relative_to(PACKAGE).as_posix()
+        for path in [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.js")]
+        if path.name != "__init__.py" or path.parent == PACKAGE
+    }
+    assert not files - named, f"modules missing from the map: {sorted(files - named)}"
+    assert not named - files, f"the map names files that do not exist: {sorted(named - files)}"

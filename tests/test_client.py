@@ -259,7 +259,7 @@ async def test_fetch_without_httpx_says_which_extra(monkeypatch: pytest.MonkeyPa
 def test_package_imports_without_httpx() -> None:
     code = (
         "import sys; sys.modules['httpx'] = None\n"
-        "import asgi_worker, asgi_worker.client, asgi_worker.demo\n"
+        "import asgi_worker, asgi_worker.client, asgi_worker.cli.demo\n"
         "print(asgi_worker.client.PendingTimeout.__mro__[1].__name__)"
     )
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""Prometheus metrics (`asgi_worker.metrics`): what is counted, bounded labels, real processes.
+"""Prometheus metrics (`observability/metrics.py`): what is counted, bounded labels, real processes.
 
 In-process tests drive the middleware and a burst worker on real Redis; the end-to-end
 ones run uvicorn with two worker processes in prometheus-client's multiprocess mode, and

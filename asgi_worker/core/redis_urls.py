@@ -67,7 +67,7 @@ class TLSOptions:
 
     Taken from the URL's `ssl_*` query parameters (the names redis-py gives them in its
     own `rediss://` URLs). They apply to every server the URL leads to alike: each
-    Sentinel and the master, or each Cluster node. `connections.tls_kwargs` turns them
+    Sentinel and the master, or each Cluster node. `clients.tls_kwargs` turns them
     into redis-py's keyword arguments.
     """
 

@@ -8,7 +8,7 @@ to files in that directory and a scrape of any one process sums them all: the
 exposition then reads the directory (`MultiProcessCollector`), not the process's own
 registry. The waiting-requests gauge is summed over the live processes (`livesum`).
 
-Names, labels and what they count: docs/metrics.md. Route labels: `routes.RouteLabels`.
+Names, labels and what they count: docs/metrics.md. Route labels: `route_labels.RouteLabels`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class PrometheusObserver(NoObserver):
     """Counts requests and jobs into a registry of its own (see the module doc).
 
     `route` is asked for a path's route pattern where the app's Starlette routes do not
-    tell (see `routes.RouteLabels`); at most `max_routes` distinct route labels are used,
+    tell (see `route_labels.RouteLabels`); at most `max_routes` distinct route labels are used,
     further routes count as `"other"`.
     """
 
@@ -125,7 +125,7 @@ class PrometheusObserver(NoObserver):
         return _Counted(self, record)
 
     def count_request(self, scope: Scope, outcome: str, near: bool = False) -> None:
-        """Count one request with `outcome` (one of `observe.REQUEST_OUTCOMES`)."""
+        """Count one request with `outcome` (one of `observer.REQUEST_OUTCOMES`)."""
         key = (outcome, self.routes(scope.get("path") or "/"))
         child = self._request_children.get(key)
         if child is None:

@@ -1,8 +1,8 @@
 """The one interface through which requests and jobs are measured and traced.
 
 `WorkerMiddleware`, `run_job` and the worker call an `Observer`; none of them imports
-prometheus-client or OpenTelemetry. `asgi_worker.metrics` (the `[metrics]` extra) and
-`asgi_worker.tracing` (the `[otel]` extra) implement it. With neither on, the middleware
+prometheus-client or OpenTelemetry. `observability.metrics` (the `[metrics]` extra) and
+`observability.tracing` (the `[otel]` extra) implement it. With neither on, the middleware
 holds no observer at all and takes the very code path it takes without this module: a
 hit pays nothing (see docs/metrics.md for the measurement).
 

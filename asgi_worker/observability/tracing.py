@@ -7,7 +7,7 @@ API's no-op cost).
 - Each request the middleware handles is a span, `asgi-worker GET <route>`: a child of
   the current span if a server instrumentation made one, else of the request's W3C
   `traceparent` header, else a new trace. Its `asgi_worker.outcome` attribute says hit,
-  miss-enqueued, ... (`observe.REQUEST_OUTCOMES`).
+  miss-enqueued, ... (`observer.REQUEST_OUTCOMES`).
 - The request that enqueues a job puts its span's `traceparent` in the job (an argument
   of the arq job, next to the snapshot). The worker's job span, `asgi-worker job GET
   <route>` (kind CONSUMER), is that span's child, and links to it too: the 202, the job

@@ -237,7 +237,7 @@ class ReplayWorker(Worker):
     async def _look_at_queue(self, wait: float) -> float:
         """Wait up to `wait` s for work, take the due jobs there are slots for, tend the rest.
 
-        What arq's `_poll_iteration` (0.26 to 0.28) does, with the take of `taking`.
+        What arq's `_poll_iteration` (0.26 to 0.28) does, with the take of `job_taker`.
         Work is a freed slot if the last look found none free (then the take follows at
         once), else an enqueue's wake token. Returns the wait before the next look.
         """

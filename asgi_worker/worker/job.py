@@ -160,7 +160,7 @@ _RELEASED = "its claim is released: the next request enqueues it again"
 _HELD = "its claim holds until its lease ends"
 
 HandOff = Callable[[Commit], bool]
-"""Takes a job's `Commit` to send later (see `completion.ReplayWorker`), or returns False."""
+"""Takes a job's `Commit` to send later (see `arq_worker.ReplayWorker`), or returns False."""
 
 
 async def release(store: Store, digest: str, token: str, within: float) -> bool:

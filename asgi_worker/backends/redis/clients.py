@@ -19,7 +19,7 @@ another redis-py), the pool falls back to redis-py's own check.
 `redis_client` also takes `redis+sentinel://` URLs: the client then talks to whichever
 node the Sentinels name master, through redis-py's `SentinelConnectionPool` with the same
 check (`SentinelPool`). What drops its connections when the master changes is in
-`failover.py`.
+`sentinel.py`.
 
 `store_client` also takes `redis+cluster://` URLs: a redis-py `RedisCluster` with the same
 timeouts and retries, which follows MOVED and ASK redirections (and refreshes its slot
@@ -255,7 +255,7 @@ def redis_client(
 
     `url` may be a `redis+sentinel://` URL (see `redis_urls.parse_sentinel_url`): the client
     then connects to the master the Sentinels name, and asks them again on every new
-    connection. `failover.FailoverWatch` drops the connections when the master changes.
+    connection. `sentinel.FailoverWatch` drops the connections when the master changes.
 
     `client_class`: an `ArqRedis` of the caller's, made the same way.
     """

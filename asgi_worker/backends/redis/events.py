@@ -28,7 +28,7 @@ _RECONNECT_DELAY = 1.0
 class EventListener:
     """One pub/sub subscription to the store's events, started on first need.
 
-    `source` opens the connection to subscribe on (`connections.shared_source`, or on a
+    `source` opens the connection to subscribe on (`clients.shared_source`, or on a
     Cluster a `NodeSubscriber`, which moves to another node after a failure).
     """
 

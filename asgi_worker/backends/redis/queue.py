@@ -16,7 +16,7 @@ Admission and fairness happen at enqueue, in the same one round trip:
   within its claim lease is not queued (`QueueFull`): it would only expire unrun.
 
 Each enqueue also pushes a token on the queue's wake list, which an idle `ReplayWorker`
-blocks on (see `taking`).
+blocks on (see `worker/job_taker.py`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Job:
     snapshot: bytes
     token: str
     claimed_at: float
-    """`Lookup.claimed_at` of the claim: the job's start time (see `jobs.run_job`)."""
+    """`Lookup.claimed_at` of the claim: the job's start time (see `job.run_job`)."""
     path: str = ""
     """The request's path: jobs of one path share a fair-queueing clock."""
     trace: str | None = None
@@ -113,7 +113,7 @@ class SnapshotBytes(bytes):
 
 
 HEALTH_REPORT_INTERVAL = 60.0
-"""How often our worker writes arq's health-check key (worker.py `_HEALTH_CHECK_INTERVAL`).
+"""How often our worker writes arq's health-check key (worker/settings.py `_HEALTH_CHECK_INTERVAL`).
 
 arq writes it with a lifetime of the interval + 1 s: a key present means a worker on the
 queue reported within that time."""

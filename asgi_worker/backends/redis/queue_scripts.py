@@ -75,7 +75,7 @@ return due - now
 # A due job in progress elsewhere (a plain arq worker on the same queue, which does not
 # rescore) is rescored to its in-progress key's end, when it may be taken again anyway.
 # Redis's clock (see `_CLOCK`); and the take is sent before the worker's wait for a wake
-# token (taking.py), so only Redis knows when it runs.
+# token (job_taker.py), so only Redis knows when it runs.
 # Each job taken is read as arq's run_job reads it first (arq_worker.PreReadPool): the job,
 # its try counted, and whether it was aborted; so it runs with no further round trip.
 # Returns {id, score, job or false, try, aborted 0/1, ...} for the jobs taken (their scores

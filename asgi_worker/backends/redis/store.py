@@ -352,7 +352,7 @@ class RedisStore:
             return await self._invalidate_glob(target, soft)
         assert isinstance(target, ByQuery)
         await self._stamp(keys=[keys.path_stamp(target.path)], args=[self._stamp_ms])
-        # The query rules live in Python (targets.py): each page's matches are expired.
+        # The query rules live in Python (invalidation_targets.py): each page's matches are expired.
         params = target.params
         return await self._walk(
             keys.path_index(target.path),

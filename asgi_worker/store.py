@@ -207,7 +207,7 @@ _PATHS_PAGE = 500
 # holds no copy of the body (the pieces are views of the app's chunks, or runs of small
 # chunks joined up to this size).
 _PIECE = 1024 * 1024
-_PIECES_PER_TRIP = 8
+_PIECES_PER_TRIP = 4
 
 StoreClient = Redis | RedisCluster
 """A client for the cache: one Redis (plain or Sentinel) or a Redis Cluster."""

@@ -136,9 +136,9 @@ class Config:
     """arq queue name (None: `<prefix>:queue`)."""
     max_body_bytes: int = 10 * 1024 * 1024
     """Largest response body stored; a larger one sent whole is replaced by a short-lived
-    502, one still streaming past it is a live stream (hit-for-pass). A body costs the
-    worker about 1x its size while it is stored (docs/stored-response.md), and Redis 1x
-    for as long as it is kept."""
+    502, one still streaming past it is a live stream (hit-for-pass). A body over
+    `stream_body_bytes` costs a worker job about 1x its size while it is stored, and
+    Redis 1x for as long as it is kept (see docs/stored-response.md#large-bodies)."""
     stream_body_bytes: int = 1024 * 1024
     """Bodies larger than this are stored apart from their entry, in pieces, and a hit
     streams them to the client a chunk (256 KiB) at a time: each hit then holds about one

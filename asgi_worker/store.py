@@ -18,6 +18,13 @@ of its path or of one of its tags. The app runs only after its job was claimed, 
 never stores what it computed before an invalidation. A job that waited in the queue for
 most of its lease first calls `begin`, which renews the lease and takes a new start time.
 
+A large body (`Write.body`) is stored apart from its entry, under a key named by its
+version in the entry's slot: written in pieces before the commit, with the claim's lease
+as its lifetime; the commit gives it the entry's and names it in the entry's body ref, or
+deletes it if refused. What deletes an entry deletes the body its ref names; a body whose
+entry a newer commit replaced is kept `REPLACED_BODY_GRACE` at most, for the hits still
+reading it (`read_body`), which never see another version's bytes.
+
 Every script touches one Redis Cluster slot (keys.py), so the same code runs on a single
 Redis and on a Cluster. What spans slots is a series of single-slot steps, ordered so that
 the guarantees above still hold:
@@ -404,7 +411,7 @@ class RedisStore:
         The last byte goes first, so that Redis makes the string its full size at once
         rather than growing (and copying) it piece by piece.
         """
-        last = body.chunks[-1][-1:]
+        last = next(chunk[-1:] for chunk in reversed(body.chunks) if chunk)
         batch: list[tuple[Any, ...]] = [
             ("SETRANGE", key, body.length - 1, last),
             ("PEXPIRE", key, self._claim_ms, "NX"),  # NX: a committed body keeps its own

@@ -22,6 +22,7 @@ from asgi_worker.backends.redis.queue import ArqQueue, Job, QueueFull
 from asgi_worker.backends.redis.store import Store
 from asgi_worker.core.app_layers import walk
 from asgi_worker.core.codec import (
+    Apart,
     CorruptEntryError,
     StoredResponse,
     decode_response,
@@ -44,7 +45,15 @@ from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, RequestRecord
 from asgi_worker.web.backend import Backend, Entry, open_backend
 from asgi_worker.web.key_memo import KeyMemo
-from asgi_worker.web.responses import send_accepted, send_bad_request, send_stored, send_unavailable
+from asgi_worker.web.responses import (
+    BodyGoneError,
+    BodyReader,
+    BodyUnreadableError,
+    send_accepted,
+    send_bad_request,
+    send_stored,
+    send_unavailable,
+)
 from asgi_worker.web.single_flight import SingleFlight
 from asgi_worker.web.waiting import Gone, hold, parse_prefer
 
@@ -154,11 +163,18 @@ class WorkerMiddleware(CacheLayer):
             record.outcome = outcome
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord | None = None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord | None = None,
+        *,
+        again: bool = False,
     ) -> str:
         """Answer one cache request; returns what it did (for an observer).
 
         `record` (with an observer) is marked if this request's lookup enqueued the job.
+        `again`: the entry found first had lost its body stored apart, and was discarded.
         """
         head = scope["method"] == "HEAD"
         try:
@@ -198,12 +214,7 @@ class WorkerMiddleware(CacheLayer):
             await send_unavailable(send, retry_after=retry_after, head=head, queue_full=True)
             return "queue-full"
         except _BACKEND_ERRORS as error:
-            logger.error("asgi-worker: cache backend unavailable: %r", error)
-            if self.config.fail_open:
-                await self.app(scope, receive, send)
-            else:
-                await send_unavailable(send, retry_after=self.config.retry_after, head=head)
-            return "unavailable"
+            return await self._unavailable(error, scope, receive, send)
         if found is None:
             await send_accepted(
                 send,
@@ -215,18 +226,69 @@ class WorkerMiddleware(CacheLayer):
         if found.response.hit_for_pass:
             await self.app(scope, receive, send)  # the app said private: never share it
             return "pass"
+        response = found.response
         if_none_match = _headers(scope, b"if-none-match")
-        await send_stored(
-            found.response,
-            send,
-            head=head,
-            stale=found.stale,
-            if_none_match=b", ".join(if_none_match) if if_none_match else None,
-            extra=applied,
-        )
+        try:
+            served = await send_stored(
+                response,
+                send,
+                head=head,
+                stale=found.stale,
+                if_none_match=b", ".join(if_none_match) if if_none_match else None,
+                ranges=_header(scope, b"range"),
+                if_range=_header(scope, b"if-range"),
+                extra=applied,
+                read=None if response.apart is None else self._reader(digest, response.apart),
+            )
+        except BodyUnreadableError as error:
+            return await self._unavailable(error, scope, receive, send)
+        except BodyGoneError as error:
+            # The server closes the connection: the client sees a truncated response.
+            logger.error(
+                "asgi-worker: the body of %s went away while it was sent (%s): the response "
+                "is cut short",
+                digest,
+                error,
+            )
+            raise
+        if not served:
+            assert response.apart is not None
+            logger.warning(
+                "asgi-worker: the body of %s is gone (expired, invalidated or evicted): "
+                "the entry is discarded, a miss",
+                digest,
+            )
+            await _quietly(self._open().store.discard(digest, response.apart.version))
+            if not again:  # looked up again: a miss now, whose lookup claims the job
+                return await self._serve(scope, receive, send, record, again=True)
+            await send_accepted(send, retry_after=self.config.retry_after, extra=applied)
+            return _MISS
         if waited:
             return "waited"
         return _STALE if found.stale else _NEAR_HIT if found.near else _HIT
+
+    async def _unavailable(
+        self, error: BaseException, scope: Scope, receive: Receive, send: Send
+    ) -> str:
+        """Redis cannot answer: `503`, or the app's own answer with `fail_open`."""
+        logger.error("asgi-worker: cache backend unavailable: %r", error)
+        if self.config.fail_open:
+            await self.app(scope, receive, send)
+        else:
+            head = scope["method"] == "HEAD"
+            await send_unavailable(send, retry_after=self.config.retry_after, head=head)
+        return "unavailable"
+
+    def _reader(self, digest: str, apart: Apart) -> BodyReader:
+        """Reads the body stored apart of `digest`'s entry, each read within redis_timeout."""
+        store = self._open().store
+        timeout = self.config.redis_timeout
+
+        async def read(start: int, stop: int) -> bytes | None:
+            async with asyncio.timeout(timeout):
+                return await store.read_body(digest, apart.version, apart.length, start, stop)
+
+        return read
 
     async def _retry_after(self, snapshot: RequestSnapshot) -> int:
         """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive."""
@@ -365,7 +427,8 @@ class WorkerMiddleware(CacheLayer):
                     record.enqueued = True
         if response is None:
             return None
-        if near is not None and not found.stale:
+        if near is not None and not found.stale and response.apart is None:
+            # A body stored apart never enters the near cache: each hit streams it.
             near.put(digest, response)
         return _Found(response, found.stale)
 
@@ -508,6 +571,12 @@ async def _refuse_startup(refusal: str, receive: Receive, send: Send) -> None:
 
 def _headers(scope: Scope, name: bytes) -> list[bytes]:
     return [bytes(value) for key, value in scope.get("headers") or () if key.lower() == name]
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """The one value of header `name`; None if it is absent or given more than once."""
+    values = _headers(scope, name)
+    return values[0] if len(values) == 1 else None
 
 
 async def _quietly(step: Awaitable[object]) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
@@ -27,8 +28,9 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from asgi_worker.backends.redis.retries import REDIS_ERRORS, Throttle, brief, retried, transient
-from asgi_worker.backends.redis.store import Committed, Store, Write
+from asgi_worker.backends.redis.store import Body, Committed, Store, Write
 from asgi_worker.core.codec import (
+    Apart,
     CorruptEntryError,
     StoredResponse,
     decode_snapshot,
@@ -36,7 +38,13 @@ from asgi_worker.core.codec import (
 )
 from asgi_worker.core.config import Config
 from asgi_worker.core.freshness import entity_tag, lifetime, shareable
-from asgi_worker.core.keys import Headers, RequestSnapshot, printable, request_line, request_target
+from asgi_worker.core.keys import (
+    Headers,
+    RequestSnapshot,
+    printable,
+    request_line,
+    request_target,
+)
 from asgi_worker.core.replay import (
     BodyTooLargeError,
     LeftRunningError,
@@ -330,10 +338,21 @@ async def _run(
             record.deferred = True
         return outcome  # the worker commits it as it marks the job done, then waits `after`
     try:
-        return await commit.send_and_report(store, config.redis_timeout)
+        return await commit.send_and_report(store, _commit_time(config, write))
     finally:
         if after is not None:
             await after()
+
+
+# A body stored apart is written with its commit: each this many bytes of it give the
+# commit `redis_timeout` more (at 64 MiB a second or more, it never needs them all).
+_BODY_BYTES_PER_TIMEOUT = 64 * 1024 * 1024
+
+
+def _commit_time(config: Config, write: Write) -> float:
+    """Seconds a commit of `write` may take, its retries included."""
+    pieces = 0 if write.body is None else -(-write.body.length // _BODY_BYTES_PER_TIMEOUT)
+    return config.redis_timeout * (1 + pieces)
 
 
 async def _before_the_app(
@@ -421,10 +440,15 @@ def to_write(
             headers.append((name, value))
             has_etag = has_etag or name == b"etag"
     if not has_etag:
-        headers.append((b"etag", entity_tag((), replayed.body)))
+        headers.append((b"etag", entity_tag((), replayed.chunks)))
     if replayed.leaving:
         headers.extend(_outer_vary(replayed.headers, replayed.leaving, config))
-    response = stored(ReplayedResponse(replayed.status, tuple(headers), replayed.body))
+    kept = ReplayedResponse(replayed.status, tuple(headers), replayed.chunks)
+    body = None
+    if replayed.length > config.stream_body_bytes and _has_body(replayed.status):
+        # Stored apart, in the app's own chunks: no joined copy, no msgpack copy of it.
+        body = Body(secrets.token_hex(8), replayed.chunks, replayed.length)
+    response = stored(kept, apart=None if body is None else body.version)
     return Write(
         encode_response(response),
         fresh=life.fresh,
@@ -434,6 +458,7 @@ def to_write(
         tags=tuple(tags)[:_MAX_TAGS],
         failed=replayed.status >= 500,
         retry_after=config.error_ttl,
+        body=body,
     )
 
 
@@ -577,32 +602,44 @@ async def _after_answer(
         )
 
 
-def stored(replayed: ReplayedResponse, now: float | None = None) -> StoredResponse:
+def stored(
+    replayed: ReplayedResponse, now: float | None = None, *, apart: str | None = None
+) -> StoredResponse:
     """The entry to keep for a response: hop-by-hop headers dropped, framed as HTTP asks.
 
     `Content-Length` is the stored body's, except where RFC 9110 section 8.6 rules it
     out: a 1xx or 204 has none (and no body); a 304 has no body, and keeps the length the
     app gave it (its 200's), or none.
+
+    `apart`: the body is stored apart under this version (`Write.body`); the entry is
+    its head, and never joins the body.
     """
     status = replayed.status
     headers = [(name, value) for name, value in replayed.headers if name not in _NOT_STORED]
-    body = replayed.body
-    if status < 200 or status in (204, 304):
-        body = b""
+    body = b""
+    if not _has_body(status):
         if status == 304:
             given = next((pair for pair in replayed.headers if pair[0] == b"content-length"), None)
             headers.extend(() if given is None else (given,))
     else:
-        headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"content-length", str(replayed.length).encode()))
+        if apart is None:
+            body = replayed.body
     return StoredResponse(
         status=status,
         headers=tuple(headers),
         body=body,
         stored_at=time.time() if now is None else now,
+        apart=None if apart is None else Apart(apart, replayed.length),
     )
 
 
-_NO_ANSWER = ReplayedResponse(0, (), b"")
+def _has_body(status: int) -> bool:
+    """Whether a response of `status` has a body (not a 1xx, 204 or 304)."""
+    return status >= 200 and status not in (204, 304)
+
+
+_NO_ANSWER = ReplayedResponse(0, (), ())
 """Stands for the answer of a live stream, which is never stored."""
 
 
@@ -611,5 +648,5 @@ def _error(status: int, text: str) -> ReplayedResponse:
     return ReplayedResponse(
         status,
         ((b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")),
-        text.encode(),
+        (text.encode(),),
     )

@@ -11,8 +11,7 @@ The public API is what this module exports, and the tool modules beside it:
 in any release.
 """
 
-from asgi_worker.backends.redis.queue import JobQueue
-from asgi_worker.backends.redis.store import Store
+from asgi_worker.backends.base import JobQueue, Store
 from asgi_worker.core.config import Config, ConfigurationError
 from asgi_worker.web.middleware import WorkerMiddleware
 from asgi_worker.worker.arq_worker import ReplayWorker

@@ -21,8 +21,9 @@ from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp
 
+from asgi_worker.backends.base import Store
 from asgi_worker.backends.redis.clients import close_client, store_client
-from asgi_worker.backends.redis.store import RedisStore, Store
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.config import Config
 from asgi_worker.core.discovery import find_all
 from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag, Target

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from asgi_worker.backends.redis.queue import JobQueue
+from asgi_worker.backends.base import JobQueue
 
 warnings.warn(
     "asgi_worker.queue is deprecated: import JobQueue from asgi_worker instead",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from asgi_worker.backends.redis.store import Store
+from asgi_worker.backends.base import Store
 
 warnings.warn(
     "asgi_worker.store is deprecated: import Store from asgi_worker instead",

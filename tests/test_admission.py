@@ -19,8 +19,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asgi_worker import Config, WorkerMiddleware
+from asgi_worker.backends.base import Job, QueueFull
 from asgi_worker.backends.redis.clients import redis_client
-from asgi_worker.backends.redis.queue import ArqQueue, Job, QueueFull
+from asgi_worker.backends.redis.queue import ArqQueue
 from asgi_worker.core.keys import RedisKeys, snapshot_from_scope
 from asgi_worker.core.normalize import KeyRules, normalize_percent
 from asgi_worker.testing import run_pending

@@ -28,8 +28,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_worker import Config, ReplayWorker, WorkerMiddleware, worker_settings
+from asgi_worker.backends.base import Committed, Write
 from asgi_worker.backends.redis import scripts
-from asgi_worker.backends.redis.store import Committed, RedisStore, Write
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.invalidation_targets import ByPath
 from asgi_worker.core.keys import RedisKeys
 

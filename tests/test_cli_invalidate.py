@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from redis.asyncio import Redis
 
 from asgi_worker import Config
-from asgi_worker.backends.redis.store import RedisStore, Write
+from asgi_worker.backends.base import Write
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.cli.commands import main
 
 from .conftest import REDIS_URL

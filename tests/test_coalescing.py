@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from asgi_worker import Config
-from asgi_worker.backends.redis.store import Lookup, Store
+from asgi_worker.backends.base import Lookup, Store
 from asgi_worker.testing import find_middleware
 
 from .test_freshness import Site, open_site

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from asgi_worker.backends.base import Committed, Store, Write
 from asgi_worker.backends.memory import MemoryStore
-from asgi_worker.backends.redis.store import Committed, RedisStore, Store, Write
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag
 from asgi_worker.core.keys import RedisKeys
 

@@ -16,8 +16,9 @@ from redis.asyncio import Redis
 from starlette.types import Receive, Scope, Send
 
 from asgi_worker import Config
+from asgi_worker.backends.base import Store
 from asgi_worker.backends.memory import MemoryStore
-from asgi_worker.backends.redis.store import RedisStore, Store
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.codec import decode_response, encode_snapshot
 from asgi_worker.core.keys import RequestSnapshot
 from asgi_worker.worker.job import run_job

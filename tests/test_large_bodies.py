@@ -27,8 +27,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_worker import Config, WorkerMiddleware
+from asgi_worker.backends.base import REPLACED_BODY_GRACE
 from asgi_worker.backends.redis.clients import close_client, store_client
-from asgi_worker.backends.redis.store import REPLACED_BODY_GRACE
 from asgi_worker.core.app_layers import walk
 from asgi_worker.core.keys import RedisKeys
 from asgi_worker.invalidation import Invalidator

@@ -20,7 +20,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from asgi_worker.backends.redis.store import Committed, RedisStore, Write
+from asgi_worker.backends.base import Committed, Write
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.keys import RedisKeys
 from asgi_worker.testing import run_pending
 

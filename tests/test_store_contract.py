@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from asgi_worker.backends.base import Body, Committed, Lookup, Store, Write
 from asgi_worker.backends.memory import MemoryStore
-from asgi_worker.backends.redis.store import Body, Committed, Lookup, RedisStore, Store, Write
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.invalidation_targets import ByGlob, ByPath, ByQuery, ByTag, Target
 from asgi_worker.core.keys import RedisKeys
 

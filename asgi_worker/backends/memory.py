@@ -15,8 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from asgi_worker.backends.redis.queue import Job, QueueFull
-from asgi_worker.backends.redis.store import REPLACED_BODY_GRACE, Committed, Lookup, Write
+from asgi_worker.backends.base import REPLACED_BODY_GRACE, Committed, Job, Lookup, QueueFull, Write
 from asgi_worker.core.invalidation_targets import ByGlob, ByQuery, ByTag, Target, query_matches
 
 logger = logging.getLogger("asgi_worker")

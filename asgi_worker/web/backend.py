@@ -20,6 +20,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import ConnectionPool, Redis
 from starlette.types import ASGIApp
 
+from asgi_worker.backends.base import Job, JobQueue, Store
 from asgi_worker.backends.memory import InProcessQueue, MemoryStore
 from asgi_worker.backends.redis.clients import (
     NodeSubscriber,
@@ -30,10 +31,10 @@ from asgi_worker.backends.redis.clients import (
     store_client,
 )
 from asgi_worker.backends.redis.events import INVALIDATED, EventListener
-from asgi_worker.backends.redis.queue import ArqQueue, Job, JobQueue
+from asgi_worker.backends.redis.queue import ArqQueue
 from asgi_worker.backends.redis.retries import Throttle
 from asgi_worker.backends.redis.sentinel import FailoverWatch
-from asgi_worker.backends.redis.store import RedisStore, Store
+from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.codec import StoredResponse
 from asgi_worker.core.config import Config
 from asgi_worker.core.keys import RedisKeys

@@ -17,9 +17,9 @@ import sniffio
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from asgi_worker.backends.base import Job, QueueFull, Store
 from asgi_worker.backends.memory import InProcessQueue
-from asgi_worker.backends.redis.queue import ArqQueue, Job, QueueFull
-from asgi_worker.backends.redis.store import Store
+from asgi_worker.backends.redis.queue import ArqQueue
 from asgi_worker.core.app_layers import walk
 from asgi_worker.core.codec import (
     Apart,

@@ -27,8 +27,8 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from asgi_worker.backends.base import Body, Committed, Store, Write
 from asgi_worker.backends.redis.retries import REDIS_ERRORS, Throttle, brief, retried, transient
-from asgi_worker.backends.redis.store import Body, Committed, Store, Write
 from asgi_worker.core.codec import (
     Apart,
     CorruptEntryError,

@@ -1,4 +1,4 @@
-"""The `JobQueue` protocol and `ArqQueue`, which puts replay jobs on an arq queue.
+"""`ArqQueue`: the `JobQueue` protocol (backends/base.py) on an arq queue.
 
 Jobs are msgpack-encoded, not pickled (arq's default): the worker never unpickles bytes
 that anyone able to write to Redis could have put there.
@@ -25,8 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 from arq.connections import ArqRedis
@@ -34,6 +33,7 @@ from arq.constants import health_check_key_suffix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
+from asgi_worker.backends.base import Job, QueueFull
 from asgi_worker.backends.redis.queue_scripts import ENQUEUE, WAKE_TOKENS
 from asgi_worker.backends.redis.script_runner import Script
 from asgi_worker.core.codec import peek_snapshot
@@ -43,33 +43,6 @@ logger = logging.getLogger("asgi_worker")
 
 JOB_FUNCTION = "asgi_worker.replay"
 """The name the replay job is registered under in the arq worker."""
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One replay to run: the encoded request snapshot and the claim it runs under."""
-
-    job_id: str
-    snapshot: bytes
-    token: str
-    claimed_at: float
-    """`Lookup.claimed_at` of the claim: the job's start time (see `job.run_job`)."""
-    path: str = ""
-    """The request's path: jobs of one path share a fair-queueing clock."""
-    trace: str | None = None
-    """The W3C `traceparent` of the enqueuing request's span, with tracing on."""
-
-
-class QueueFull(Exception):
-    """The queue holds `Config.max_queued` jobs, or the path's jobs would not start in time."""
-
-
-class JobQueue(Protocol):
-    """Where the middleware hands jobs to workers."""
-
-    async def enqueue(self, job: Job) -> None:
-        """Make the job run once, soon; `QueueFull` if it cannot be taken now."""
-        ...
 
 
 def serialize(data: dict[str, Any]) -> bytes:

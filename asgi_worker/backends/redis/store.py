@@ -1,4 +1,4 @@
-"""The `Store` protocol and `RedisStore`, its Redis implementation.
+"""`RedisStore`: the `Store` protocol (backends/base.py) on Redis and Redis Cluster.
 
 A store holds encoded entries, their freshness, the claims that dedup jobs, and the
 indexes that invalidation needs. Each method but `invalidate` is atomic: in Redis one Lua
@@ -47,17 +47,16 @@ the guarantees above still hold:
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
+from asgi_worker.backends.base import REPLACED_BODY_GRACE, Body, Committed, Lookup, Write
 from asgi_worker.backends.redis import scripts
 from asgi_worker.backends.redis.script_runner import Script
 from asgi_worker.core.invalidation_targets import (
@@ -70,146 +69,6 @@ from asgi_worker.core.invalidation_targets import (
     query_matches,
 )
 from asgi_worker.core.keys import TAG_LENGTH, RedisKeys
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """The answer of `Store.lookup`."""
-
-    entry: bytes | None = None
-    """The stored entry (fresh or stale), or None on a miss."""
-    stale: bool = False
-    """The entry is past its freshness (served while one refresh runs)."""
-    claimed: bool = False
-    """This lookup took the claim: the caller must enqueue the job."""
-    claimed_at: float | None = field(default=None, compare=False)
-    """When the claim was taken, on the store's clock: the job's start time for `commit`
-    (and `Store.lease_left`). Set exactly when `claimed` is."""
-
-
-REPLACED_BODY_GRACE = 60.0
-"""Seconds a body stored apart is kept after a newer commit replaced its entry (at most:
-no longer than it had left), so that hits still streaming it can finish."""
-
-
-@dataclass(frozen=True, slots=True)
-class Body:
-    """A body stored apart from its entry (`Write.body`, `Config.stream_body_bytes`)."""
-
-    version: str
-    """Names the body's key (`codec.Apart.version`): one per stored response."""
-    chunks: tuple[bytes, ...]
-    """The body, in the chunks the app sent: written as they are, never joined."""
-    length: int
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    """What a job stores, and for how long."""
-
-    entry: bytes
-    """The encoded response, or only its head if its body is stored apart (`body`)."""
-    fresh: float
-    """Seconds the entry is fresh."""
-    keep: float
-    """Seconds the entry is kept in all: `fresh` plus the stale window."""
-    path: str
-    query: bytes
-    tags: tuple[str, ...] = ()
-    failed: bool = False
-    """An error response: if a stale copy exists, keep serving it instead (RFC 5861
-    stale-if-error) and try again after `retry_after` seconds."""
-    retry_after: float = 1.0
-    duration: float | None = None
-    """Seconds the app took; folded into the path's typical duration (adaptive Retry-After)."""
-    body: Body | None = None
-    """A large body, stored apart from `entry` (its head). It lives exactly as long as the
-    entry: it expires, is invalidated and is replaced with it (a replaced one is kept
-    `REPLACED_BODY_GRACE` more at most, for the hits still reading it)."""
-
-
-class Committed(enum.Enum):
-    """What became of a `Store.commit`."""
-
-    STORED = "stored"
-    KEPT_STALE = "kept-stale"
-    """The job failed; the stale copy stays, and the next refresh waits `retry_after`."""
-    REFUSED = "refused"
-    """An invalidation came after the job began, or a newer claim took over: not stored."""
-
-
-class Store(Protocol):
-    """Where entries, claims and indexes live. Implementations keep each method atomic."""
-
-    async def lookup(self, digest: str, token: str, path: str) -> Lookup:
-        """Return the entry; claim the key for `token` if it is missing or stale and free.
-
-        `path` is the request's: its claim counts in the path's index while the job runs
-        (the job lists the path itself, `list_path`).
-        """
-        ...
-
-    def lease_left(self, claimed_at: float) -> float:
-        """Seconds left of a lease taken at `claimed_at`, by this process's clock (no I/O)."""
-        ...
-
-    async def begin(self, digest: str, token: str, path: str) -> float | None:
-        """Renew the claim of a job about to run; return the store's time, None if lost.
-
-        Needed only when the lease may run out before the job ends (see `lease_left`).
-        """
-        ...
-
-    async def list_path(self, path: str) -> None:
-        """Make `path` findable by prefix and glob invalidation.
-
-        A job calls it before its app runs, so an invalidation that misses the path
-        began before the app ran.
-        """
-        ...
-
-    async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
-        """Store the job's result (see `Write`, `Committed`) and release the claim.
-
-        Only under the job's own live claim: a job that outlived its lease is refused.
-        """
-        ...
-
-    async def release(self, digest: str, token: str) -> None:
-        """Give up the claim `token` holds (e.g. the job could not be enqueued)."""
-        ...
-
-    async def discard(self, digest: str, version: str | None = None) -> None:
-        """Delete the stored entry and its body (e.g. it could not be decoded).
-
-        With `version` (its body's, found gone): only if the entry's body is still that
-        one, so that a response a newer commit stored meanwhile stays.
-        """
-        ...
-
-    async def read_body(
-        self, digest: str, version: str, length: int, start: int, stop: int
-    ) -> bytes | None:
-        """Bytes `start` to `stop` (excluded) of the body stored apart under `version`.
-
-        None if that body is gone (expired, invalidated, evicted, replaced a while ago)
-        or is not `length` bytes long. `stop` is at most `length`.
-        """
-        ...
-
-    async def typical_duration(self, path: str) -> float | None:
-        """Seconds jobs for `path` have recently taken (a moving average), if known."""
-        ...
-
-    async def invalidate(self, target: Target, *, soft: bool = False) -> int:
-        """Expire the entries `target` selects: delete them, or if `soft` mark them stale.
-
-        Returns how many entries were affected. Stamps before it expires anything (a job
-        that began earlier is refused at commit); on Redis it then runs in short steps,
-        not atomically (see the module docstring).
-        """
-        ...
-
 
 # Members of an index read and expired per step: a ZSCAN page, then one script over its
 # entries (a tag's members may span several slots: one script per slot). Each step holds

@@ -156,10 +156,15 @@ HandOff = Callable[[Commit], bool]
 """Takes a job's `Commit` to send later (see `completion.ReplayWorker`), or returns False."""
 
 
-async def release(store: Store, digest: str, token: str, within: float) -> bool:
-    """Give up the claim `token` holds (best effort, up to `within` s); False if it failed."""
+async def release(
+    store: Store, digest: str, token: str, within: float, *, each: float | None = None
+) -> bool:
+    """Give up the claim `token` holds (best effort, up to `within` s); False if it failed.
+
+    `each`: how long one try may take (see `retries.retried`).
+    """
     try:
-        await retried(functools.partial(store.release, digest, token), within=within)
+        await retried(functools.partial(store.release, digest, token), within=within, each=each)
     except REDIS_ERRORS:
         return False
     return True

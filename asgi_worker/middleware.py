@@ -222,6 +222,7 @@ class WorkerMiddleware:
         await send_stored(
             found.response,
             send,
+            now=found.now,
             head=head,
             stale=found.stale,
             if_none_match=b", ".join(if_none_match) if if_none_match else None,
@@ -318,7 +319,7 @@ class WorkerMiddleware:
         # The near cache is a dict read: no round trip to share, nothing to time out.
         near = self._open().near_cache()
         if near is not None and (cached := near.get(digest)) is not None:
-            return _Found(cached, stale=False, near=True)
+            return _Found(cached, False, time.monotonic(), near=True)  # see `_near_copy`
         if not self.config.coalesce:
             return await self._timed_lookup(snapshot, digest, client, record, deadline)
         return await self._inflight.run(
@@ -388,8 +389,8 @@ class WorkerMiddleware:
         if response is None:
             return None
         if near is not None and not found.stale:
-            near.put(digest, response)
-        return _Found(response, found.stale)
+            near.put(digest, _near_copy(response, found.now))
+        return _Found(response, found.stale, found.now)
 
     def _job(
         self,
@@ -517,7 +518,19 @@ class WorkerMiddleware:
 class _Found:
     response: StoredResponse
     stale: bool
+    now: float
+    """The clock of `response.stored_at` at the lookup, for `Age`: the store's time."""
     near: bool = False
+
+
+def _near_copy(response: StoredResponse, now: float) -> StoredResponse:
+    """`response` to keep in the near cache, its `stored_at` on the monotonic clock.
+
+    A near hit's `Age` counts on from the lookup's by this process's monotonic clock,
+    which no other host's sets and no wall-clock step moves (`now`: the store's time of
+    the lookup).
+    """
+    return dataclasses.replace(response, stored_at=response.stored_at - now + time.monotonic())
 
 
 def _unsupported_loop() -> str | None:

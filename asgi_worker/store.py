@@ -77,6 +77,9 @@ class Lookup:
     claimed_at: float | None = field(default=None, compare=False)
     """When the claim was taken, on the store's clock: the job's start time for `commit`
     (and `Store.lease_left`). Set exactly when `claimed` is."""
+    now: float = field(default=0.0, compare=False)
+    """The store's time at the lookup, in Unix seconds (Redis's `TIME`): an entry's age is
+    this minus its `stored_at`, which is on the same clock (`Store.list_path`)."""
 
 
 REPLACED_BODY_GRACE = 60.0
@@ -152,11 +155,12 @@ class Store(Protocol):
         """
         ...
 
-    async def list_path(self, path: str) -> None:
-        """Make `path` findable by prefix and glob invalidation.
+    async def list_path(self, path: str) -> float:
+        """Make `path` findable by prefix and glob invalidation; return the store's time.
 
         A job calls it before its app runs, so an invalidation that misses the path
-        began before the app ran.
+        began before the app ran. The time (Unix seconds, the clock of `Lookup.now`) is
+        where the job counts its entry's `stored_at` from, by its own monotonic clock.
         """
         ...
 
@@ -278,7 +282,7 @@ class RedisStore:
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         keys = self._keys
-        entry, stale, claimed_at = await self._lookup(
+        entry, flags, now_us = await self._lookup(
             keys=[
                 keys.response(digest),
                 keys.fresh(digest),
@@ -287,16 +291,19 @@ class RedisStore:
             ],
             args=[token, self._claim_ms],
         )
-        if claimed_at == 0:
-            return Lookup(entry, stale == 1)
-        return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
+        if flags < 2:  # not claimed (see scripts.LOOKUP)
+            return Lookup(entry, flags == 1, now=now_us / 1e6)
+        return Lookup(entry, flags == 3, True, float(now_us), now_us / 1e6)
 
-    async def list_path(self, path: str) -> None:
+    async def list_path(self, path: str) -> float:
         """See `Store.list_path`. A new path also delists a few dead ones."""
-        due = await self._list_path(keys=self._path_list, args=[_text(path), self._claim_ms])
+        now_ms, *due = await self._list_path(
+            keys=self._path_list, args=[_text(path), self._claim_ms]
+        )
         await asyncio.gather(
             *(self._delist_if_dead(due[i], due[i + 1]) for i in range(0, len(due), 2))
         )
+        return int(now_ms) / 1000
 
     async def _delist_if_dead(self, raw_path: bytes, listings: bytes) -> None:
         # The count was read before the index: a claim listed after this read moves it.

@@ -29,6 +29,9 @@ class Lookup:
     claimed_at: float | None = field(default=None, compare=False)
     """When the claim was taken, on the store's clock: the job's start time for `commit`
     (and `Store.lease_left`). Set exactly when `claimed` is."""
+    now: float = field(default=0.0, compare=False)
+    """The store's time at the lookup, in Unix seconds (Redis's `TIME`): an entry's age is
+    this minus its `stored_at`, which is on the same clock (`Store.list_path`)."""
 
 
 REPLACED_BODY_GRACE = 60.0
@@ -104,11 +107,12 @@ class Store(Protocol):
         """
         ...
 
-    async def list_path(self, path: str) -> None:
-        """Make `path` findable by prefix and glob invalidation.
+    async def list_path(self, path: str) -> float:
+        """Make `path` findable by prefix and glob invalidation; return the store's time.
 
         A job calls it before its app runs, so an invalidation that misses the path
-        began before the app ran.
+        began before the app ran. The time (Unix seconds, the clock of `Lookup.now`) is
+        where the job counts its entry's `stored_at` from, by its own monotonic clock.
         """
         ...
 

@@ -135,15 +135,17 @@ class MemoryStore:
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         now = time.monotonic()
+        # Entries' `stored_at` are this process's wall clock (`list_path`): so is `now`.
+        wall = time.time()
         entry = self._live(digest, now)
         if entry is not None and entry.fresh_until > now:
-            return Lookup(entry.value)
+            return Lookup(entry.value, now=wall)
         value = entry.value if entry else None
         if self._holder(digest, now) is not None:
-            return Lookup(value, stale=entry is not None)
+            return Lookup(value, stale=entry is not None, now=wall)
         self._claim(digest, token, path, now)
         self._wrote(now)
-        return Lookup(value, stale=entry is not None, claimed=True, claimed_at=now)
+        return Lookup(value, stale=entry is not None, claimed=True, claimed_at=now, now=wall)
 
     def lease_left(self, claimed_at: float) -> float:
         """See `Store.lease_left`."""
@@ -157,8 +159,12 @@ class MemoryStore:
         self._claim(digest, token, path, now)
         return now
 
-    async def list_path(self, path: str) -> None:
-        """See `Store.list_path`: nothing to do, a claim here lists its path itself."""
+    async def list_path(self, path: str) -> float:
+        """See `Store.list_path`: nothing to do, a claim here lists its path itself.
+
+        The time is this process's wall clock, as `Lookup.now` here: the one process's.
+        """
+        return time.time()
 
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """See `Store.commit`."""

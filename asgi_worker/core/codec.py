@@ -46,7 +46,9 @@ class StoredResponse:
     headers: Headers
     body: bytes
     stored_at: float
-    """Unix time the worker finished the response (for `Age`)."""
+    """Unix time the worker finished the response, on the store's clock (Redis's `TIME`,
+    see `Store.list_path`), for `Age`: the web process compares it with the store's time
+    of its lookup (`Lookup.now`), never with its own clock."""
     hit_for_pass: bool = False
     """A marker, not a response: the app's answer was private, so requests for this key
     go straight to the app until the marker expires (Varnish's hit-for-pass)."""

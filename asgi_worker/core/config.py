@@ -142,7 +142,9 @@ class Config:
     max_jobs: int = 10
     """Jobs one worker process (or one web process, with in-process jobs) runs at once."""
     redis_timeout: float = 2.0
-    """Seconds to wait for Redis (connect and each command) before treating it as down."""
+    """Seconds to wait for Redis before treating it as down. On the web side all of one
+    request's Redis work (its lookup, the enqueue, a 202's hints) ends within it; in the
+    worker, each connect and each command (a job's steps are retried for as long)."""
     fail_open: bool = False
     """On a Redis error, pass the request to the app instead of answering 503."""
     max_wait: float = 10.0

@@ -188,18 +188,27 @@ class WorkerMiddleware(CacheLayer):
             self._first_request(scope)
         applied: list[tuple[bytes, bytes]] = []
         waited = False
+        # One deadline for the request's Redis work: its lookup, the enqueue and the hints
+        # of a 202 all end by it (a timer costs the same as `asyncio.timeout`'s).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.redis_timeout
         try:
             client = scope_client(scope) if self.config.replay_client else None
-            found = await self._lookup(snapshot, digest, client, record)
+            found = await self._lookup(snapshot, digest, client, record, deadline)
             if found is None:
                 preference = parse_prefer(_headers(scope, b"prefer"))
                 # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
                 # "respond-async, wait=N") we hold up to N seconds, then answer 202.
                 seconds = min(preference.wait or 0.0, self.config.max_wait)
                 if seconds > 0:
-                    held = await self._wait_for(snapshot, digest, client, seconds, receive, record)
+                    # N seconds from the request's arrival: the client's own choice. Each
+                    # look in the hold is bounded as a lookup is, and the hints after it
+                    # by redis_timeout from the hold's end.
+                    until = deadline - self.config.redis_timeout + seconds
+                    held = await self._wait_for(snapshot, digest, client, until, receive, record)
                     if isinstance(held, Gone):
                         return "gone"  # the client went away while waiting: nobody to answer
+                    deadline = min(until, loop.time()) + self.config.redis_timeout
                     found = held
                     if found is not None:
                         waited = True
@@ -218,9 +227,9 @@ class WorkerMiddleware(CacheLayer):
         if found is None:
             await send_accepted(
                 send,
-                retry_after=await self._retry_after(snapshot),
+                retry_after=await self._retry_after(snapshot, deadline),
                 extra=applied,
-                no_worker=await self._no_worker(),
+                no_worker=await self._no_worker(deadline),
             )
             return _MISS
         if found.response.hit_for_pass:
@@ -232,6 +241,7 @@ class WorkerMiddleware(CacheLayer):
             served = await send_stored(
                 response,
                 send,
+                now=found.now,
                 head=head,
                 stale=found.stale,
                 if_none_match=b", ".join(if_none_match) if if_none_match else None,
@@ -258,7 +268,8 @@ class WorkerMiddleware(CacheLayer):
                 "the entry is discarded, a miss",
                 digest,
             )
-            await _quietly(self._open().store.discard(digest, response.apart.version))
+            discard = self._open().store.discard(digest, response.apart.version)
+            await _quietly(discard, within=self.config.redis_timeout)
             if not again:  # looked up again: a miss now, whose lookup claims the job
                 return await self._serve(scope, receive, send, record, again=True)
             await send_accepted(send, retry_after=self.config.retry_after, extra=applied)
@@ -290,13 +301,19 @@ class WorkerMiddleware(CacheLayer):
 
         return read
 
-    async def _retry_after(self, snapshot: RequestSnapshot) -> int:
-        """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive."""
+    async def _retry_after(self, snapshot: RequestSnapshot, deadline: float) -> int:
+        """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive.
+
+        The typical duration is read only within what is left until `deadline` (the loop's
+        time): a hint is not worth a later answer.
+        """
         config = self.config
         if not config.adaptive_retry_after:
             return config.retry_after
+        if deadline <= asyncio.get_running_loop().time():
+            return config.retry_after  # a command cut off at once would cost its connection
         try:
-            async with asyncio.timeout(config.redis_timeout):
+            async with asyncio.timeout_at(deadline):
                 typical = await self._open().store.typical_duration(snapshot.path)
         except _BACKEND_ERRORS:
             return config.retry_after  # the 202 matters more than its hint
@@ -304,29 +321,35 @@ class WorkerMiddleware(CacheLayer):
             return config.retry_after
         return min(max(math.ceil(typical), config.retry_after), config.max_retry_after)
 
-    async def _no_worker(self) -> bool:
+    async def _no_worker(self, deadline: float) -> bool:
         """True if no worker has reported on the queue for too long (arq backend only).
 
         Asked on a 202 only, never on a hit; reads Redis at most once per
-        `queue.WORKER_CHECK_EVERY` seconds per process (see `queue.WorkerWatch`).
+        `queue.WORKER_CHECK_EVERY` seconds per process (see `queue.WorkerWatch`), and only
+        within what is left until `deadline` (else the last answer stands).
         """
         queue = self._open().queue
         if not isinstance(queue, ArqQueue):
             return False  # in-process jobs: this process is the worker
-        return await queue.worker_watch.check(self.config.redis_timeout)
+        return await queue.worker_watch.check(deadline - asyncio.get_running_loop().time())
 
     async def _wait_for(
         self,
         snapshot: RequestSnapshot,
         digest: str,
         client: Client | None,
-        seconds: float,
+        until: float,
         receive: Receive,
         record: RequestRecord | None,
     ) -> _Found | Gone | None:
-        """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
+        """Hold a miss until its response is stored, `until` passes, or the client leaves.
+
+        `until` is the loop's time. Each look is bounded by `redis_timeout`, as a lookup.
+        """
         backend = self._open()
-        await backend.listen(min(seconds, self.config.redis_timeout))
+        loop = asyncio.get_running_loop()
+        bound = self.config.redis_timeout
+        await backend.listen(min(until - loop.time(), bound))
         observer = self._observer
         if observer is not None:
             observer.waiting(1)
@@ -334,8 +357,8 @@ class WorkerMiddleware(CacheLayer):
             return await hold(
                 backend.waiters,
                 digest,
-                lambda: self._lookup(snapshot, digest, client, record),
-                seconds,
+                lambda: self._lookup(snapshot, digest, client, record, loop.time() + bound),
+                until,
                 receive,
             )
         finally:
@@ -348,24 +371,28 @@ class WorkerMiddleware(CacheLayer):
         digest: str,
         client: Client | None,
         record: RequestRecord | None,
+        deadline: float,
     ) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant.
 
-        `client` is the address a job enqueued here replays (`Config.replay_client`).
+        `client` is the address a job enqueued here replays (`Config.replay_client`). The
+        lookup and the enqueue end by `deadline` (the loop's time), or raise `TimeoutError`.
 
         With `Config.coalesce`, a request arriving while a lookup of the same key is on its
         way in this process waits for that one instead of sending its own (single-flight):
         a hot key costs one round trip per round-trip time, not one per request. The
         `record` of the request whose lookup is sent is the one marked as the enqueuer.
+        A request that waits shares the deadline of the one it waits for, which began
+        first; if that one is cancelled, it looks itself, by its own deadline.
         """
         # The near cache is a dict read: no round trip to share, nothing to time out.
         near = self._open().near_cache()
         if near is not None and (cached := near.get(digest)) is not None:
-            return _Found(cached, stale=False, near=True)
+            return _Found(cached, False, time.monotonic(), near=True)  # see `_near_copy`
         if not self.config.coalesce:
-            return await self._timed_lookup(snapshot, digest, client, record)
+            return await self._timed_lookup(snapshot, digest, client, record, deadline)
         return await self._inflight.run(
-            digest, lambda: self._timed_lookup(snapshot, digest, client, record)
+            digest, lambda: self._timed_lookup(snapshot, digest, client, record, deadline)
         )
 
     async def _timed_lookup(
@@ -374,15 +401,13 @@ class WorkerMiddleware(CacheLayer):
         digest: str,
         client: Client | None,
         record: RequestRecord | None,
+        deadline: float,
     ) -> _Found | None:
-        # One timer for the whole lookup (the web client has no per-read timeout).
         observer = self._observer
         if observer is None:
-            async with asyncio.timeout(self.config.redis_timeout):
-                return await self._lookup_now(snapshot, digest, client, None)
+            return await self._lookup_now(snapshot, digest, client, None, deadline)
         began = time.perf_counter()
-        async with asyncio.timeout(self.config.redis_timeout):
-            found = await self._lookup_now(snapshot, digest, client, record)
+        found = await self._lookup_now(snapshot, digest, client, record, deadline)
         observer.lookup(time.perf_counter() - began)
         return found
 
@@ -392,32 +417,37 @@ class WorkerMiddleware(CacheLayer):
         digest: str,
         client: Client | None,
         record: RequestRecord | None,
+        deadline: float,
     ) -> _Found | None:
         backend = self._open()
         near = backend.near_cache()
+        store = backend.store
         token = f"{self._token_prefix}{next(self._token_counter):x}"
-        found = await backend.store.lookup(digest, token, snapshot.path)
-        response = None
-        if found.entry is not None:
-            try:
-                response = decode_response(found.entry)
-            except CorruptEntryError as error:
-                logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
-                await backend.store.discard(digest)
-                if not found.claimed:
-                    found = await backend.store.lookup(digest, token, snapshot.path)
+        try:
+            # One timer for the whole lookup (the web client has no per-read timeout).
+            async with asyncio.timeout_at(deadline):
+                found = await store.lookup(digest, token, snapshot.path)
+                response = None
+                if found.entry is not None:
+                    try:
+                        response = decode_response(found.entry)
+                    except CorruptEntryError as error:
+                        logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
+                        await store.discard(digest)
+                        if not found.claimed:
+                            found = await store.lookup(digest, token, snapshot.path)
+        except (TimeoutError, asyncio.CancelledError):
+            # Cut off, the lookup may have claimed all the same (Redis ran it, its reply
+            # was lost): give that claim up, or the URL would wait out the lease.
+            backend.releases.send(digest, token)
+            raise
         if found.claimed_at is not None:
-            # The snapshot may be another request's (`KeyMemo`): the address is this one's.
-            payload = encode_snapshot(dataclasses.replace(snapshot, client=client), self._guard)
-            job_id = self._keys.job_id(digest, token)
-            observer = self._observer
-            trace = None if observer is None else observer.carry()
-            job = Job(job_id, payload, token, found.claimed_at, snapshot.path, trace)
+            job = self._job(snapshot, digest, client, token, found.claimed_at)
             try:
-                await backend.queue.enqueue(job)
+                async with asyncio.timeout_at(deadline):
+                    await backend.queue.enqueue(job)
             except BaseException as error:
-                # Let the next request claim again rather than wait for the lease.
-                await _quietly(backend.store.release(digest, token))
+                await _release(backend, digest, token, deadline, error)
                 if response is None or not isinstance(error, (*_BACKEND_ERRORS, QueueFull)):
                     raise
                 # A stale copy is better than a 503: serve it, refresh on a later request.
@@ -429,8 +459,24 @@ class WorkerMiddleware(CacheLayer):
             return None
         if near is not None and not found.stale and response.apart is None:
             # A body stored apart never enters the near cache: each hit streams it.
-            near.put(digest, response)
-        return _Found(response, found.stale)
+            near.put(digest, _near_copy(response, found.now))
+        return _Found(response, found.stale, found.now)
+
+    def _job(
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        token: str,
+        claimed_at: float,
+    ) -> Job:
+        """The job to enqueue for the claim `token` took at `claimed_at`."""
+        # The snapshot may be another request's (`KeyMemo`): the address is this one's.
+        payload = encode_snapshot(dataclasses.replace(snapshot, client=client), self._guard)
+        observer = self._observer
+        trace = None if observer is None else observer.carry()
+        job_id = self._keys.job_id(digest, token)
+        return Job(job_id, payload, token, claimed_at, snapshot.path, trace)
 
     @property
     def waiting(self) -> int:
@@ -542,7 +588,19 @@ class WorkerMiddleware(CacheLayer):
 class _Found:
     response: StoredResponse
     stale: bool
+    now: float
+    """The clock of `response.stored_at` at the lookup, for `Age`: the store's time."""
     near: bool = False
+
+
+def _near_copy(response: StoredResponse, now: float) -> StoredResponse:
+    """`response` to keep in the near cache, its `stored_at` on the monotonic clock.
+
+    A near hit's `Age` counts on from the lookup's by this process's monotonic clock,
+    which no other host's sets and no wall-clock step moves (`now`: the store's time of
+    the lookup).
+    """
+    return dataclasses.replace(response, stored_at=response.stored_at - now + time.monotonic())
 
 
 def _unsupported_loop() -> str | None:
@@ -579,9 +637,35 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return values[0] if len(values) == 1 else None
 
 
-async def _quietly(step: Awaitable[object]) -> None:
-    """Best-effort clean-up while another error is already on its way to the caller."""
+async def _quietly(step: Awaitable[object], *, within: float) -> None:
+    """Best-effort clean-up, given up after `within` seconds (a request never hangs on it)."""
     try:
-        await step
+        async with asyncio.timeout(within):
+            await step
     except Exception as error:  # the original error matters more than this one
         logger.warning("asgi-worker: clean-up failed: %r", error)
+
+
+async def _release(
+    backend: Backend, digest: str, token: str, deadline: float, error: BaseException
+) -> None:
+    """Give up the claim of a job that `error` kept from the queue.
+
+    So the next request claims again rather than wait for the lease. Sent within what is
+    left until `deadline` (the loop's time); a release cut off there, or with no time left
+    (or for a request cancelled), goes on in the background (`backend.Releases`), and the
+    claim's lease is the fallback for one that never goes.
+    """
+    released = False
+    try:
+        if deadline > asyncio.get_running_loop().time() and not isinstance(
+            error, asyncio.CancelledError
+        ):
+            async with asyncio.timeout_at(deadline):
+                await backend.store.release(digest, token)
+            released = True
+    except _BACKEND_ERRORS:
+        pass  # the error that kept the job from the queue is the one to report
+    finally:
+        if not released:
+            backend.releases.send(digest, token)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.types import Send
@@ -57,6 +56,7 @@ async def send_stored(
     response: StoredResponse,
     send: Send,
     *,
+    now: float,
     head: bool,
     stale: bool = False,
     if_none_match: bytes | None = None,
@@ -66,6 +66,9 @@ async def send_stored(
     read: BodyReader | None = None,
 ) -> bool:
     """Serve a stored response with `Age` and `Cache-Status`; no body for HEAD.
+
+    `Age` is `now` minus `response.stored_at`, both on one clock (RFC 9111 section
+    4.2.3: the cache's own): the store's time of the lookup that read the response.
 
     A matching `If-None-Match` gets `304 Not Modified` with the headers RFC 9110
     section 15.4.5 asks for. A `Range` of one byte range (`ranges`, the header) gets
@@ -80,7 +83,7 @@ async def send_stored(
     (or a read fails) later. A HEAD or a 304 reads none of it.
     """
     ours = [
-        (b"age", str(max(0, int(time.time() - response.stored_at))).encode()),
+        (b"age", str(max(0, int(now - response.stored_at))).encode()),
         (b"cache-status", CACHE_STATUS_STALE if stale else CACHE_STATUS_HIT),
         *extra,
     ]

@@ -171,10 +171,15 @@ HandOff = Callable[[Commit], bool]
 """Takes a job's `Commit` to send later (see `arq_worker.ReplayWorker`), or returns False."""
 
 
-async def release(store: Store, digest: str, token: str, within: float) -> bool:
-    """Give up the claim `token` holds (best effort, up to `within` s); False if it failed."""
+async def release(
+    store: Store, digest: str, token: str, within: float, *, each: float | None = None
+) -> bool:
+    """Give up the claim `token` holds (best effort, up to `within` s); False if it failed.
+
+    `each`: how long one try may take (see `retries.retried`).
+    """
     try:
-        await retried(functools.partial(store.release, digest, token), within=within)
+        await retried(functools.partial(store.release, digest, token), within=within, each=each)
     except REDIS_ERRORS:
         return False
     return True
@@ -306,14 +311,15 @@ async def _run(
     digest = snapshot.digest
     # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
     try:
-        started = await retried(
+        times = await retried(
             functools.partial(_before_the_app, store, config, snapshot, token, claimed_at),
             within=config.redis_timeout,
         )
     except REDIS_ERRORS as error:
         return await _give_up(store, config, snapshot, token, error, throttle)
-    if started is None:
+    if times is None:
         return "superseded"  # its lease ran out and a newer job holds the claim
+    started, listed_at = times
     began = time.monotonic()
     if observer is None or record is None:
         replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
@@ -323,7 +329,9 @@ async def _run(
         record.replay_seconds = time.monotonic() - began
         passed = outcome == "stored" and _private(replayed, snapshot, config)
         record.outcome = "pass" if passed else outcome
-    write = to_write(replayed, outcome=outcome, snapshot=snapshot, config=config)
+    # The store's clock, not this host's: the web process computes `Age` against it.
+    now = listed_at + time.monotonic() - began
+    write = to_write(replayed, outcome=outcome, snapshot=snapshot, config=config, now=now)
     if outcome == "stored" and (config.adaptive_retry_after or config.fair_queueing):
         write = dataclasses.replace(write, duration=time.monotonic() - began)
     after = None
@@ -357,11 +365,12 @@ def _commit_time(config: Config, write: Write) -> float:
 
 async def _before_the_app(
     store: Store, config: Config, snapshot: RequestSnapshot, token: str, claimed_at: float | None
-) -> float | None:
-    """The job's steps before its app runs; its start time, None if its claim was lost.
+) -> tuple[float, float] | None:
+    """The job's steps before its app runs; None if its claim was lost.
 
-    Safe to repeat: the claim renewed again is still the job's own, the path listed again
-    is still listed.
+    Else its start time (for `Store.commit`), and the store's time as its app is about to
+    run (`Store.list_path`). Safe to repeat: the claim renewed again is still the job's
+    own, the path listed again is still listed.
     """
     started = claimed_at
     # Long enough for the app and the commit after it.
@@ -371,8 +380,7 @@ async def _before_the_app(
         if started is None:
             return None
     # Before the app runs: a prefix invalidation from now on finds the path.
-    await store.list_path(snapshot.path)
-    return started
+    return started, await store.list_path(snapshot.path)
 
 
 async def _give_up(
@@ -402,9 +410,17 @@ async def _give_up(
 
 
 def to_write(
-    replayed: ReplayedResponse, *, outcome: str, snapshot: RequestSnapshot, config: Config
+    replayed: ReplayedResponse,
+    *,
+    outcome: str,
+    snapshot: RequestSnapshot,
+    config: Config,
+    now: float | None = None,
 ) -> Write:
     """The entry, lifetime and index data to commit for one replay's outcome.
+
+    `now` is the entry's `stored_at`: the store's time (see `Store.list_path`), by
+    default this host's.
 
     `outcome` is `_replay_or_error`'s: "stored" (`replayed` is the app's answer),
     "live-stream" (a hit-for-pass marker), or an error: `replayed` stands for it, or is
@@ -415,7 +431,7 @@ def to_write(
         return _pass_marker(snapshot, config)
     if outcome != "stored" and replayed.handled is None:
         # our own error response: short-lived, and a stale copy is better
-        entry = encode_response(stored(replayed))
+        entry = encode_response(stored(replayed, now))
         return Write(
             entry,
             fresh=config.error_ttl,
@@ -448,7 +464,7 @@ def to_write(
     if replayed.length > config.stream_body_bytes and _has_body(replayed.status):
         # Stored apart, in the app's own chunks: no joined copy, no msgpack copy of it.
         body = Body(secrets.token_hex(8), replayed.chunks, replayed.length)
-    response = stored(kept, apart=None if body is None else body.version)
+    response = stored(kept, now, apart=None if body is None else body.version)
     return Write(
         encode_response(response),
         fresh=life.fresh,
@@ -606,6 +622,8 @@ def stored(
     replayed: ReplayedResponse, now: float | None = None, *, apart: str | None = None
 ) -> StoredResponse:
     """The entry to keep for a response: hop-by-hop headers dropped, framed as HTTP asks.
+
+    `now` is its `stored_at` (by default this host's time; a job gives the store's).
 
     `Content-Length` is the stored body's, except where RFC 9110 section 8.6 rules it
     out: a 1xx or 204 has none (and no body); a 304 has no body, and keeps the length the

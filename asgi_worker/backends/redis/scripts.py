@@ -65,12 +65,18 @@ end
 """
 
 # KEYS: resp, fresh, claim, path index. ARGV: token, claim ms.
-# Returns {entry or false, stale 0/1, claim time in µs or 0}. A fresh hit returns before the
-# shared functions are even defined: the hit path runs three lines.
+# Returns {entry or false, flags, Redis's time in µs}: flags 1 if the entry is stale, 2 if
+# this lookup claimed the key (the time is then the claim's). The time is what `Age` is
+# computed against: the entry's `stored_at` is on this clock too, so no host's clock
+# enters it. A fresh hit returns before the shared functions are even defined: the hit
+# path runs four lines.
 LOOKUP = (
     """
 local entry = redis.call('GET', KEYS[1])
-if entry and redis.call('EXISTS', KEYS[2]) == 1 then return {entry, 0, 0} end
+if entry and redis.call('EXISTS', KEYS[2]) == 1 then
+  local t = redis.call('TIME')
+  return {entry, 0, t[1] * 1000000 + t[2]}
+end
 """
     + _LIBRARY
     + """
@@ -78,9 +84,9 @@ local stale = entry and 1 or 0
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2])
   -- Our own claim: this is a retry of a lookup whose reply was lost.
   or redis.call('GET', KEYS[3]) == ARGV[1] then
-  return {entry, stale, index_claim(KEYS[4], KEYS[3], ARGV[2])}
+  return {entry, stale + 2, index_claim(KEYS[4], KEYS[3], ARGV[2])}
 end
-return {entry, stale, 0}
+return {entry, stale, now_us()}
 """
 )
 
@@ -96,8 +102,9 @@ return index_claim(KEYS[2], KEYS[1], ARGV[2])
 # Lists the path of a claimed job (prefix and glob invalidation read the list), and counts
 # the listing (`listings`: path -> how often listed). The score only says when to look at
 # the path again: the end of the lease (GT: a shorter one never lowers it); other steps
-# may set it to anything (`DELIST_PATH` checks the index before it delists). A new path
-# returns up to 4 others that have come due, as [path, listing count, ...], to check.
+# may set it to anything (`DELIST_PATH` checks the index before it delists). Returns
+# Redis's time in ms first (the job's app runs next: its entry's `stored_at` counts on from
+# it); a new path, then up to 4 others that have come due, as path, listing count, ...
 LIST_PATH = (
     _LIBRARY
     + """
@@ -105,9 +112,9 @@ local now = now_ms()
 local added = redis.call('ZADD', KEYS[1], 0, ARGV[1])
 redis.call('ZADD', KEYS[2], 'GT', now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-if added == 0 then return {} end
+if added == 0 then return {now} end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, 4)
-local found = {}
+local found = {now}
 for _, path in ipairs(due) do
   found[#found + 1] = path
   found[#found + 1] = redis.call('HGET', KEYS[3], path) or '0'

@@ -118,7 +118,7 @@ class RedisStore:
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         keys = self._keys
-        entry, stale, claimed_at = await self._lookup(
+        entry, flags, now_us = await self._lookup(
             keys=[
                 keys.response(digest),
                 keys.fresh(digest),
@@ -127,16 +127,19 @@ class RedisStore:
             ],
             args=[token, self._claim_ms],
         )
-        if claimed_at == 0:
-            return Lookup(entry, stale == 1)
-        return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
+        if flags < 2:  # not claimed (see scripts.LOOKUP)
+            return Lookup(entry, flags == 1, now=now_us / 1e6)
+        return Lookup(entry, flags == 3, True, float(now_us), now_us / 1e6)
 
-    async def list_path(self, path: str) -> None:
+    async def list_path(self, path: str) -> float:
         """See `Store.list_path`. A new path also delists a few dead ones."""
-        due = await self._list_path(keys=self._path_list, args=[_text(path), self._claim_ms])
+        now_ms, *due = await self._list_path(
+            keys=self._path_list, args=[_text(path), self._claim_ms]
+        )
         await asyncio.gather(
             *(self._delist_if_dead(due[i], due[i + 1]) for i in range(0, len(due), 2))
         )
+        return int(now_ms) / 1000
 
     async def _delist_if_dead(self, raw_path: bytes, listings: bytes) -> None:
         # The count was read before the index: a claim listed after this read moves it.

@@ -55,15 +55,15 @@ that, a claim waits out its lease."""
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
-    """Where an in-process replay enters the app (see `WorkerMiddleware._entry_for`)."""
+class ReplayEntrance:
+    """Where an in-process replay enters the app (see `WorkerMiddleware._entrance_for`)."""
 
     app: ASGIApp
     mounted: bool = False
     """`app` is a sub-app below a `Mount`: enter it with the mount's root path."""
 
 
-EntryProvider = Callable[[], Entry]
+EntranceProvider = Callable[[], ReplayEntrance]
 
 Closer = Callable[[], Awaitable[None]]
 
@@ -174,11 +174,11 @@ class Releases:
 def open_backend(
     config: Config,
     *,
-    entry: EntryProvider,
+    entrance: EntranceProvider,
     state: StateProvider,
     observer: Observer | None = None,
 ) -> Backend:
-    """The backend `config` asks for. In-process jobs replay through `entry()`.
+    """The backend `config` asks for. In-process jobs replay through `entrance()`.
 
     `observer` sees the in-process jobs (the arq worker has its own).
     """
@@ -215,7 +215,7 @@ def open_backend(
         throttle = Throttle()  # the Redis errors the jobs give up on, logged once per 10 s
 
         async def run(job: Job) -> None:
-            where = entry()
+            where = entrance()
             await run_job(
                 where.app,
                 store,

@@ -43,7 +43,7 @@ from asgi_worker.core.policy import Policy
 from asgi_worker.core.replay import replay_marker
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, RequestRecord
-from asgi_worker.web.backend import Backend, Entry, open_backend
+from asgi_worker.web.backend import Backend, ReplayEntrance, open_backend
 from asgi_worker.web.key_memo import KeyMemo
 from asgi_worker.web.responses import (
     BodyGoneError,
@@ -113,7 +113,7 @@ class WorkerMiddleware(CacheLayer):
         self._token_counter = itertools.count()
         self._inflight: SingleFlight[_Found | None] = SingleFlight()
         # Where in-process replays enter the app: learned from the first request.
-        self._entry: Entry | None = None
+        self._entrance: ReplayEntrance | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -150,7 +150,7 @@ class WorkerMiddleware(CacheLayer):
         if self._serves_metrics(scope):
             await self._exposition(scope, receive, send)  # type: ignore[misc]
             return
-        if self._entry is None:
+        if self._entrance is None:
             self._first_request(scope)  # binds the observer: a span is named by its route
         record = RequestRecord(scope)
         with observer.request(record):
@@ -184,7 +184,7 @@ class WorkerMiddleware(CacheLayer):
             reason = b"host not served" if isinstance(error, HostNotAllowedError) else b"bad Host"
             await send_bad_request(send, head=head, reason=reason)
             return "bad-request"
-        if self._entry is None:
+        if self._entrance is None:
             self._first_request(scope)
         applied: list[tuple[bytes, bytes]] = []
         waited = False
@@ -512,7 +512,7 @@ class WorkerMiddleware(CacheLayer):
         if self._backend is None:
             self._backend = open_backend(
                 self.config,
-                entry=lambda: self._entry or Entry(self),
+                entrance=lambda: self._entrance or ReplayEntrance(self),
                 state=lambda: self._lifespan_state,
                 observer=self._observer,
             )
@@ -540,9 +540,9 @@ class WorkerMiddleware(CacheLayer):
         """
         if (refusal := _unsupported_loop()) is not None:
             raise RuntimeError(refusal)
-        self._entry = self._entry_for(scope)
+        self._entrance = self._entrance_for(scope)
         if self._observer is not None:
-            self._observer.bind(self._entry.app)
+            self._observer.bind(self._entrance.app)
         app = scope.get("app")
         if self._backend is not None or app is None:
             return
@@ -552,7 +552,7 @@ class WorkerMiddleware(CacheLayer):
                 self._backend = node._backend
                 return
 
-    def _entry_for(self, scope: Scope) -> Entry:
+    def _entrance_for(self, scope: Scope) -> ReplayEntrance:
         """Where a replay of this request enters, as the arq worker's enters the served app.
 
         The framework's app in the scope (Starlette, FastAPI and Litestar put it there) if
@@ -563,7 +563,7 @@ class WorkerMiddleware(CacheLayer):
         nothing outside this middleware adds anything, and the replay enters here.
         """
         below_mount = "app_root_path" in scope
-        fallback = Entry(self, mounted=below_mount)
+        fallback = ReplayEntrance(self, mounted=below_mount)
         for key in ("app", "router"):
             candidate = scope.get(key)
             if candidate is None or candidate is self:
@@ -572,8 +572,8 @@ class WorkerMiddleware(CacheLayer):
             if through_mount is None:
                 continue
             if through_mount or not below_mount:
-                return Entry(candidate)  # it sees the server's root path
-            fallback = Entry(candidate, mounted=True)
+                return ReplayEntrance(candidate)  # it sees the server's root path
+            fallback = ReplayEntrance(candidate, mounted=True)
         return fallback
 
     def _reached_from(self, app: object) -> bool | None:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from .queue import Job, QueueFull
-from .store import Committed, Lookup, Write
+from .store import BACKING_OFF, Committed, Lookup, Write
 from .targets import ByGlob, ByQuery, ByTag, Target, query_matches
 
 logger = logging.getLogger("asgi_worker")
@@ -129,8 +129,12 @@ class MemoryStore:
         if entry is not None and entry.fresh_until > now:
             return Lookup(entry.value)
         value = entry.value if entry else None
-        if self._holder(digest, now) is not None:
-            return Lookup(value, stale=entry is not None)
+        claim = self._claims.get(digest)
+        if claim is not None and claim.until > now and claim.token != token:
+            if claim.token.startswith(BACKING_OFF):
+                return Lookup(value, stale=entry is not None)
+            held_for = now - (claim.until - self._claim_ttl)
+            return Lookup(value, stale=entry is not None, holder=claim.token, held_for=held_for)
         self._claim(digest, token, path, now)
         self._wrote(now)
         return Lookup(value, stale=entry is not None, claimed=True, claimed_at=now)
@@ -141,8 +145,12 @@ class MemoryStore:
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
         """See `Store.begin`."""
+        return await self.take_over(digest, token, token, path)
+
+    async def take_over(self, digest: str, holder: str, token: str, path: str) -> float | None:
+        """See `Store.take_over`."""
         now = time.monotonic()
-        if self._holder(digest, now) not in (None, token):
+        if self._holder(digest, now) not in (None, holder):
             return None
         self._claim(digest, token, path, now)
         return now
@@ -158,6 +166,8 @@ class MemoryStore:
             # The lease ran out: refused, as RedisStore must (its path list, store.py).
             self._job_ended(write.path, digest)
             return Committed.REFUSED
+        if holder == BACKING_OFF + token:
+            return Committed.KEPT_STALE  # this commit, sent again
         if holder != token:
             return Committed.REFUSED
         stamps = [self._path_stamps.get(write.path)]
@@ -167,8 +177,9 @@ class MemoryStore:
             self._job_ended(write.path, digest)
             return Committed.REFUSED
         if write.failed and self._live(digest, now) is not None:
-            # The claim stays as a back-off marker; no job runs under it.
-            self._claims[digest] = _Claim(token, now + write.retry_after, write.path)
+            # The claim stays as a back-off marker; no job runs under it, and it says so.
+            marker = BACKING_OFF + token
+            self._claims[digest] = _Claim(marker, now + write.retry_after, write.path)
             self._job_ended(write.path, digest)
             return Committed.KEPT_STALE
         until = now + write.keep
@@ -318,6 +329,10 @@ class InProcessQueue:
         task = asyncio.create_task(self._guarded(job), name=f"asgi-worker {job.job_id}")
         self._tasks.add(task)  # a strong reference, or the loop may drop the task
         task.add_done_callback(self._tasks.discard)
+
+    async def lost(self, job_id: str) -> bool:
+        """See `JobQueue.lost`: never; a job here ends with this process, or runs."""
+        return False
 
     @property
     def pending(self) -> int:

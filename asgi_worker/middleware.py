@@ -31,6 +31,7 @@ from .keys import (
     RequestSnapshot,
     scope_client,
 )
+from .lost import GRACE_MARGIN, LostJobs
 from .memory import InProcessQueue
 from .normalize import KeyRules
 from .observe import Observer, RequestRecord
@@ -97,6 +98,8 @@ class WorkerMiddleware:
         self._token_prefix = secrets.token_hex(6)
         self._token_counter = itertools.count()
         self._inflight: SingleFlight[_Found | None] = SingleFlight()
+        # Claims whose job was lost (evicted, its worker killed) are taken over.
+        self._lost = LostJobs(self._keys, grace=config.redis_timeout + GRACE_MARGIN)
         # Where in-process replays enter the app: learned from the first request.
         self._entry: Entry | None = None
 
@@ -338,13 +341,20 @@ class WorkerMiddleware:
                 await backend.store.discard(digest)
                 if not found.claimed:
                     found = await backend.store.lookup(digest, token, snapshot.path)
-        if found.claimed_at is not None:
+        claimed_at = found.claimed_at
+        if found.holder is not None and self._lost.due(digest, found.held_for):
+            # Another request's claim, held long enough that its job must be queued by
+            # now: if that job is lost, this request takes the claim over (see lost.py).
+            claimed_at = await self._lost.take_over(
+                backend.store, backend.queue, digest, found.holder, token, snapshot.path
+            )
+        if claimed_at is not None:
             # The snapshot may be another request's (`KeyMemo`): the address is this one's.
             payload = encode_snapshot(dataclasses.replace(snapshot, client=client), self._guard)
             job_id = self._keys.job_id(digest, token)
             observer = self._observer
             trace = None if observer is None else observer.carry()
-            job = Job(job_id, payload, token, found.claimed_at, snapshot.path, trace)
+            job = Job(job_id, payload, token, claimed_at, snapshot.path, trace)
             try:
                 await backend.queue.enqueue(job)
             except BaseException as error:

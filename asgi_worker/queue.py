@@ -31,14 +31,21 @@ from typing import Any, Protocol
 
 import msgpack
 from arq.connections import ArqRedis
-from arq.constants import health_check_key_suffix, job_key_prefix
+from arq.constants import (
+    health_check_key_suffix,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from .codec import peek_snapshot
+from .connections import client_url
 from .jobs import request_line
 from .keys import RedisKeys
-from .queue_scripts import ENQUEUE, WAKE_TOKENS
+from .queue_scripts import ENQUEUE, FIND_LOST, WAKE_TOKENS
+from .retries import Throttle
 
 logger = logging.getLogger("asgi_worker")
 
@@ -49,6 +56,16 @@ JOB_FUNCTION = "asgi_worker.replay"
 def wake_key(queue_name: str) -> str:
     """The list each enqueue pushes a token on, and idle workers block on (BLPOP)."""
     return queue_name + ":wake"
+
+
+def alive_key(queue_name: str, worker: str) -> str:
+    """The heartbeat key of the worker named `worker` (see heartbeat.py)."""
+    return f"{alive_prefix(queue_name)}{worker}"
+
+
+def alive_prefix(queue_name: str) -> str:
+    """What every worker's heartbeat key on the queue starts with."""
+    return queue_name + ":alive:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +92,15 @@ class JobQueue(Protocol):
 
     async def enqueue(self, job: Job) -> None:
         """Make the job run once, soon; `QueueFull` if it cannot be taken now."""
+        ...
+
+    async def lost(self, job_id: str) -> bool:
+        """Whether the job is lost: gone, or in progress under a worker that is gone.
+
+        A lost job is removed, so that nothing runs it later: the caller may take its
+        claim over (`Store.take_over`) and enqueue it again. A job that is queued, or
+        running, is not lost.
+        """
         ...
 
 
@@ -117,6 +143,17 @@ class SnapshotBytes(bytes):
         except Exception:  # a repr for a log line must not raise
             return f"<unreadable request snapshot, {len(self)} bytes>"
 
+
+ALIVE_FOR = 5.0
+"""Seconds a worker's heartbeat key lives: renewed every second while it runs jobs
+(heartbeat.py), so a job in progress under an expired one has lost its worker."""
+
+# How often a web process reads the queue's Redis's INFO, to say why jobs are gone.
+_CAUSE_READ_EVERY = 60.0
+_NO_EVICTION = (
+    "Give the queue a Redis that never evicts (maxmemory-policy noeviction; its own with "
+    "Config.queue_redis_url): see docs/failure-modes.md#a-redis-that-evicts"
+)
 
 HEALTH_REPORT_INTERVAL = 60.0
 """How often our worker writes arq's health-check key (worker.py `_HEALTH_CHECK_INTERVAL`).
@@ -240,6 +277,11 @@ class ArqQueue:
         self._fair_slots = fair_slots
         self._horizon_ms = max(0, round(horizon * 1000))
         self._script = redis.register_script(ENQUEUE)
+        self._find_lost = redis.register_script(FIND_LOST)
+        self._alive_prefix = alive_prefix(queue_name)
+        self._gone = Throttle()
+        self._silent = Throttle()
+        self._cause: tuple[float, str] | None = None  # (when read, the likely cause)
         self._wake_key = wake_key(queue_name)
         self.worker_watch = WorkerWatch(redis, queue_name)
         """Whether a worker serves the queue (see `WorkerWatch`)."""
@@ -280,3 +322,67 @@ class ArqQueue:
         ]
         if await self._script(keys, arguments) is None:
             raise QueueFull(f"the queue {self._queue_name!r} cannot take a job of {job.path}")
+
+    async def lost(self, job_id: str) -> bool:
+        """See `JobQueue.lost`: one script on the queue's Redis (`FIND_LOST`).
+
+        A job found lost is logged: a WARNING that says why, a line per 10 s at most.
+        """
+        found = await self._find_lost(
+            [job_key_prefix + job_id, in_progress_key_prefix + job_id, self._queue_name],
+            [job_id, self._alive_prefix, retry_key_prefix + job_id, self._expires_ms],
+        )
+        why = found.decode() if isinstance(found, bytes) else str(found)
+        if why == "gone":
+            self._gone.log(
+                logging.WARNING,
+                "asgi-worker: job %s was gone from queue %r while its claim held; its "
+                "request is queued again. %s",
+                job_id,
+                self._queue_name,
+                await self._why_gone(),
+            )
+        elif why == "silent":
+            self._silent.log(
+                logging.WARNING,
+                "asgi-worker: job %s was in progress under a worker that has not reported "
+                "for %g s (killed, or frozen): its request is queued again",
+                job_id,
+                ALIVE_FOR,
+            )
+        return why in ("gone", "silent", "lost")
+
+    async def _why_gone(self) -> str:
+        """The likely cause of jobs gone from the queue, from the queue's Redis's INFO.
+
+        Read at most once per `_CAUSE_READ_EVERY` s; a Redis that will not tell (INFO
+        refused) gets the likely causes all named.
+        """
+        now = time.monotonic()
+        if self._cause is not None and now - self._cause[0] < _CAUSE_READ_EVERY:
+            return self._cause[1]
+        where = client_url(self._redis)
+        try:
+            info = await self._redis.info()
+            policy = str(info.get("maxmemory_policy", ""))
+            evicted = int(info.get("evicted_keys", 0))
+        except (RedisError, OSError, TimeoutError, ValueError):
+            policy, evicted = "", 0
+        if policy == "noeviction":
+            cause = (
+                f"Not evicted (the queue's Redis at {where} has maxmemory-policy "
+                "noeviction): lost in a restart or a failover, or deleted"
+            )
+        elif policy:
+            cause = (
+                f"Most likely evicted: the queue's Redis at {where} evicts keys under "
+                f"maxmemory-policy {policy} ({evicted} keys evicted since it started). "
+                f"{_NO_EVICTION}"
+            )
+        else:
+            cause = (
+                f"Evicted by the queue's Redis at {where} under its maxmemory-policy, or "
+                f"lost in a restart or a failover. {_NO_EVICTION}"
+            )
+        self._cause = (now, cause)
+        return cause

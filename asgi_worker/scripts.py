@@ -65,8 +65,10 @@ end
 """
 
 # KEYS: resp, fresh, claim, path index. ARGV: token, claim ms.
-# Returns {entry or false, stale 0/1, claim time in µs or 0}. A fresh hit returns before the
-# shared functions are even defined: the hit path runs three lines.
+# Returns {entry or false, stale 0/1, claim time in µs or 0}, and where another holds the
+# claim, its holder and the ms left of its lease (a lost job's check, see lost.py). A
+# fresh hit returns before the shared functions are even defined: the hit path runs
+# three lines.
 LOOKUP = (
     """
 local entry = redis.call('GET', KEYS[1])
@@ -75,19 +77,21 @@ if entry and redis.call('EXISTS', KEYS[2]) == 1 then return {entry, 0, 0} end
     + _LIBRARY
     + """
 local stale = entry and 1 or 0
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2])
-  -- Our own claim: this is a retry of a lookup whose reply was lost.
-  or redis.call('GET', KEYS[3]) == ARGV[1] then
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {entry, stale, index_claim(KEYS[4], KEYS[3], ARGV[2])}
 end
-return {entry, stale, 0}
+local holder = redis.call('GET', KEYS[3])
+-- Our own claim: this is a retry of a lookup whose reply was lost.
+if holder == ARGV[1] then return {entry, stale, index_claim(KEYS[4], KEYS[3], ARGV[2])} end
+return {entry, stale, 0, holder, redis.call('PTTL', KEYS[3])}
 """
 )
 
-# KEYS: claim, path index. ARGV: token, claim ms.
+# KEYS: claim, path index. ARGV: token, claim ms, the holder it replaces: the token itself
+# (a job renews its own claim) or a lost job's (its claim is taken over, see lost.py).
 _BEGIN = """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return false end
+if holder and holder ~= ARGV[3] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return index_claim(KEYS[2], KEYS[1], ARGV[2])
 """
@@ -175,6 +179,7 @@ if not holder then
   redis.call('ZREM', index, claimed)
   return 'refused'
 end
+if holder == '!' .. token then return 'kept-stale' end  -- this commit, sent again
 if holder ~= token then return 'refused' end
 local function stamped_since(key)
   local at = redis.call('GET', key)
@@ -186,8 +191,9 @@ if tag_refused or stamped_since(path_stamp) or stamped_since(entry_stamp) then
   return 'refused'
 end
 if failed and redis.call('EXISTS', resp) == 1 then
-  -- The claim stays as a back-off marker; no job runs under it.
-  redis.call('SET', claim, token, 'PX', retry_ms)
+  -- The claim stays as a back-off marker; no job runs under it, and it says so ('!' and
+  -- the token: no token starts with it), so that no request takes it for a lost job.
+  redis.call('SET', claim, '!' .. token, 'PX', retry_ms)
   redis.call('ZREM', index, claimed)
   return 'kept-stale'
 end

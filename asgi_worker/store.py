@@ -70,6 +70,13 @@ class Lookup:
     claimed_at: float | None = field(default=None, compare=False)
     """When the claim was taken, on the store's clock: the job's start time for `commit`
     (and `Store.lease_left`). Set exactly when `claimed` is."""
+    holder: str | None = field(default=None, compare=False)
+    """The token of the claim another request holds, whose job should be running: set
+    on a miss or a stale hit that did not claim, unless the claim is a back-off marker
+    (no job runs under it). See `Store.take_over`."""
+    held_for: float = field(default=0.0, compare=False)
+    """Seconds `holder` has held the claim (its lease taken or renewed), by the store's
+    clock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +97,10 @@ class Write:
     retry_after: float = 1.0
     duration: float | None = None
     """Seconds the app took; folded into the path's typical duration (adaptive Retry-After)."""
+
+
+BACKING_OFF = "!"
+"""How a claim kept as a back-off marker starts (`Write.failed`): no token does."""
 
 
 class Committed(enum.Enum):
@@ -121,6 +132,15 @@ class Store(Protocol):
         """Renew the claim of a job about to run; return the store's time, None if lost.
 
         Needed only when the lease may run out before the job ends (see `lease_left`).
+        """
+        ...
+
+    async def take_over(self, digest: str, holder: str, token: str, path: str) -> float | None:
+        """Claim the key for `token` if `holder` still holds it (or nobody does).
+
+        For a request that found the job of `holder` lost (`JobQueue.lost`): it then
+        enqueues a job, as a lookup that claimed does. Returns the claim time, as
+        `Lookup.claimed_at`, or None if another request holds the claim now.
         """
         ...
 
@@ -228,7 +248,7 @@ class RedisStore:
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         keys = self._keys
-        entry, stale, claimed_at = await self._lookup(
+        entry, stale, claimed_at, *held = await self._lookup(
             keys=[
                 keys.response(digest),
                 keys.fresh(digest),
@@ -237,9 +257,13 @@ class RedisStore:
             ],
             args=[token, self._claim_ms],
         )
-        if claimed_at == 0:
+        if claimed_at != 0:
+            return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
+        if not held or held[0].startswith(BACKING_OFF.encode()):
             return Lookup(entry, stale == 1)
-        return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
+        holder, left_ms = held
+        held_for = (self._claim_ms - int(left_ms)) / 1000
+        return Lookup(entry, stale == 1, holder=holder.decode(), held_for=held_for)
 
     async def list_path(self, path: str) -> None:
         """See `Store.list_path`. A new path also delists a few dead ones."""
@@ -274,9 +298,14 @@ class RedisStore:
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
         """See `Store.begin`. The path stays listed: the claim being renewed listed it."""
+        return await self.take_over(digest, token, token, path)
+
+    async def take_over(self, digest: str, holder: str, token: str, path: str) -> float | None:
+        """See `Store.take_over`. The new job lists the path, as every job does."""
         keys = self._keys
         started = await self._begin(
-            keys=[keys.claim(digest), keys.path_index(path)], args=[token, self._claim_ms]
+            keys=[keys.claim(digest), keys.path_index(path)],
+            args=[token, self._claim_ms, holder],
         )
         return None if started is None else float(started)
 

@@ -27,7 +27,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.exceptions import NoScriptError
 
-from .queue import wake_key
+from .queue import ALIVE_FOR, wake_key
 from .queue_scripts import TAKE
 
 logger = logging.getLogger("asgi_worker")
@@ -70,10 +70,19 @@ class Taken:
 class JobTaker:
     """Takes due jobs for one worker, after waiting for an enqueue's wake token if asked."""
 
-    def __init__(self, pool: ArqRedis, queue_name: str, *, read_aborts: bool = False) -> None:
+    def __init__(
+        self, pool: ArqRedis, queue_name: str, *, read_aborts: bool = False, alive: str = ""
+    ) -> None:
+        """`alive`: the worker's heartbeat key (heartbeat.py), "" if it keeps none.
+
+        Each job taken is marked in progress under it, and the take sets it (for
+        `queue.ALIVE_FOR` s); with none, under arq's own value.
+        """
         self.pool = pool
         self._queue_name = queue_name
         self._abort_set = abort_jobs_ss if read_aborts else ""
+        self._alive = alive or "1"
+        self._alive_ms = round(ALIVE_FOR * 1000)
         self._wake_key = wake_key(queue_name)
         self._script = pool.register_script(TAKE)
 
@@ -93,6 +102,8 @@ class JobTaker:
             retry_key_prefix,
             _RETRY_KEY_TTL,
             self._abort_set,
+            self._alive,
+            self._alive_ms,
         ]
         if wait <= 0:
             reply = await self._script([self._queue_name], arguments)

@@ -204,6 +204,12 @@ class MemoryStore:
         if self._holder(digest, time.monotonic()) == token:
             self._job_ended(self._claims.pop(digest).path, digest)
 
+    async def back_off(self, digest: str, token: str) -> None:
+        """See `Store.back_off`."""
+        claim = self._claims.get(digest)
+        if claim is not None and claim.token == token and claim.until > time.monotonic():
+            self._claims[digest] = _Claim(BACKING_OFF + token, claim.until, claim.path)
+
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""
         self._entries.pop(digest, None)

@@ -223,6 +223,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# KEYS: claim. ARGV: token.
+# Keeps the claim the token holds as a back-off marker (as `_COMMIT` does after a failed
+# refresh) for what is left of its lease: the job failed for good, and the next one waits.
+BACK_OFF = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local left = redis.call('PTTL', KEYS[1])
+if left <= 0 then return 0 end
+redis.call('SET', KEYS[1], '!' .. ARGV[1], 'PX', left)
+return 1
+"""
+
 # KEYS: stamp. ARGV: stamp ms. The first step of every invalidation: the stamp is written
 # before anything is dropped, and refuses every job of the path or tag that began before.
 _STAMP = """

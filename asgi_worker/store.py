@@ -163,6 +163,14 @@ class Store(Protocol):
         """Give up the claim `token` holds (e.g. the job could not be enqueued)."""
         ...
 
+    async def back_off(self, digest: str, token: str) -> None:
+        """Keep the claim `token` holds until its lease ends, with no job behind it.
+
+        For a job that failed for good: the next request's job would fail the same way,
+        so it waits for the lease (the claim is a back-off marker, see `Write.failed`).
+        """
+        ...
+
     async def discard(self, digest: str) -> None:
         """Delete the stored entry (e.g. it could not be decoded)."""
         ...
@@ -242,6 +250,7 @@ class RedisStore:
         self._tag_add = Script(redis, scripts.TAG_ADD)
         self._commit = Script(redis, scripts.COMMIT)
         self._release = Script(redis, scripts.RELEASE)
+        self._back_off = Script(redis, scripts.BACK_OFF)
         self._stamp = Script(redis, scripts.STAMP)
         self._drop = Script(redis, scripts.DROP)
 
@@ -376,6 +385,10 @@ class RedisStore:
     async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
         await self._release(keys=[self._keys.claim(digest)], args=[token])
+
+    async def back_off(self, digest: str, token: str) -> None:
+        """See `Store.back_off`."""
+        await self._back_off(keys=[self._keys.claim(digest)], args=[token])
 
     async def discard(self, digest: str) -> None:
         """See `Store.discard`."""

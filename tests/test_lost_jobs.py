@@ -193,6 +193,26 @@ async def test_the_back_off_marker_of_a_failed_refresh_is_not_taken_for_a_lost_j
     assert pages.runs["/flaky"] == 2
 
 
+async def test_a_job_whose_commit_fails_for_good_is_not_taken_for_lost(
+    lost_config: Config, redis: Redis
+) -> None:
+    # A key of the wrong type fails every commit of the path: the claim stays until its
+    # lease ends, naming no job, so the jobs that would fail the same way are spaced.
+    config, pages = lost_config, Pages()
+    app = pages.app(config)
+    await redis.hset(RedisKeys(config.prefix).path_stamp("/page"), "not", "a stamp")
+    assert (await get(app, URL)).status_code == 202
+    worker = await drain(app, config, ReplayWorker)
+    assert (worker.jobs_complete, pages.runs[URL]) == (1, 1)
+    assert (await holder(redis, config, URL)).startswith("!")
+
+    await asyncio.sleep(GRACE)
+    for _ in range(2):
+        assert (await get(app, URL)).status_code == 202
+        await asyncio.sleep(1.0)
+    assert await job_ids(redis, config) == []
+
+
 async def test_a_job_queued_or_running_under_a_live_worker_is_not_queued_again(
     lost_config: Config, redis: Redis
 ) -> None:

@@ -147,6 +147,20 @@ async def test_a_lookup_that_finds_another_s_claim_names_its_holder_and_age(
     assert (await store.lookup(DIGEST[::-1], "x", "/report")).holder is None
 
 
+async def test_a_claim_kept_to_back_off_holds_until_its_lease_ends_naming_no_job(
+    store: Store,
+) -> None:
+    await store.lookup(DIGEST, "failed", "/report")
+    await store.back_off(DIGEST, "someone-else")  # not its claim: nothing changes
+    assert (await store.lookup(DIGEST, "a", "/report")).holder == "failed"
+    await store.back_off(DIGEST, "failed")
+    backing_off = await store.lookup(DIGEST, "b", "/report")
+    assert (backing_off.claimed, backing_off.holder) == (False, None)
+    assert await store.take_over(DIGEST, "failed", "c", "/report") is None
+    await asyncio.sleep(LEASE + 0.05)
+    assert (await store.lookup(DIGEST, "d", "/report")).claimed
+
+
 async def test_a_claim_is_taken_over_only_from_its_holder_and_only_once(store: Store) -> None:
     lost = await claim(store, token="lost")
     assert await store.take_over(DIGEST, "someone-else", "new", "/report") is None

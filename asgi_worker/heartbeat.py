@@ -1,11 +1,12 @@
 """A worker's heartbeat: a key on the queue's Redis that lives while the worker does.
 
 `ReplayWorker` marks each job it takes as in progress under its heartbeat key (the
-in-progress key's value names it, `queue_scripts.TAKE`), and keeps the key alive for
-`queue.ALIVE_FOR` seconds, renewed every `BEAT_EVERY` s while it has jobs to run (the
-take sets it too). A web process that finds a job in progress under a heartbeat that has
-expired knows the job's worker is gone, killed or frozen, and queues the request again
-(`queue.ArqQueue.lost`), where it waited for the job's lease to end (90 s by default).
+in-progress key's value names it, and when the job was taken: `queue_scripts.TAKE`), and
+keeps the key alive for `queue.ALIVE_FOR` seconds, renewed every `BEAT_EVERY` s while it
+has jobs to run. A web process that finds a job in progress under a heartbeat that has
+expired, taken longer ago than a heartbeat lives, knows the job's worker is gone, killed
+or frozen, and queues the request again (`queue.ArqQueue.lost`), where it waited for the
+job's lease to end (75 s by default: arq's in-progress lease, `job_timeout` + 15 s).
 
 The beats come from a thread of their own, with an event loop and a Redis client of
 their own: an app that holds the worker's event loop for longer than `ALIVE_FOR` (CPU

@@ -146,7 +146,8 @@ class SnapshotBytes(bytes):
 
 ALIVE_FOR = 5.0
 """Seconds a worker's heartbeat key lives: renewed every second while it runs jobs
-(heartbeat.py), so a job in progress under an expired one has lost its worker."""
+(heartbeat.py), so a job in progress under an expired one, and taken longer ago than
+this, has lost its worker."""
 
 # How often a web process reads the queue's Redis's INFO, to say why jobs are gone.
 _CAUSE_READ_EVERY = 60.0
@@ -330,7 +331,13 @@ class ArqQueue:
         """
         found = await self._find_lost(
             [job_key_prefix + job_id, in_progress_key_prefix + job_id, self._queue_name],
-            [job_id, self._alive_prefix, retry_key_prefix + job_id, self._expires_ms],
+            [
+                job_id,
+                self._alive_prefix,
+                retry_key_prefix + job_id,
+                self._expires_ms,
+                round(ALIVE_FOR * 1000),
+            ],
         )
         why = found.decode() if isinstance(found, bytes) else str(found)
         if why == "gone":

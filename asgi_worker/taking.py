@@ -27,7 +27,7 @@ from arq.connections import ArqRedis
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.exceptions import NoScriptError
 
-from .queue import ALIVE_FOR, wake_key
+from .queue import wake_key
 from .queue_scripts import TAKE
 
 logger = logging.getLogger("asgi_worker")
@@ -75,14 +75,13 @@ class JobTaker:
     ) -> None:
         """`alive`: the worker's heartbeat key (heartbeat.py), "" if it keeps none.
 
-        Each job taken is marked in progress under it, and the take sets it (for
-        `queue.ALIVE_FOR` s); with none, under arq's own value.
+        Each job taken is marked in progress under it (and the time of the take); with
+        none, with arq's own value.
         """
         self.pool = pool
         self._queue_name = queue_name
         self._abort_set = abort_jobs_ss if read_aborts else ""
         self._alive = alive or "1"
-        self._alive_ms = round(ALIVE_FOR * 1000)
         self._wake_key = wake_key(queue_name)
         self._script = pool.register_script(TAKE)
 
@@ -103,7 +102,6 @@ class JobTaker:
             _RETRY_KEY_TTL,
             self._abort_set,
             self._alive,
-            self._alive_ms,
         ]
         if wait <= 0:
             reply = await self._script([self._queue_name], arguments)

@@ -253,15 +253,25 @@ async def test_a_job_in_progress_under_a_silent_worker_is_removed_and_queued_aga
     app = pages.app(config)
     assert (await get(app, URL)).status_code == 202
     [old] = await job_ids(redis, config)
-    # A worker takes the job, then dies: its heartbeat expires.
+    # A worker takes the job, its heartbeat beats, then the worker dies.
     killed = alive_key(config.queue, "killed")
     taken = await JobTaker(redis, config.queue, alive=killed).take(1, lease_ms=60_000)
     assert [job.job_id for job in taken.jobs] == [old]
-    assert await redis.get(in_progress_key_prefix + old) == killed.encode()
-    assert 0 < await redis.pttl(killed) <= ALIVE_FOR * 1000  # the take set it
-    await redis.delete(killed)
-
+    in_progress = in_progress_key_prefix + old
+    marked = (await redis.get(in_progress)).decode()
+    assert marked.startswith(f"{killed}@")
+    await redis.set(killed, b"1", px=round(ALIVE_FOR * 1000))
     await asyncio.sleep(GRACE)
+    assert (await get(app, URL)).status_code == 202  # its worker lives: left alone
+    assert await job_ids(redis, config) == [old]
+    # It was taken longer ago than a heartbeat lives, and its heartbeat has expired.
+    taken_ms = int(marked.rpartition("@")[2])
+    await redis.set(in_progress, f"{killed}@{taken_ms - round(ALIVE_FOR * 1000)}", xx=True)
+    assert (await get(app, URL)).status_code == 202  # not yet: its heartbeat lives
+    assert await job_ids(redis, config) == [old]
+    await redis.delete(killed)
+    await asyncio.sleep(1.0)  # the check's spacing
+
     with caplog.at_level(logging.WARNING, logger="asgi_worker"):
         assert (await get(app, URL)).status_code == 202
 
@@ -269,7 +279,7 @@ async def test_a_job_in_progress_under_a_silent_worker_is_removed_and_queued_aga
     assert new != old
     # The old job is out of the queue, its key gone, its in-progress key a mark.
     assert not await redis.exists(job_key_prefix + old)
-    assert await redis.get(in_progress_key_prefix + old) == b"lost"
+    assert await redis.get(in_progress) == b"lost"
     assert any(
         f"job {old} was in progress under a worker that has not reported" in r.getMessage()
         for r in caplog.records
@@ -278,6 +288,27 @@ async def test_a_job_in_progress_under_a_silent_worker_is_removed_and_queued_aga
     assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
     assert (await get(app, URL)).status_code == 200
     assert pages.runs[URL] == 1
+
+
+async def test_a_job_just_taken_by_a_worker_that_was_idle_is_not_taken_for_lost(
+    lost_config: Config, redis: Redis
+) -> None:
+    # An idle worker beats no heartbeat: its first beat comes within a second of a take.
+    # A job taken a moment ago is not lost, heartbeat or none.
+    config, pages = lost_config, Pages()
+    app = pages.app(config)
+    assert (await get(app, URL)).status_code == 202
+    [old] = await job_ids(redis, config)
+    await asyncio.sleep(GRACE)
+    idle = alive_key(config.queue, "idle")
+    taken = await JobTaker(redis, config.queue, alive=idle).take(1, lease_ms=60_000)
+    assert [job.job_id for job in taken.jobs] == [old]
+    assert not await redis.exists(idle)
+
+    assert (await get(app, URL)).status_code == 202
+
+    assert await job_ids(redis, config) == [old]
+    assert (await redis.get(in_progress_key_prefix + old)).startswith(f"{idle}@".encode())
 
 
 async def test_a_job_in_progress_under_arq_s_own_worker_waits_out_its_lease(

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 
 from .queue import ALIVE_FOR
-from .retries import REDIS_ERRORS, brief
+from .retries import REDIS_ERRORS, Throttle, brief
 
 logger = logging.getLogger("asgi_worker")
 
@@ -51,6 +51,7 @@ class Heartbeat:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._started = threading.Event()
+        self._trouble = Throttle(every=60.0)
 
     def start(self) -> None:
         """Start beating; returns once the thread's loop runs."""
@@ -91,12 +92,17 @@ class Heartbeat:
         finally:
             await client.aclose(close_connection_pool=True)
 
-    @staticmethod
-    async def _send(command: Awaitable[object]) -> None:
-        # A beat lost now and then costs nothing: the key outlives several. The worker's
-        # own loop reports a Redis that is away.
+    async def _send(self, command: Awaitable[object]) -> None:
+        # A beat lost now and then costs nothing: the key outlives several.
         try:
             async with asyncio.timeout(ALIVE_FOR / 2):
                 await command
         except REDIS_ERRORS as error:
-            logger.debug("asgi-worker: a heartbeat was not sent: %s", brief(error))
+            self._trouble.log(
+                logging.WARNING,
+                "asgi-worker: the worker's heartbeat %s was not sent (%s): a job of this "
+                "worker that it misses for %g s may be run again by another worker",
+                self.key,
+                brief(error),
+                ALIVE_FOR,
+            )

@@ -353,7 +353,8 @@ class ArqQueue:
             self._silent.log(
                 logging.WARNING,
                 "asgi-worker: job %s was in progress under a worker that has not reported "
-                "for %g s (killed, or frozen): its request is queued again",
+                "for %g s (killed or frozen, or the job's end was lost in a failover): its "
+                "request is queued again",
                 job_id,
                 ALIVE_FOR,
             )

@@ -70,10 +70,10 @@ return due - now
 # Takes up to that many due jobs for this worker: each gets its in-progress key (as arq's
 # own WATCH/MULTI per job sets it), whose value names the worker's heartbeat key and the
 # time of the take (`<key>@<ms>`; arq's own value, '1', without one), and is rescored to
-# the end of its lease, so that no other worker's TAKE reads it again. Under
-# arq's own polling every worker reads every due job, in progress or not, and races the
-# others for each with a transaction: the cost of a job grew with the number of workers.
-# Here it does not: a worker reads only what it takes.
+# the end of its lease, so that no other worker's TAKE reads it again. Under arq's own
+# polling every worker reads every due job, in progress or not, and races the others for
+# each with a transaction: the cost of a job grew with the number of workers. Here it
+# does not: a worker reads only what it takes.
 # A job whose worker dies comes due again as its in-progress key expires, as under arq;
 # a request for it finds it lost as soon as the worker's heartbeat has expired
 # (`FIND_LOST`, heartbeat.py).

@@ -109,6 +109,16 @@ def job_of(config: Config, digest: str, token: str) -> str:
     return RedisKeys(config.prefix).job_id(digest, token)
 
 
+async def taken(app: Starlette, redis: Redis, config: Config, alive: str = "") -> str:
+    """GET `URL`, then take its job as a worker with the heartbeat key `alive` does (with
+    none, as arq's own worker does); returns the job's id."""
+    assert (await get(app, URL)).status_code == 202
+    [job] = await job_ids(redis, config)
+    took = await JobTaker(redis, config.queue, alive=alive).take(1, lease_ms=60_000)
+    assert [one.job_id for one in took.jobs] == [job]
+    return job
+
+
 async def test_a_job_deleted_behind_its_claim_is_queued_again_after_the_grace(
     lost_config: Config, redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -251,12 +261,9 @@ async def test_a_job_in_progress_under_a_silent_worker_is_removed_and_queued_aga
 ) -> None:
     config, pages = lost_config, Pages()
     app = pages.app(config)
-    assert (await get(app, URL)).status_code == 202
-    [old] = await job_ids(redis, config)
     # A worker takes the job, its heartbeat beats, then the worker dies.
     killed = alive_key(config.queue, "killed")
-    taken = await JobTaker(redis, config.queue, alive=killed).take(1, lease_ms=60_000)
-    assert [job.job_id for job in taken.jobs] == [old]
+    old = await taken(app, redis, config, alive=killed)
     in_progress = in_progress_key_prefix + old
     marked = (await redis.get(in_progress)).decode()
     assert marked.startswith(f"{killed}@")
@@ -297,12 +304,9 @@ async def test_a_job_just_taken_by_a_worker_that_was_idle_is_not_taken_for_lost(
     # A job taken a moment ago is not lost, heartbeat or none.
     config, pages = lost_config, Pages()
     app = pages.app(config)
-    assert (await get(app, URL)).status_code == 202
-    [old] = await job_ids(redis, config)
-    await asyncio.sleep(GRACE)
     idle = alive_key(config.queue, "idle")
-    taken = await JobTaker(redis, config.queue, alive=idle).take(1, lease_ms=60_000)
-    assert [job.job_id for job in taken.jobs] == [old]
+    old = await taken(app, redis, config, alive=idle)
+    await asyncio.sleep(GRACE)  # the claim is past the grace, the take 1 s old
     assert not await redis.exists(idle)
 
     assert (await get(app, URL)).status_code == 202
@@ -318,10 +322,7 @@ async def test_a_job_in_progress_under_arq_s_own_worker_waits_out_its_lease(
     # lives is unknown, so its job is left to its lease, as before.
     config, pages = lost_config, Pages()
     app = pages.app(config)
-    assert (await get(app, URL)).status_code == 202
-    [old] = await job_ids(redis, config)
-    taken = await JobTaker(redis, config.queue).take(1, lease_ms=60_000)
-    assert [job.job_id for job in taken.jobs] == [old]
+    old = await taken(app, redis, config)
     assert await redis.get(in_progress_key_prefix + old) == b"1"
 
     await asyncio.sleep(GRACE)

@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from asgi_worker import Config, ReplayWorker, WorkerMiddleware, worker_settings
 from asgi_worker.keys import RedisKeys
-from asgi_worker.lost import GRACE_MARGIN
+from asgi_worker.lost import GRACE_MARGIN, LostJobs
 from asgi_worker.queue import ALIVE_FOR, alive_key
 from asgi_worker.taking import JobTaker
 
@@ -117,6 +117,23 @@ async def taken(app: Starlette, redis: Redis, config: Config, alive: str = "") -
     took = await JobTaker(redis, config.queue, alive=alive).take(1, lease_ms=60_000)
     assert [one.job_id for one in took.jobs] == [job]
     return job
+
+
+def test_a_key_is_checked_past_the_grace_at_most_once_a_second_in_bounded_memory() -> None:
+    now = [0.0]
+    lost = LostJobs(RedisKeys("p"), grace=2.5, most=3, clock=lambda: now[0])
+    assert not lost.due("a", held_for=2.4)  # its enqueue may be on its way
+    assert lost.due("a", held_for=2.5)
+    now[0] = 0.9
+    assert not lost.due("a", held_for=3.4)
+    assert lost.due("b", held_for=3.4)
+    now[0] = 1.0
+    assert lost.due("a", held_for=3.5)
+    for key in "cdefg":
+        assert lost.due(key, held_for=9.0)
+    assert len(lost._checked) == 3  # the newest three: older ones are let go
+    assert not lost.due("g", held_for=9.0)
+    assert lost.due("a", held_for=9.0)  # forgotten, so due again (at most once more)
 
 
 async def test_a_job_deleted_behind_its_claim_is_queued_again_after_the_grace(

@@ -11,6 +11,8 @@ Three shapes, chosen by `Config`:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +34,7 @@ from .connections import (
 )
 from .events import INVALIDATED, EventListener
 from .failover import FailoverWatch
-from .jobs import run_job
+from .jobs import release, run_job
 from .keys import RedisKeys
 from .memory import InProcessQueue, MemoryStore
 from .near import NearCache, response_cost
@@ -42,7 +44,13 @@ from .retries import Throttle
 from .store import RedisStore, Store
 from .waiting import Waiters
 
+logger = logging.getLogger("asgi_worker")
+
 StateProvider = Callable[[], Mapping[str, Any] | None]
+
+RELEASES_PENDING = 1024
+"""The most claims a web process releases in the background at once (`Releases`); past
+that, a claim waits out its lease."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,8 @@ class Backend:
     """The near cache for hot keys (`Config.near_cache_ttl`), if on."""
     close: Closer
     """Stops in-process jobs and listeners, and releases the connections."""
+    releases: Releases
+    """The claims this process gives up in the background (see `Releases`)."""
     failover: FailoverWatch | None = None
     """On `redis+sentinel://`: drops the cache's and the queue's connections when the
     master changes. Started by the first lookup (it needs the server's event loop)."""
@@ -94,6 +104,70 @@ class Backend:
             self.events.start()
             return None
         return self.near
+
+
+class Releases:
+    """Claims this web process gives up in the background, each until Redis takes it.
+
+    A lookup or an enqueue cut off by its request's deadline may leave a claim behind: a
+    lookup whose reply was lost may have claimed the URL all the same, and a claim whose
+    enqueue failed has no job to end it. The request answers at once; the release goes
+    on here, each try bounded by `redis_timeout`, tried again until the claim's lease
+    would have ended anyway. So once Redis answers again, the next request claims the URL
+    and enqueues its job, instead of waiting out the lease (`Config.claim_lease`).
+
+    The lease stays the fallback: for a release Redis does not take before it ends, for
+    one past `RELEASES_PENDING` pending at once, and for one pending at shutdown.
+    Releasing is safe to repeat: a claim is released only by the token that holds it.
+    """
+
+    def __init__(self, store: Store, *, each: float, within: float) -> None:
+        """Each try takes at most `each` seconds, and none begins after `within`."""
+        self._store = store
+        self._each = each
+        self._within = within
+        self._pending: dict[str, asyncio.Task[None]] = {}
+        self._throttle = Throttle()
+
+    def __len__(self) -> int:
+        """Releases on their way now."""
+        return len(self._pending)
+
+    def send(self, digest: str, token: str) -> asyncio.Task[None] | None:
+        """Release the claim `token` holds on `digest`; the task doing it, None if too many.
+
+        The task ends once the claim is released, or has been given up on (it never
+        raises). A token already on its way is not sent twice.
+        """
+        task = self._pending.get(token)
+        if task is not None:
+            return task
+        if len(self._pending) >= RELEASES_PENDING:
+            self._throttle.log(
+                logging.WARNING,
+                "asgi-worker: %d claims are being released already: this one waits out its lease",
+                len(self._pending),
+            )
+            return None
+        task = asyncio.ensure_future(self._release(digest, token))
+        self._pending[token] = task
+        task.add_done_callback(lambda _: self._pending.pop(token, None))
+        return task
+
+    async def _release(self, digest: str, token: str) -> None:
+        if not await release(self._store, digest, token, self._within, each=self._each):
+            self._throttle.log(
+                logging.WARNING,
+                "asgi-worker: could not release a claim within its lease: its URL answers "
+                "202 until the lease ends",
+            )
+
+    async def close(self) -> None:
+        """Stop the releases still on their way: their claims wait out their leases."""
+        pending = list(self._pending.values())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def open_backend(
@@ -183,12 +257,14 @@ def open_backend(
     if failover is not None:
         # After the in-process jobs, before the connections it would drop are closed.
         closers.insert(1 if config.in_process else 0, failover.stop)
+    releases = Releases(store, each=config.redis_timeout, within=config.claim_lease)
+    closers.insert(0, releases.close)  # before the connections they are sent on close
 
     async def close() -> None:
         for closer in closers:
             await closer()
 
-    return Backend(store, queue, waiters, events, near, close, failover)
+    return Backend(store, queue, waiters, events, near, close, releases, failover)
 
 
 def _on_event(waiters: Waiters, near: NearCache[StoredResponse] | None, event: str) -> None:

@@ -18,12 +18,24 @@ from .credentials import CredentialGuard
 from .keys import Headers, RequestSnapshot, header_pairs
 
 _RESPONSE_V1 = 1
+_HEAD_V2 = 2  # a response whose body is stored apart: its head and where the body is
 _SNAPSHOT_V2 = 2  # 2: the server root path added
 _SNAPSHOT_V3 = 3  # 3: the client's address added (version 2 is still read)
 
 
 class CorruptEntryError(ValueError):
     """Bytes that are not a value this version of asgi-worker wrote."""
+
+
+@dataclass(frozen=True, slots=True)
+class Apart:
+    """Where a body stored apart from its entry is (see `Config.stream_body_bytes`)."""
+
+    version: str
+    """Names the body's key: each stored response's body has a key of its own, so a
+    newer commit never mixes with an older body a hit is still reading."""
+    length: int
+    """The body's size in bytes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,30 +46,42 @@ class StoredResponse:
     headers: Headers
     body: bytes
     stored_at: float
-    """Unix time the worker finished the response (for `Age`)."""
+    """Unix time the worker finished the response, on the store's clock (Redis's `TIME`,
+    see `Store.list_path`), for `Age`: the web process compares it with the store's time
+    of its lookup (`Lookup.now`), never with its own clock."""
     hit_for_pass: bool = False
     """A marker, not a response: the app's answer was private, so requests for this key
     go straight to the app until the marker expires (Varnish's hit-for-pass)."""
+    apart: Apart | None = None
+    """The body is stored apart (`body` is empty): read it with `Store.read_body`."""
+
+    @property
+    def length(self) -> int:
+        """The body's size, whether it is here or stored apart."""
+        return len(self.body) if self.apart is None else self.apart.length
 
 
 def encode_response(response: StoredResponse) -> bytes:
-    """Pack a response for Redis."""
-    return _pack(
-        [
-            _RESPONSE_V1,
-            response.status,
-            [list(pair) for pair in response.headers],
-            response.body,
-            response.stored_at,
-            response.hit_for_pass,
-        ]
-    )
+    """Pack a response for Redis: whole, or only its head if its body is stored apart."""
+    head = [response.status, [list(pair) for pair in response.headers]]
+    if response.apart is not None:
+        apart = response.apart
+        return _pack([_HEAD_V2, *head, response.stored_at, apart.version, apart.length])
+    return _pack([_RESPONSE_V1, *head, response.body, response.stored_at, response.hit_for_pass])
 
 
 def decode_response(data: bytes) -> StoredResponse:
     """Unpack a response; `CorruptEntryError` for anything `encode_response` did not make."""
-    items = _unpack(data, {_RESPONSE_V1: 6})
-    _, status, headers, body, stored_at, hit_for_pass = items
+    items = _unpack(data, {_RESPONSE_V1: 6, _HEAD_V2: 6})
+    apart = None
+    if items[0] == _HEAD_V2:
+        _, status, headers, stored_at, version, length = items
+        body, hit_for_pass = b"", False
+        if not (_is_version(version) and type(length) is int and length >= 0):
+            raise CorruptEntryError("stored head names its body wrongly")
+        apart = Apart(version, length)
+    else:
+        _, status, headers, body, stored_at, hit_for_pass = items
     if not (
         isinstance(hit_for_pass, bool)
         and isinstance(status, int)
@@ -77,7 +101,16 @@ def decode_response(data: bytes) -> StoredResponse:
         body=body,
         stored_at=float(stored_at),
         hit_for_pass=hit_for_pass,
+        apart=apart,
     )
+
+
+def _is_version(value: Any) -> bool:
+    """A body version as the worker makes them: a few hex digits (it names a key)."""
+    return isinstance(value, str) and 0 < len(value) <= 32 and all(c in _HEX for c in value)
+
+
+_HEX = frozenset("0123456789abcdef")
 
 
 def encode_snapshot(snapshot: RequestSnapshot, guard: CredentialGuard | None = None) -> bytes:

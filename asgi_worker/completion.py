@@ -135,8 +135,9 @@ class _Pending:
 def hand_off(store: RedisStore, timeout: float, commit: Commit) -> bool:
     """Leave `commit` for the `ReplayWorker` running this job; False if there is none."""
     slot = _slot.get()
-    if slot is None or commit.write.tags:
-        # A tagged commit indexes its tags in steps of their own first (store.py).
+    if slot is None or commit.write.tags or commit.write.body is not None:
+        # A tagged commit indexes its tags in steps of their own first, and a body stored
+        # apart is written in steps of its own first (store.py).
         return False
     slot.pending = _Pending(commit, store, timeout)
     slot.after = commit.after

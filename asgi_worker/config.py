@@ -137,7 +137,14 @@ class Config:
     """arq queue name (None: `<prefix>:queue`)."""
     max_body_bytes: int = 10 * 1024 * 1024
     """Largest response body stored; a larger one sent whole is replaced by a short-lived
-    502, one still streaming past it is a live stream (hit-for-pass)."""
+    502, one still streaming past it is a live stream (hit-for-pass). A body over
+    `stream_body_bytes` costs a worker job about 1x its size while it is stored, and
+    Redis 1x for as long as it is kept (see docs/stored-response.md#large-bodies)."""
+    stream_body_bytes: int = 1024 * 1024
+    """Bodies larger than this are stored apart from their entry, in pieces, and a hit
+    streams them to the client a chunk (256 KiB) at a time: each hit then holds about one
+    chunk in the web process, never the whole body, and the near cache never holds them.
+    Smaller bodies are served whole from the entry, in its one round trip."""
     poll_delay: float = 0.01
     """How often arq's own `Worker` (`arq module.WorkerSettings`) and `run_pending` poll
     the queue (arq's default is 0.5 s). `asgi-worker worker` does not poll: each enqueue
@@ -145,7 +152,9 @@ class Config:
     max_jobs: int = 10
     """Jobs one worker process (or one web process, with in-process jobs) runs at once."""
     redis_timeout: float = 2.0
-    """Seconds to wait for Redis (connect and each command) before treating it as down."""
+    """Seconds to wait for Redis before treating it as down. On the web side all of one
+    request's Redis work (its lookup, the enqueue, a 202's hints) ends within it; in the
+    worker, each connect and each command (a job's steps are retried for as long)."""
     fail_open: bool = False
     """On a Redis error, pass the request to the app instead of answering 503."""
     max_wait: float = 10.0
@@ -287,6 +296,7 @@ class Config:
             f"must be at least retry_after ({self.retry_after})",
         )
         _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
+        _require(self.stream_body_bytes >= 0, "stream_body_bytes", "must be 0 or more")
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
         _require(_duration(self.max_wait) >= 0, "max_wait", "must be a finite number >= 0")
         _require(self.max_waiters >= 0, "max_waiters", "must be 0 or more")

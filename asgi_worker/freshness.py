@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .config import Config
@@ -107,12 +108,19 @@ def _seconds(value: str | None) -> float:
     return float(min(int(value), 2**31))
 
 
-def entity_tag(headers: Headers, body: bytes) -> bytes:
-    """The app's own ETag, or a strong one made from the body (computed once, at store)."""
+def entity_tag(headers: Headers, body: bytes | Iterable[bytes]) -> bytes:
+    """The app's own ETag, or a strong one made from the body (computed once, at store).
+
+    `body` may be given in the chunks the app sent: the tag is the same as for them
+    joined, and a large body is never joined for it.
+    """
     for name, value in headers:
         if name == b"etag":
             return value
-    return b'"' + hashlib.blake2b(body, digest_size=12).hexdigest().encode() + b'"'
+    hashed = hashlib.blake2b(digest_size=12)
+    for chunk in (body,) if isinstance(body, bytes) else body:
+        hashed.update(chunk)
+    return b'"' + hashed.hexdigest().encode() + b'"'
 
 
 def none_match(if_none_match: bytes, etag: bytes) -> bool:

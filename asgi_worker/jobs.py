@@ -20,14 +20,15 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 from starlette.types import ASGIApp
 
-from .codec import CorruptEntryError, StoredResponse, decode_snapshot, encode_response
+from .codec import Apart, CorruptEntryError, StoredResponse, decode_snapshot, encode_response
 from .config import Config
 from .freshness import entity_tag, lifetime, shareable
 from .keys import Headers, RequestSnapshot
@@ -43,7 +44,7 @@ from .replay import (
     replay,
 )
 from .retries import REDIS_ERRORS, Throttle, brief, retried, transient
-from .store import Committed, Store, Write
+from .store import Body, Committed, Store, Write
 
 logger = logging.getLogger("asgi_worker")
 
@@ -167,13 +168,25 @@ async def let_go(
     behind it, until its lease ends (`Store.back_off`), which spaces those jobs. Best
     effort, up to `within` s: a claim Redis would not change holds until its lease ends.
     """
-    passes = transient(error)
-    step = store.release if passes else store.back_off
+    if transient(error):
+        return await release(store, digest, token, within)
+    with suppress(*REDIS_ERRORS):
+        await retried(functools.partial(store.back_off, digest, token), within=within)
+    return False
+
+
+async def release(
+    store: Store, digest: str, token: str, within: float, *, each: float | None = None
+) -> bool:
+    """Give up the claim `token` holds (best effort, up to `within` s); False if it failed.
+
+    `each`: how long one try may take (see `retries.retried`).
+    """
     try:
-        await retried(functools.partial(step, digest, token), within=within)
+        await retried(functools.partial(store.release, digest, token), within=within, each=each)
     except REDIS_ERRORS:
         return False
-    return passes
+    return True
 
 
 async def run_job(
@@ -317,14 +330,15 @@ async def _run(
     digest = snapshot.digest
     # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
     try:
-        started = await retried(
+        times = await retried(
             functools.partial(_before_the_app, store, config, snapshot, token, claimed_at),
             within=config.redis_timeout,
         )
     except REDIS_ERRORS as error:
         return await _give_up(store, config, snapshot, token, error, throttle)
-    if started is None:
+    if times is None:
         return "superseded"  # its lease ran out and a newer job holds the claim
+    started, listed_at = times
     began = time.monotonic()
     if observer is None or record is None:
         replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
@@ -334,7 +348,9 @@ async def _run(
         record.replay_seconds = time.monotonic() - began
         passed = outcome == "stored" and _private(replayed, snapshot, config)
         record.outcome = "pass" if passed else outcome
-    write = to_write(replayed, outcome=outcome, snapshot=snapshot, config=config)
+    # The store's clock, not this host's: the web process computes `Age` against it.
+    now = listed_at + time.monotonic() - began
+    write = to_write(replayed, outcome=outcome, snapshot=snapshot, config=config, now=now)
     if outcome == "stored" and (config.adaptive_retry_after or config.fair_queueing):
         write = dataclasses.replace(write, duration=time.monotonic() - began)
     after = None
@@ -349,19 +365,31 @@ async def _run(
             record.deferred = True
         return outcome  # the worker commits it as it marks the job done, then waits `after`
     try:
-        return await commit.send_and_report(store, config.redis_timeout)
+        return await commit.send_and_report(store, _commit_time(config, write))
     finally:
         if after is not None:
             await after()
 
 
+# A body stored apart is written with its commit: each this many bytes of it give the
+# commit `redis_timeout` more (at 64 MiB a second or more, it never needs them all).
+_BODY_BYTES_PER_TIMEOUT = 64 * 1024 * 1024
+
+
+def _commit_time(config: Config, write: Write) -> float:
+    """Seconds a commit of `write` may take, its retries included."""
+    pieces = 0 if write.body is None else -(-write.body.length // _BODY_BYTES_PER_TIMEOUT)
+    return config.redis_timeout * (1 + pieces)
+
+
 async def _before_the_app(
     store: Store, config: Config, snapshot: RequestSnapshot, token: str, claimed_at: float | None
-) -> float | None:
-    """The job's steps before its app runs; its start time, None if its claim was lost.
+) -> tuple[float, float] | None:
+    """The job's steps before its app runs; None if its claim was lost.
 
-    Safe to repeat: the claim renewed again is still the job's own, the path listed again
-    is still listed.
+    Else its start time (for `Store.commit`), and the store's time as its app is about to
+    run (`Store.list_path`). Safe to repeat: the claim renewed again is still the job's
+    own, the path listed again is still listed.
     """
     started = claimed_at
     # Long enough for the app and the commit after it.
@@ -371,8 +399,7 @@ async def _before_the_app(
         if started is None:
             return None
     # Before the app runs: a prefix invalidation from now on finds the path.
-    await store.list_path(snapshot.path)
-    return started
+    return started, await store.list_path(snapshot.path)
 
 
 async def _give_up(
@@ -400,9 +427,17 @@ async def _give_up(
 
 
 def to_write(
-    replayed: ReplayedResponse, *, outcome: str, snapshot: RequestSnapshot, config: Config
+    replayed: ReplayedResponse,
+    *,
+    outcome: str,
+    snapshot: RequestSnapshot,
+    config: Config,
+    now: float | None = None,
 ) -> Write:
     """The entry, lifetime and index data to commit for one replay's outcome.
+
+    `now` is the entry's `stored_at`: the store's time (see `Store.list_path`), by
+    default this host's.
 
     `outcome` is `_replay_or_error`'s: "stored" (`replayed` is the app's answer),
     "live-stream" (a hit-for-pass marker), or an error: `replayed` stands for it, or is
@@ -413,7 +448,7 @@ def to_write(
         return _pass_marker(snapshot, config)
     if outcome != "stored" and replayed.handled is None:
         # our own error response: short-lived, and a stale copy is better
-        entry = encode_response(stored(replayed))
+        entry = encode_response(stored(replayed, now))
         return Write(
             entry,
             fresh=config.error_ttl,
@@ -438,10 +473,15 @@ def to_write(
             headers.append((name, value))
             has_etag = has_etag or name == b"etag"
     if not has_etag:
-        headers.append((b"etag", entity_tag((), replayed.body)))
+        headers.append((b"etag", entity_tag((), replayed.chunks)))
     if replayed.leaving:
         headers.extend(_outer_vary(replayed.headers, replayed.leaving, config))
-    response = stored(ReplayedResponse(replayed.status, tuple(headers), replayed.body))
+    kept = ReplayedResponse(replayed.status, tuple(headers), replayed.chunks)
+    body = None
+    if replayed.length > config.stream_body_bytes and _has_body(replayed.status):
+        # Stored apart, in the app's own chunks: no joined copy, no msgpack copy of it.
+        body = Body(secrets.token_hex(8), replayed.chunks, replayed.length)
+    response = stored(kept, now, apart=None if body is None else body.version)
     return Write(
         encode_response(response),
         fresh=life.fresh,
@@ -451,6 +491,7 @@ def to_write(
         tags=tuple(tags)[:_MAX_TAGS],
         failed=replayed.status >= 500,
         retry_after=config.error_ttl,
+        body=body,
     )
 
 
@@ -597,32 +638,46 @@ async def _after_answer(
         )
 
 
-def stored(replayed: ReplayedResponse, now: float | None = None) -> StoredResponse:
+def stored(
+    replayed: ReplayedResponse, now: float | None = None, *, apart: str | None = None
+) -> StoredResponse:
     """The entry to keep for a response: hop-by-hop headers dropped, framed as HTTP asks.
+
+    `now` is its `stored_at` (by default this host's time; a job gives the store's).
 
     `Content-Length` is the stored body's, except where RFC 9110 section 8.6 rules it
     out: a 1xx or 204 has none (and no body); a 304 has no body, and keeps the length the
     app gave it (its 200's), or none.
+
+    `apart`: the body is stored apart under this version (`Write.body`); the entry is
+    its head, and never joins the body.
     """
     status = replayed.status
     headers = [(name, value) for name, value in replayed.headers if name not in _NOT_STORED]
-    body = replayed.body
-    if status < 200 or status in (204, 304):
-        body = b""
+    body = b""
+    if not _has_body(status):
         if status == 304:
             given = next((pair for pair in replayed.headers if pair[0] == b"content-length"), None)
             headers.extend(() if given is None else (given,))
     else:
-        headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"content-length", str(replayed.length).encode()))
+        if apart is None:
+            body = replayed.body
     return StoredResponse(
         status=status,
         headers=tuple(headers),
         body=body,
         stored_at=time.time() if now is None else now,
+        apart=None if apart is None else Apart(apart, replayed.length),
     )
 
 
-_NO_ANSWER = ReplayedResponse(0, (), b"")
+def _has_body(status: int) -> bool:
+    """Whether a response of `status` has a body (not a 1xx, 204 or 304)."""
+    return status >= 200 and status not in (204, 304)
+
+
+_NO_ANSWER = ReplayedResponse(0, (), ())
 """Stands for the answer of a live stream, which is never stored."""
 
 
@@ -631,5 +686,5 @@ def _error(status: int, text: str) -> ReplayedResponse:
     return ReplayedResponse(
         status,
         ((b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")),
-        text.encode(),
+        (text.encode(),),
     )

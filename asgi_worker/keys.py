@@ -323,6 +323,17 @@ class RedisKeys:
         """The lease that says one job for this request exists."""
         return f"{self._request(digest)}:claim"
 
+    def body(self, digest: str, version: str) -> str:
+        """A body stored apart from its entry (`Config.stream_body_bytes`): one per version.
+
+        In the entry's slot: its scripts reach it by the name `body_ref` holds.
+        """
+        return f"{self._request(digest)}:body:{version}"
+
+    def body_ref(self, digest: str) -> str:
+        """The name of the `body` key of the entry stored now, while it has one."""
+        return f"{self._request(digest)}:bodyref"
+
     def entry_stamp(self, digest: str) -> str:
         """When a tag invalidation last reached this entry (store clock, µs).
 

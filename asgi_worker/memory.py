@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from .queue import Job, QueueFull
-from .store import BACKING_OFF, Committed, Lookup, Write
+from .store import BACKING_OFF, REPLACED_BODY_GRACE, Committed, Lookup, Write
 from .targets import ByGlob, ByQuery, ByTag, Target, query_matches
 
 logger = logging.getLogger("asgi_worker")
@@ -30,6 +30,14 @@ class _Entry:
     value: bytes
     fresh_until: float
     keep_until: float
+    version: str | None = None
+    """Its body's, if stored apart (in `MemoryStore._bodies`)."""
+
+
+@dataclass(slots=True)
+class _Body:
+    data: bytes
+    until: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,9 @@ class MemoryStore:
         # An invalidation stamp matters only to jobs that began before it (see store.py).
         self._stamp_ttl = claim_ttl + 60.0
         self._entries: dict[str, _Entry] = {}
+        # Bodies stored apart, by (digest, version): as in Redis, each lives as long as its
+        # entry, and one replaced by a newer commit `REPLACED_BODY_GRACE` more at most.
+        self._bodies: dict[tuple[str, str], _Body] = {}
         self._claims: dict[str, _Claim] = {}
         self._paths = _Indexes()  # path -> its entries; a claim registers its path too
         self._tags = _Indexes()
@@ -125,19 +136,22 @@ class MemoryStore:
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         now = time.monotonic()
+        # Entries' `stored_at` are this process's wall clock (`list_path`): so is `now`.
+        wall = time.time()
         entry = self._live(digest, now)
         if entry is not None and entry.fresh_until > now:
-            return Lookup(entry.value)
+            return Lookup(entry.value, now=wall)
         value = entry.value if entry else None
         claim = self._claims.get(digest)
         if claim is not None and claim.until > now and claim.token != token:
+            stale = entry is not None
             if claim.token.startswith(BACKING_OFF):
-                return Lookup(value, stale=entry is not None)
+                return Lookup(value, stale=stale, now=wall)
             held_for = now - (claim.until - self._claim_ttl)
-            return Lookup(value, stale=entry is not None, holder=claim.token, held_for=held_for)
+            return Lookup(value, stale=stale, now=wall, holder=claim.token, held_for=held_for)
         self._claim(digest, token, path, now)
         self._wrote(now)
-        return Lookup(value, stale=entry is not None, claimed=True, claimed_at=now)
+        return Lookup(value, stale=entry is not None, claimed=True, claimed_at=now, now=wall)
 
     def lease_left(self, claimed_at: float) -> float:
         """See `Store.lease_left`."""
@@ -155,8 +169,12 @@ class MemoryStore:
         self._claim(digest, token, path, now)
         return now
 
-    async def list_path(self, path: str) -> None:
-        """See `Store.list_path`: nothing to do, a claim here lists its path itself."""
+    async def list_path(self, path: str) -> float:
+        """See `Store.list_path`: nothing to do, a claim here lists its path itself.
+
+        The time is this process's wall clock, as `Lookup.now` here: the one process's.
+        """
+        return time.time()
 
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
         """See `Store.commit`."""
@@ -183,7 +201,17 @@ class MemoryStore:
             self._job_ended(write.path, digest)
             return Committed.KEPT_STALE
         until = now + write.keep
-        self._entries[digest] = _Entry(write.entry, now + write.fresh, until)
+        replaced = self._entries.get(digest)
+        if replaced is not None and replaced.version is not None:
+            kept = self._bodies.get((digest, replaced.version))
+            if kept is not None:
+                kept.until = min(kept.until, now + REPLACED_BODY_GRACE)
+        version = None
+        if write.body is not None:
+            version = write.body.version
+            # In process, the body need not be cut in pieces: joined once, here.
+            self._bodies[(digest, version)] = _Body(b"".join(write.body.chunks), until)
+        self._entries[digest] = _Entry(write.entry, now + write.fresh, until, version)
         self._claims.pop(digest, None)
         self._job_ended(write.path, digest)
         self._paths.get(write.path, now).add(digest, write.query, until, now)
@@ -210,9 +238,21 @@ class MemoryStore:
         if claim is not None and claim.token == token and claim.until > time.monotonic():
             self._claims[digest] = _Claim(BACKING_OFF + token, claim.until, claim.path)
 
-    async def discard(self, digest: str) -> None:
+    async def discard(self, digest: str, version: str | None = None) -> None:
         """See `Store.discard`."""
-        self._entries.pop(digest, None)
+        entry = self._entries.get(digest)
+        if entry is None or (version is not None and entry.version not in (None, version)):
+            return
+        self._forget(digest)
+
+    async def read_body(
+        self, digest: str, version: str, length: int, start: int, stop: int
+    ) -> bytes | None:
+        """See `Store.read_body`."""
+        body = self._bodies.get((digest, version))
+        if body is None or body.until <= time.monotonic() or len(body.data) != length:
+            return None
+        return body.data[start:stop]
 
     async def typical_duration(self, path: str) -> float | None:
         """See `Store.typical_duration`."""
@@ -270,8 +310,14 @@ class MemoryStore:
             if soft:
                 entry.fresh_until = min(entry.fresh_until, now)
             else:
-                del self._entries[digest]
+                self._forget(digest)
         return count
+
+    def _forget(self, digest: str) -> None:
+        """Delete an entry and its body stored apart, if any."""
+        entry = self._entries.pop(digest)
+        if entry.version is not None:
+            self._bodies.pop((digest, entry.version), None)
 
     def _live(self, digest: str, now: float) -> _Entry | None:
         entry = self._entries.get(digest)
@@ -300,6 +346,7 @@ class MemoryStore:
             return
         self._writes_since_sweep = 0
         self._entries = {key: e for key, e in self._entries.items() if e.keep_until > now}
+        self._bodies = {key: b for key, b in self._bodies.items() if b.until > now}
         self._claims = {key: c for key, c in self._claims.items() if c.until > now}
         # Each index also sweeps itself as it is written; this catches the idle ones.
         self._paths.sweep(now, members=True)

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .apptree import walk
 from .backend import Backend, Entry, open_backend
-from .codec import CorruptEntryError, StoredResponse, decode_response, encode_snapshot
+from .codec import Apart, CorruptEntryError, StoredResponse, decode_response, encode_snapshot
 from .config import Config
 from .instrument import observer_for
 from .keymemo import KeyMemo
@@ -38,7 +38,15 @@ from .observe import Observer, RequestRecord
 from .policy import Policy
 from .queue import ArqQueue, Job, QueueFull
 from .replay import replay_marker
-from .responses import send_accepted, send_bad_request, send_stored, send_unavailable
+from .responses import (
+    BodyGoneError,
+    BodyReader,
+    BodyUnreadableError,
+    send_accepted,
+    send_bad_request,
+    send_stored,
+    send_unavailable,
+)
 from .singleflight import SingleFlight
 from .store import Store
 from .waiting import Gone, hold, parse_prefer
@@ -151,11 +159,18 @@ class WorkerMiddleware:
             record.outcome = outcome
 
     async def _serve(
-        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord | None = None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord | None = None,
+        *,
+        again: bool = False,
     ) -> str:
         """Answer one cache request; returns what it did (for an observer).
 
         `record` (with an observer) is marked if this request's lookup enqueued the job.
+        `again`: the entry found first had lost its body stored apart, and was discarded.
         """
         head = scope["method"] == "HEAD"
         try:
@@ -169,18 +184,27 @@ class WorkerMiddleware:
             self._first_request(scope)
         applied: list[tuple[bytes, bytes]] = []
         waited = False
+        # One deadline for the request's Redis work: its lookup, the enqueue and the hints
+        # of a 202 all end by it (a timer costs the same as `asyncio.timeout`'s).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.redis_timeout
         try:
             client = scope_client(scope) if self.config.replay_client else None
-            found = await self._lookup(snapshot, digest, client, record)
+            found = await self._lookup(snapshot, digest, client, record, deadline)
             if found is None:
                 preference = parse_prefer(_headers(scope, b"prefer"))
                 # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
                 # "respond-async, wait=N") we hold up to N seconds, then answer 202.
                 seconds = min(preference.wait or 0.0, self.config.max_wait)
                 if seconds > 0:
-                    held = await self._wait_for(snapshot, digest, client, seconds, receive, record)
+                    # N seconds from the request's arrival: the client's own choice. Each
+                    # look in the hold is bounded as a lookup is, and the hints after it
+                    # by redis_timeout from the hold's end.
+                    until = deadline - self.config.redis_timeout + seconds
+                    held = await self._wait_for(snapshot, digest, client, until, receive, record)
                     if isinstance(held, Gone):
                         return "gone"  # the client went away while waiting: nobody to answer
+                    deadline = min(until, loop.time()) + self.config.redis_timeout
                     found = held
                     if found is not None:
                         waited = True
@@ -195,43 +219,97 @@ class WorkerMiddleware:
             await send_unavailable(send, retry_after=retry_after, head=head, queue_full=True)
             return "queue-full"
         except _BACKEND_ERRORS as error:
-            logger.error("asgi-worker: cache backend unavailable: %r", error)
-            if self.config.fail_open:
-                await self.app(scope, receive, send)
-            else:
-                await send_unavailable(send, retry_after=self.config.retry_after, head=head)
-            return "unavailable"
+            return await self._unavailable(error, scope, receive, send)
         if found is None:
             await send_accepted(
                 send,
-                retry_after=await self._retry_after(snapshot),
+                retry_after=await self._retry_after(snapshot, deadline),
                 extra=applied,
-                no_worker=await self._no_worker(),
+                no_worker=await self._no_worker(deadline),
             )
             return _MISS
         if found.response.hit_for_pass:
             await self.app(scope, receive, send)  # the app said private: never share it
             return "pass"
+        response = found.response
         if_none_match = _headers(scope, b"if-none-match")
-        await send_stored(
-            found.response,
-            send,
-            head=head,
-            stale=found.stale,
-            if_none_match=b", ".join(if_none_match) if if_none_match else None,
-            extra=applied,
-        )
+        try:
+            served = await send_stored(
+                response,
+                send,
+                now=found.now,
+                head=head,
+                stale=found.stale,
+                if_none_match=b", ".join(if_none_match) if if_none_match else None,
+                ranges=_header(scope, b"range"),
+                if_range=_header(scope, b"if-range"),
+                extra=applied,
+                read=None if response.apart is None else self._reader(digest, response.apart),
+            )
+        except BodyUnreadableError as error:
+            return await self._unavailable(error, scope, receive, send)
+        except BodyGoneError as error:
+            # The server closes the connection: the client sees a truncated response.
+            logger.error(
+                "asgi-worker: the body of %s went away while it was sent (%s): the response "
+                "is cut short",
+                digest,
+                error,
+            )
+            raise
+        if not served:
+            assert response.apart is not None
+            logger.warning(
+                "asgi-worker: the body of %s is gone (expired, invalidated or evicted): "
+                "the entry is discarded, a miss",
+                digest,
+            )
+            discard = self._open().store.discard(digest, response.apart.version)
+            await _quietly(discard, within=self.config.redis_timeout)
+            if not again:  # looked up again: a miss now, whose lookup claims the job
+                return await self._serve(scope, receive, send, record, again=True)
+            await send_accepted(send, retry_after=self.config.retry_after, extra=applied)
+            return _MISS
         if waited:
             return "waited"
         return _STALE if found.stale else _NEAR_HIT if found.near else _HIT
 
-    async def _retry_after(self, snapshot: RequestSnapshot) -> int:
-        """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive."""
+    async def _unavailable(
+        self, error: BaseException, scope: Scope, receive: Receive, send: Send
+    ) -> str:
+        """Redis cannot answer: `503`, or the app's own answer with `fail_open`."""
+        logger.error("asgi-worker: cache backend unavailable: %r", error)
+        if self.config.fail_open:
+            await self.app(scope, receive, send)
+        else:
+            head = scope["method"] == "HEAD"
+            await send_unavailable(send, retry_after=self.config.retry_after, head=head)
+        return "unavailable"
+
+    def _reader(self, digest: str, apart: Apart) -> BodyReader:
+        """Reads the body stored apart of `digest`'s entry, each read within redis_timeout."""
+        store = self._open().store
+        timeout = self.config.redis_timeout
+
+        async def read(start: int, stop: int) -> bytes | None:
+            async with asyncio.timeout(timeout):
+                return await store.read_body(digest, apart.version, apart.length, start, stop)
+
+        return read
+
+    async def _retry_after(self, snapshot: RequestSnapshot, deadline: float) -> int:
+        """`Retry-After` for a 202: fixed, or the path's typical job duration if adaptive.
+
+        The typical duration is read only within what is left until `deadline` (the loop's
+        time): a hint is not worth a later answer.
+        """
         config = self.config
         if not config.adaptive_retry_after:
             return config.retry_after
+        if deadline <= asyncio.get_running_loop().time():
+            return config.retry_after  # a command cut off at once would cost its connection
         try:
-            async with asyncio.timeout(config.redis_timeout):
+            async with asyncio.timeout_at(deadline):
                 typical = await self._open().store.typical_duration(snapshot.path)
         except _BACKEND_ERRORS:
             return config.retry_after  # the 202 matters more than its hint
@@ -239,29 +317,35 @@ class WorkerMiddleware:
             return config.retry_after
         return min(max(math.ceil(typical), config.retry_after), config.max_retry_after)
 
-    async def _no_worker(self) -> bool:
+    async def _no_worker(self, deadline: float) -> bool:
         """True if no worker has reported on the queue for too long (arq backend only).
 
         Asked on a 202 only, never on a hit; reads Redis at most once per
-        `queue.WORKER_CHECK_EVERY` seconds per process (see `queue.WorkerWatch`).
+        `queue.WORKER_CHECK_EVERY` seconds per process (see `queue.WorkerWatch`), and only
+        within what is left until `deadline` (else the last answer stands).
         """
         queue = self._open().queue
         if not isinstance(queue, ArqQueue):
             return False  # in-process jobs: this process is the worker
-        return await queue.worker_watch.check(self.config.redis_timeout)
+        return await queue.worker_watch.check(deadline - asyncio.get_running_loop().time())
 
     async def _wait_for(
         self,
         snapshot: RequestSnapshot,
         digest: str,
         client: Client | None,
-        seconds: float,
+        until: float,
         receive: Receive,
         record: RequestRecord | None,
     ) -> _Found | Gone | None:
-        """Hold a miss until its response is stored, `seconds` pass, or the client leaves."""
+        """Hold a miss until its response is stored, `until` passes, or the client leaves.
+
+        `until` is the loop's time. Each look is bounded by `redis_timeout`, as a lookup.
+        """
         backend = self._open()
-        await backend.listen(min(seconds, self.config.redis_timeout))
+        loop = asyncio.get_running_loop()
+        bound = self.config.redis_timeout
+        await backend.listen(min(until - loop.time(), bound))
         observer = self._observer
         if observer is not None:
             observer.waiting(1)
@@ -269,8 +353,8 @@ class WorkerMiddleware:
             return await hold(
                 backend.waiters,
                 digest,
-                lambda: self._lookup(snapshot, digest, client, record),
-                seconds,
+                lambda: self._lookup(snapshot, digest, client, record, loop.time() + bound),
+                until,
                 receive,
             )
         finally:
@@ -283,24 +367,28 @@ class WorkerMiddleware:
         digest: str,
         client: Client | None,
         record: RequestRecord | None,
+        deadline: float,
     ) -> _Found | None:
         """One round trip in the common case; a job is enqueued only by the claimant.
 
-        `client` is the address a job enqueued here replays (`Config.replay_client`).
+        `client` is the address a job enqueued here replays (`Config.replay_client`). The
+        lookup and the enqueue end by `deadline` (the loop's time), or raise `TimeoutError`.
 
         With `Config.coalesce`, a request arriving while a lookup of the same key is on its
         way in this process waits for that one instead of sending its own (single-flight):
         a hot key costs one round trip per round-trip time, not one per request. The
         `record` of the request whose lookup is sent is the one marked as the enqueuer.
+        A request that waits shares the deadline of the one it waits for, which began
+        first; if that one is cancelled, it looks itself, by its own deadline.
         """
         # The near cache is a dict read: no round trip to share, nothing to time out.
         near = self._open().near_cache()
         if near is not None and (cached := near.get(digest)) is not None:
-            return _Found(cached, stale=False, near=True)
+            return _Found(cached, False, time.monotonic(), near=True)  # see `_near_copy`
         if not self.config.coalesce:
-            return await self._timed_lookup(snapshot, digest, client, record)
+            return await self._timed_lookup(snapshot, digest, client, record, deadline)
         return await self._inflight.run(
-            digest, lambda: self._timed_lookup(snapshot, digest, client, record)
+            digest, lambda: self._timed_lookup(snapshot, digest, client, record, deadline)
         )
 
     async def _timed_lookup(
@@ -309,15 +397,13 @@ class WorkerMiddleware:
         digest: str,
         client: Client | None,
         record: RequestRecord | None,
+        deadline: float,
     ) -> _Found | None:
-        # One timer for the whole lookup (the web client has no per-read timeout).
         observer = self._observer
         if observer is None:
-            async with asyncio.timeout(self.config.redis_timeout):
-                return await self._lookup_now(snapshot, digest, client, None)
+            return await self._lookup_now(snapshot, digest, client, None, deadline)
         began = time.perf_counter()
-        async with asyncio.timeout(self.config.redis_timeout):
-            found = await self._lookup_now(snapshot, digest, client, record)
+        found = await self._lookup_now(snapshot, digest, client, record, deadline)
         observer.lookup(time.perf_counter() - began)
         return found
 
@@ -327,39 +413,52 @@ class WorkerMiddleware:
         digest: str,
         client: Client | None,
         record: RequestRecord | None,
+        deadline: float,
     ) -> _Found | None:
         backend = self._open()
         near = backend.near_cache()
+        store = backend.store
         token = f"{self._token_prefix}{next(self._token_counter):x}"
-        found = await backend.store.lookup(digest, token, snapshot.path)
-        response = None
-        if found.entry is not None:
-            try:
-                response = decode_response(found.entry)
-            except CorruptEntryError as error:
-                logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
-                await backend.store.discard(digest)
-                if not found.claimed:
-                    found = await backend.store.lookup(digest, token, snapshot.path)
+        try:
+            # One timer for the whole lookup (the web client has no per-read timeout).
+            async with asyncio.timeout_at(deadline):
+                found = await store.lookup(digest, token, snapshot.path)
+                response = None
+                if found.entry is not None:
+                    try:
+                        response = decode_response(found.entry)
+                    except CorruptEntryError as error:
+                        logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
+                        await store.discard(digest)
+                        if not found.claimed:
+                            found = await store.lookup(digest, token, snapshot.path)
+        except (TimeoutError, asyncio.CancelledError):
+            # Cut off, the lookup may have claimed all the same (Redis ran it, its reply
+            # was lost): give that claim up, or the URL would wait out the lease.
+            backend.releases.send(digest, token)
+            raise
         claimed_at = found.claimed_at
         if found.holder is not None and self._lost.due(digest, found.held_for):
             # Another request's claim, held long enough that its job must be queued by
             # now: if that job is lost, this request takes the claim over (see lost.py).
-            claimed_at = await self._lost.take_over(
-                backend.store, backend.queue, digest, found.holder, token, snapshot.path
-            )
-        if claimed_at is not None:
-            # The snapshot may be another request's (`KeyMemo`): the address is this one's.
-            payload = encode_snapshot(dataclasses.replace(snapshot, client=client), self._guard)
-            job_id = self._keys.job_id(digest, token)
-            observer = self._observer
-            trace = None if observer is None else observer.carry()
-            job = Job(job_id, payload, token, claimed_at, snapshot.path, trace)
             try:
-                await backend.queue.enqueue(job)
+                async with asyncio.timeout_at(deadline):
+                    claimed_at = await self._lost.take_over(
+                        store, backend.queue, digest, found.holder, token, snapshot.path
+                    )
+            except (TimeoutError, asyncio.CancelledError) as error:
+                # Cut off, the take-over may have gone through: give that claim up (the
+                # next request claims at once). Past the deadline, the answer is a 202.
+                backend.releases.send(digest, token)
+                if not isinstance(error, TimeoutError):
+                    raise
+        if claimed_at is not None:
+            job = self._job(snapshot, digest, client, token, claimed_at)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await backend.queue.enqueue(job)
             except BaseException as error:
-                # Let the next request claim again rather than wait for the lease.
-                await _quietly(backend.store.release(digest, token))
+                await _release(backend, digest, token, deadline, error)
                 if response is None or not isinstance(error, (*_BACKEND_ERRORS, QueueFull)):
                     raise
                 # A stale copy is better than a 503: serve it, refresh on a later request.
@@ -369,9 +468,26 @@ class WorkerMiddleware:
                     record.enqueued = True
         if response is None:
             return None
-        if near is not None and not found.stale:
-            near.put(digest, response)
-        return _Found(response, found.stale)
+        if near is not None and not found.stale and response.apart is None:
+            # A body stored apart never enters the near cache: each hit streams it.
+            near.put(digest, _near_copy(response, found.now))
+        return _Found(response, found.stale, found.now)
+
+    def _job(
+        self,
+        snapshot: RequestSnapshot,
+        digest: str,
+        client: Client | None,
+        token: str,
+        claimed_at: float,
+    ) -> Job:
+        """The job to enqueue for the claim `token` took at `claimed_at`."""
+        # The snapshot may be another request's (`KeyMemo`): the address is this one's.
+        payload = encode_snapshot(dataclasses.replace(snapshot, client=client), self._guard)
+        observer = self._observer
+        trace = None if observer is None else observer.carry()
+        job_id = self._keys.job_id(digest, token)
+        return Job(job_id, payload, token, claimed_at, snapshot.path, trace)
 
     @property
     def waiting(self) -> int:
@@ -483,7 +599,19 @@ class WorkerMiddleware:
 class _Found:
     response: StoredResponse
     stale: bool
+    now: float
+    """The clock of `response.stored_at` at the lookup, for `Age`: the store's time."""
     near: bool = False
+
+
+def _near_copy(response: StoredResponse, now: float) -> StoredResponse:
+    """`response` to keep in the near cache, its `stored_at` on the monotonic clock.
+
+    A near hit's `Age` counts on from the lookup's by this process's monotonic clock,
+    which no other host's sets and no wall-clock step moves (`now`: the store's time of
+    the lookup).
+    """
+    return dataclasses.replace(response, stored_at=response.stored_at - now + time.monotonic())
 
 
 def _unsupported_loop() -> str | None:
@@ -514,9 +642,41 @@ def _headers(scope: Scope, name: bytes) -> list[bytes]:
     return [bytes(value) for key, value in scope.get("headers") or () if key.lower() == name]
 
 
-async def _quietly(step: Awaitable[object]) -> None:
-    """Best-effort clean-up while another error is already on its way to the caller."""
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """The one value of header `name`; None if it is absent or given more than once."""
+    values = _headers(scope, name)
+    return values[0] if len(values) == 1 else None
+
+
+async def _quietly(step: Awaitable[object], *, within: float) -> None:
+    """Best-effort clean-up, given up after `within` seconds (a request never hangs on it)."""
     try:
-        await step
+        async with asyncio.timeout(within):
+            await step
     except Exception as error:  # the original error matters more than this one
         logger.warning("asgi-worker: clean-up failed: %r", error)
+
+
+async def _release(
+    backend: Backend, digest: str, token: str, deadline: float, error: BaseException
+) -> None:
+    """Give up the claim of a job that `error` kept from the queue.
+
+    So the next request claims again rather than wait for the lease. Sent within what is
+    left until `deadline` (the loop's time); a release cut off there, or with no time left
+    (or for a request cancelled), goes on in the background (`backend.Releases`), and the
+    claim's lease is the fallback for one that never goes.
+    """
+    released = False
+    try:
+        if deadline > asyncio.get_running_loop().time() and not isinstance(
+            error, asyncio.CancelledError
+        ):
+            async with asyncio.timeout_at(deadline):
+                await backend.store.release(digest, token)
+            released = True
+    except _BACKEND_ERRORS:
+        pass  # the error that kept the job from the queue is the one to report
+    finally:
+        if not released:
+            backend.releases.send(digest, token)

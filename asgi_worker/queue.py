@@ -199,12 +199,12 @@ class WorkerWatch:
         """`missing`, read again from Redis if the last read is `WORKER_CHECK_EVERY` old.
 
         Concurrent callers do not wait for a read on its way: they get the last answer.
-        A read takes at most `within` seconds; a Redis error keeps the last answer (the
-        request's own lookup reports those).
+        A read takes at most `within` seconds (none at all if that is not positive); a
+        Redis error keeps the last answer (the request's own lookup reports those).
         """
         now = self._clock()
         due = self._checked_at is None or now - self._checked_at >= WORKER_CHECK_EVERY
-        if self._checking or not due:
+        if self._checking or not due or within <= 0:
             return self.missing
         self._checking = True
         try:

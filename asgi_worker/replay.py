@@ -127,7 +127,9 @@ class ReplayedResponse:
 
     status: int
     headers: Headers
-    body: bytes
+    chunks: tuple[bytes, ...]
+    """The body, in the chunks the app sent it (empty ones left out): never joined on the
+    way to the store, so that a large body is held once, not copied whole."""
     leaving: Headers | None = None
     """The headers of the same answer as it left the top of the app, after the layers
     outside the middleware (None: no middleware took the replay, `headers` are those).
@@ -137,6 +139,16 @@ class ReplayedResponse:
     handled: Exception | None = field(default=None, compare=False, repr=False)
     """What the app inside the middleware raised, where a layer outside answered for it:
     this answer is that layer's."""
+
+    @property
+    def body(self) -> bytes:
+        """The body joined (a copy, unless it came in one chunk): for small bodies."""
+        return b"".join(self.chunks)
+
+    @property
+    def length(self) -> int:
+        """The body's size in bytes."""
+        return sum(map(len, self.chunks))
 
 
 def build_scope(
@@ -449,7 +461,8 @@ class _Collector:
                 if more or self._chunks:
                     raise LiveStreamError(f"streamed past max_body_bytes={self._max_body_bytes}")
                 raise BodyTooLargeError(f"body exceeds max_body_bytes={self._max_body_bytes}")
-            self._chunks.append(bytes(body))
+            if body:
+                self._chunks.append(bytes(body))  # no copy of bytes; a bytearray may change
             if not more:
                 self._phase = _Phase.DONE
         else:
@@ -467,7 +480,7 @@ class _Collector:
             raise self.failure
         if self._phase is not _Phase.DONE:
             raise InvalidResponseError(f"app returned early: {self._phase.value}")
-        return ReplayedResponse(self._status, self._headers, b"".join(self._chunks), **more)
+        return ReplayedResponse(self._status, self._headers, tuple(self._chunks), **more)
 
 
 def _media_type(headers: Headers) -> bytes:

@@ -83,19 +83,23 @@ def brief(error: BaseException) -> str:
     return f"{type(error).__name__}({text!r})"
 
 
-async def retried(step: Callable[[], Awaitable[T]], *, within: float) -> T:
+async def retried(
+    step: Callable[[], Awaitable[T]], *, within: float, each: float | None = None
+) -> T:
     """`step()`; after a transient error, again (after 0.05 s, 0.1 s, ... up to 0.4 s).
 
     Gives up `within` seconds after the first try began: a try is cut off there, and none
     begins after it. Raises the last error then, or at once an error that is not
-    transient.
+    transient. `each`: a try is also cut off (a timeout, transient) after that long, so
+    that one stalled connection does not take the whole of `within`.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     delay = FIRST_DELAY
     while True:
         try:
-            async with asyncio.timeout_at(deadline):
+            ends = deadline if each is None else min(deadline, loop.time() + each)
+            async with asyncio.timeout_at(ends):
                 return await step()
         except REDIS_ERRORS as error:
             if not transient(error) or loop.time() + delay >= deadline:

@@ -65,25 +65,30 @@ end
 """
 
 # KEYS: resp, fresh, claim, path index. ARGV: token, claim ms.
-# Returns {entry or false, stale 0/1, claim time in µs or 0}, and where another holds the
-# claim, its holder and the ms left of its lease (a lost job's check, see lost.py). A
-# fresh hit returns before the shared functions are even defined: the hit path runs
-# three lines.
+# Returns {entry or false, flags, Redis's time in µs}: flags 1 if the entry is stale, 2 if
+# this lookup claimed the key (the time is then the claim's). The time is what `Age` is
+# computed against: the entry's `stored_at` is on this clock too, so no host's clock
+# enters it. Where another holds the claim, also its holder and the ms left of its lease
+# (a lost job's check, see lost.py). A fresh hit returns before the shared functions are
+# even defined: the hit path runs four lines.
 LOOKUP = (
     """
 local entry = redis.call('GET', KEYS[1])
-if entry and redis.call('EXISTS', KEYS[2]) == 1 then return {entry, 0, 0} end
+if entry and redis.call('EXISTS', KEYS[2]) == 1 then
+  local t = redis.call('TIME')
+  return {entry, 0, t[1] * 1000000 + t[2]}
+end
 """
     + _LIBRARY
     + """
 local stale = entry and 1 or 0
 if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {entry, stale, index_claim(KEYS[4], KEYS[3], ARGV[2])}
+  return {entry, stale + 2, index_claim(KEYS[4], KEYS[3], ARGV[2])}
 end
 local holder = redis.call('GET', KEYS[3])
 -- Our own claim: this is a retry of a lookup whose reply was lost.
-if holder == ARGV[1] then return {entry, stale, index_claim(KEYS[4], KEYS[3], ARGV[2])} end
-return {entry, stale, 0, holder, redis.call('PTTL', KEYS[3])}
+if holder == ARGV[1] then return {entry, stale + 2, index_claim(KEYS[4], KEYS[3], ARGV[2])} end
+return {entry, stale, now_us(), holder, redis.call('PTTL', KEYS[3])}
 """
 )
 
@@ -100,8 +105,9 @@ return index_claim(KEYS[2], KEYS[1], ARGV[2])
 # Lists the path of a claimed job (prefix and glob invalidation read the list), and counts
 # the listing (`listings`: path -> how often listed). The score only says when to look at
 # the path again: the end of the lease (GT: a shorter one never lowers it); other steps
-# may set it to anything (`DELIST_PATH` checks the index before it delists). A new path
-# returns up to 4 others that have come due, as [path, listing count, ...], to check.
+# may set it to anything (`DELIST_PATH` checks the index before it delists). Returns
+# Redis's time in ms first (the job's app runs next: its entry's `stored_at` counts on from
+# it); a new path, then up to 4 others that have come due, as path, listing count, ...
 LIST_PATH = (
     _LIBRARY
     + """
@@ -109,9 +115,9 @@ local now = now_ms()
 local added = redis.call('ZADD', KEYS[1], 0, ARGV[1])
 redis.call('ZADD', KEYS[2], 'GT', now + tonumber(ARGV[2]), ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-if added == 0 then return {} end
+if added == 0 then return {now} end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, 4)
-local found = {}
+local found = {now}
 for _, path in ipairs(due) do
   found[#found + 1] = path
   found[#found + 1] = redis.call('HGET', KEYS[3], path) or '0'
@@ -159,46 +165,73 @@ keep_at_least(KEYS[1], keep_ms)
 return 1
 """
 
-# KEYS: resp, fresh, claim, entry stamp, path index, path stamp, durations.
+# KEYS: resp, fresh, claim, entry stamp, path index, path stamp, durations, body ref, and
+# the body stored apart if the entry has one (written before, `RedisStore._write_body`).
 # ARGV: entry, then the rest packed by `store._commit_meta` (msgpack, read with Redis's
 # cmsgpack): token, started, fresh ms, keep ms, path, query, failed, retry ms, digest,
-# duration ms or false, refused by a tag (`TAG_ADD`), events channel. One packed argument
-# instead of a dozen saves the worker most of redis-py's per-argument encoding.
+# duration ms or false, refused by a tag (`TAG_ADD`), events channel, body length (0:
+# none apart), replaced body grace ms. One packed argument instead of a dozen saves the
+# worker most of redis-py's per-argument encoding.
 # Stores only under the job's own live claim: a claim is a live member of the path's
 # index, which keeps the path listed (`DELIST_PATH`), so a stored entry's path is listed.
+# A body apart lives exactly as long as its entry: same lifetime, and the body ref names
+# it so that what deletes the entry (`DROP`, `DISCARD`) deletes it too. The body of the
+# entry replaced is not the one `ref` names any more: it is kept `grace_ms` at most, for
+# the hits still reading it (its key is reached by name: it shares the entry's slot).
 _COMMIT = """
 local entry = ARGV[1]
 local token, started, fresh_ms, keep_ms, path, query, failed, retry_ms, digest, duration,
-  tag_refused, channel = unpack(cmsgpack.unpack(ARGV[2]), 1, 12)
-local resp, fresh, claim, entry_stamp, index, path_stamp, durations =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+  tag_refused, channel, length, grace_ms = unpack(cmsgpack.unpack(ARGV[2]), 1, 14)
+local resp, fresh, claim, entry_stamp, index, path_stamp, durations, ref, body =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local claimed = '~' .. claim  -- the claim's member of the path's index (`index_claim`)
+-- A body written for a commit that stores nothing: deleted, unless it is the stored
+-- entry's own (a retry of a commit that went through, whose reply was lost).
+local function refuse()
+  if body and redis.call('GET', ref) ~= body then redis.call('DEL', body) end
+  return 'refused'
+end
 local holder = redis.call('GET', claim)
 if not holder then
   -- The lease ran out (or Redis lost it): the path may have left the path list meanwhile.
   redis.call('ZREM', index, claimed)
-  return 'refused'
+  return refuse()
 end
-if holder == '!' .. token then return 'kept-stale' end  -- this commit, sent again
-if holder ~= token then return 'refused' end
+if holder == '!' .. token then  -- this commit, sent again
+  refuse()
+  return 'kept-stale'
+end
+if holder ~= token then return refuse() end
 local function stamped_since(key)
   local at = redis.call('GET', key)
   return at and tonumber(at) >= started
 end
-if tag_refused or stamped_since(path_stamp) or stamped_since(entry_stamp) then
+-- A body not whole (evicted while it was written) is never stored: the next request
+-- runs the job again.
+if tag_refused or stamped_since(path_stamp) or stamped_since(entry_stamp)
+  or (body and redis.call('STRLEN', body) ~= length) then
   redis.call('DEL', claim)
   redis.call('ZREM', index, claimed)
-  return 'refused'
+  return refuse()
 end
 if failed and redis.call('EXISTS', resp) == 1 then
   -- The claim stays as a back-off marker; no job runs under it, and it says so ('!' and
   -- the token: no token starts with it), so that no request takes it for a lost job.
   redis.call('SET', claim, '!' .. token, 'PX', retry_ms)
   redis.call('ZREM', index, claimed)
+  refuse()
   return 'kept-stale'
 end
+local replaced = redis.call('GET', ref)
+if replaced and replaced ~= body then redis.call('PEXPIRE', replaced, grace_ms, 'LT') end
 redis.call('SET', resp, entry, 'PX', keep_ms)
 redis.call('SET', fresh, '1', 'PX', fresh_ms)
+if body then
+  redis.call('SET', ref, body, 'PX', keep_ms)
+  redis.call('PEXPIRE', body, keep_ms)
+else
+  redis.call('DEL', ref)
+end
 redis.call('DEL', claim)
 -- The index scores the entry by its expiry (a plain ZADD: a shorter new lifetime lowers
 -- it); a new member comes with forgetting a few expired ones (see `forget_expired`).
@@ -241,23 +274,29 @@ redis.call('SET', KEYS[1], now_us(), 'PX', ARGV[1])
 return 1
 """
 
-# KEYS: resp, fresh, entry stamp of each entry (in threes), then the index if it shares
-# their slot. ARGV: soft, entry stamp ms ('0': none), events channel, index given, then
+# KEYS: resp, fresh, entry stamp, body ref of each entry (in fours), then the index if it
+# shares their slot. ARGV: soft, entry stamp ms ('0': none), events channel, index given, then
 # the index member of each entry.
 # Expires one page of an index (read with ZSCAN): hard deletes, soft marks stale. A tag
 # walk stamps each entry, which refuses a job of it that began before and has not yet
 # stored (see `_TAG_ADD`). Returns {entries expired, the members to forget (hard: all;
 # soft: those whose entry is gone), the digests expired}; the index, if given, forgets
-# them here, else the caller removes them from it.
+# them here, else the caller removes them from it. A hard drop deletes an entry's body
+# stored apart too (named by its body ref, in the entry's slot); a soft one keeps it.
 _DROP = """
 local soft, stamp_ms, channel = ARGV[1] == '1', ARGV[2], ARGV[3]
 local now = stamp_ms ~= '0' and now_us() or 0
 local count, forget, touched = 0, {}, {}
 for i = 5, #ARGV do
-  local first = (i - 5) * 3
-  local resp, fresh, stamp = KEYS[first + 1], KEYS[first + 2], KEYS[first + 3]
+  local first = (i - 5) * 4
+  local resp, fresh, stamp, ref = KEYS[first + 1], KEYS[first + 2], KEYS[first + 3],
+    KEYS[first + 4]
   local member = ARGV[i]
   if now > 0 then redis.call('SET', stamp, now, 'PX', stamp_ms) end
+  if not soft then
+    local body = redis.call('GET', ref)
+    if body then redis.call('DEL', body, ref) end
+  end
   if redis.call('EXISTS', resp) == 1 then
     redis.call('DEL', fresh)
     if not soft then redis.call('DEL', resp) end
@@ -272,6 +311,25 @@ end
 if ARGV[4] == '1' and #forget > 0 then redis.call('ZREM', KEYS[#KEYS], unpack(forget)) end
 if count > 0 then redis.call('PUBLISH', channel, '!') end
 return {count, forget, touched}
+"""
+
+
+# KEYS: resp, fresh, body ref. ARGV: the body key the caller found gone, or ''.
+# Deletes an entry and its body stored apart; with a body key given, only if the entry's
+# body is still that one (a newer commit's entry stays).
+DISCARD = """
+local body = redis.call('GET', KEYS[3])
+if ARGV[1] ~= '' and body and body ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+if body then redis.call('DEL', body) end
+return 1
+"""
+
+# KEYS: a body stored apart. ARGV: its length, the first and last byte of the range.
+# The range, or false if the body is gone or is not that long (not the version named).
+READ_BODY = """
+if redis.call('STRLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return false end
+return redis.call('GETRANGE', KEYS[1], ARGV[2], ARGV[3])
 """
 
 

@@ -18,6 +18,13 @@ of its path or of one of its tags. The app runs only after its job was claimed, 
 never stores what it computed before an invalidation. A job that waited in the queue for
 most of its lease first calls `begin`, which renews the lease and takes a new start time.
 
+A large body (`Write.body`) is stored apart from its entry, under a key named by its
+version in the entry's slot: written in pieces before the commit, with the claim's lease
+as its lifetime; the commit gives it the entry's and names it in the entry's body ref, or
+deletes it if refused. What deletes an entry deletes the body its ref names; a body whose
+entry a newer commit replaced is kept `REPLACED_BODY_GRACE` at most, for the hits still
+reading it (`read_body`), which never see another version's bytes.
+
 Every script touches one Redis Cluster slot (keys.py), so the same code runs on a single
 Redis and on a Cluster. What spans slots is a series of single-slot steps, ordered so that
 the guarantees above still hold:
@@ -43,7 +50,7 @@ import asyncio
 import enum
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,6 +77,9 @@ class Lookup:
     claimed_at: float | None = field(default=None, compare=False)
     """When the claim was taken, on the store's clock: the job's start time for `commit`
     (and `Store.lease_left`). Set exactly when `claimed` is."""
+    now: float = field(default=0.0, compare=False)
+    """The store's time at the lookup, in Unix seconds (Redis's `TIME`): an entry's age is
+    this minus its `stored_at`, which is on the same clock (`Store.list_path`)."""
     holder: str | None = field(default=None, compare=False)
     """The token of the claim another request holds, whose job should be running: set
     on a miss or a stale hit that did not claim, unless the claim is a back-off marker
@@ -79,11 +89,28 @@ class Lookup:
     clock."""
 
 
+REPLACED_BODY_GRACE = 60.0
+"""Seconds a body stored apart is kept after a newer commit replaced its entry (at most:
+no longer than it had left), so that hits still streaming it can finish."""
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A body stored apart from its entry (`Write.body`, `Config.stream_body_bytes`)."""
+
+    version: str
+    """Names the body's key (`codec.Apart.version`): one per stored response."""
+    chunks: tuple[bytes, ...]
+    """The body, in the chunks the app sent: written as they are, never joined."""
+    length: int
+
+
 @dataclass(frozen=True, slots=True)
 class Write:
     """What a job stores, and for how long."""
 
     entry: bytes
+    """The encoded response, or only its head if its body is stored apart (`body`)."""
     fresh: float
     """Seconds the entry is fresh."""
     keep: float
@@ -97,6 +124,10 @@ class Write:
     retry_after: float = 1.0
     duration: float | None = None
     """Seconds the app took; folded into the path's typical duration (adaptive Retry-After)."""
+    body: Body | None = None
+    """A large body, stored apart from `entry` (its head). It lives exactly as long as the
+    entry: it expires, is invalidated and is replaced with it (a replaced one is kept
+    `REPLACED_BODY_GRACE` more at most, for the hits still reading it)."""
 
 
 BACKING_OFF = "!"
@@ -144,11 +175,12 @@ class Store(Protocol):
         """
         ...
 
-    async def list_path(self, path: str) -> None:
-        """Make `path` findable by prefix and glob invalidation.
+    async def list_path(self, path: str) -> float:
+        """Make `path` findable by prefix and glob invalidation; return the store's time.
 
         A job calls it before its app runs, so an invalidation that misses the path
-        began before the app ran.
+        began before the app ran. The time (Unix seconds, the clock of `Lookup.now`) is
+        where the job counts its entry's `stored_at` from, by its own monotonic clock.
         """
         ...
 
@@ -171,8 +203,22 @@ class Store(Protocol):
         """
         ...
 
-    async def discard(self, digest: str) -> None:
-        """Delete the stored entry (e.g. it could not be decoded)."""
+    async def discard(self, digest: str, version: str | None = None) -> None:
+        """Delete the stored entry and its body (e.g. it could not be decoded).
+
+        With `version` (its body's, found gone): only if the entry's body is still that
+        one, so that a response a newer commit stored meanwhile stays.
+        """
+        ...
+
+    async def read_body(
+        self, digest: str, version: str, length: int, start: int, stop: int
+    ) -> bytes | None:
+        """Bytes `start` to `stop` (excluded) of the body stored apart under `version`.
+
+        None if that body is gone (expired, invalidated, evicted, replaced a while ago)
+        or is not `length` bytes long. `stop` is at most `length`.
+        """
         ...
 
     async def typical_duration(self, path: str) -> float | None:
@@ -195,6 +241,12 @@ class Store(Protocol):
 _PAGE = 256
 # Pages of the path list read from Python for a prefix or glob (ZRANGEBYLEX).
 _PATHS_PAGE = 500
+# A body stored apart is written in SETRANGE commands of at most this many bytes, this many
+# to a round trip: Redis is held well under a millisecond per command, and the worker
+# holds no copy of the body (the pieces are views of the app's chunks, or runs of small
+# chunks joined up to this size).
+_PIECE = 1024 * 1024
+_PIECES_PER_TRIP = 4
 
 StoreClient = Redis | RedisCluster
 """A client for the cache: one Redis (plain or Sentinel) or a Redis Cluster."""
@@ -251,13 +303,15 @@ class RedisStore:
         self._commit = Script(redis, scripts.COMMIT)
         self._release = Script(redis, scripts.RELEASE)
         self._back_off = Script(redis, scripts.BACK_OFF)
+        self._discard = Script(redis, scripts.DISCARD)
+        self._read_body = Script(redis, scripts.READ_BODY)
         self._stamp = Script(redis, scripts.STAMP)
         self._drop = Script(redis, scripts.DROP)
 
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         keys = self._keys
-        entry, stale, claimed_at, *held = await self._lookup(
+        entry, flags, now_us, *held = await self._lookup(
             keys=[
                 keys.response(digest),
                 keys.fresh(digest),
@@ -266,20 +320,25 @@ class RedisStore:
             ],
             args=[token, self._claim_ms],
         )
-        if claimed_at != 0:
-            return Lookup(entry, stale == 1, claimed=True, claimed_at=float(claimed_at))
+        if flags >= 2:  # claimed (see scripts.LOOKUP)
+            return Lookup(entry, flags == 3, True, float(now_us), now_us / 1e6)
         if not held or held[0].startswith(BACKING_OFF.encode()):
-            return Lookup(entry, stale == 1)
+            return Lookup(entry, flags == 1, now=now_us / 1e6)
         holder, left_ms = held
         held_for = (self._claim_ms - int(left_ms)) / 1000
-        return Lookup(entry, stale == 1, holder=holder.decode(), held_for=held_for)
+        return Lookup(
+            entry, flags == 1, now=now_us / 1e6, holder=holder.decode(), held_for=held_for
+        )
 
-    async def list_path(self, path: str) -> None:
+    async def list_path(self, path: str) -> float:
         """See `Store.list_path`. A new path also delists a few dead ones."""
-        due = await self._list_path(keys=self._path_list, args=[_text(path), self._claim_ms])
+        now_ms, *due = await self._list_path(
+            keys=self._path_list, args=[_text(path), self._claim_ms]
+        )
         await asyncio.gather(
             *(self._delist_if_dead(due[i], due[i + 1]) for i in range(0, len(due), 2))
         )
+        return int(now_ms) / 1000
 
     async def _delist_if_dead(self, raw_path: bytes, listings: bytes) -> None:
         # The count was read before the index: a claim listed after this read moves it.
@@ -319,8 +378,16 @@ class RedisStore:
         return None if started is None else float(started)
 
     async def commit(self, digest: str, token: str, started: float, write: Write) -> Committed:
-        """See `Store.commit`: the tags' indexes first (one step per tag), then the entry."""
+        """See `Store.commit`: the tags' indexes first (one step per tag), then the entry.
+
+        A body stored apart is written before both, in pieces, under a key of its own that
+        lives for the claim's lease until the commit gives it the entry's lifetime (or
+        deletes it, if the commit is refused). Safe to repeat: the same `Write` writes the
+        same bytes to the same key, and a key that has its lifetime keeps it.
+        """
         keys = self._keys
+        if write.body is not None:
+            await self._write_body(keys.body(digest, write.body.version), write.body)
         indexed = await asyncio.gather(
             *(
                 self._tag_add(
@@ -354,6 +421,7 @@ class RedisStore:
         commit, or Redis restarted), call `commit`, which loads it.
         """
         assert not write.tags, "a tagged commit takes steps of its own: use commit()"
+        assert write.body is None, "a body stored apart is written first: use commit()"
         return self._commit.command(*self._commit_arguments(digest, token, started, write, False))
 
     def due_command(self, write: Write) -> tuple[bytes | str | int, ...]:
@@ -378,9 +446,51 @@ class RedisStore:
                 keys.path_index(write.path),
                 keys.path_stamp(write.path),
                 keys.durations(write.path),
+                keys.body_ref(digest),
+                *(() if write.body is None else (keys.body(digest, write.body.version),)),
             ],
             [write.entry, _commit_meta(keys, digest, token, started, write, tag_refused)],
         )
+
+    async def _write_body(self, key: str, body: Body) -> None:
+        """Write `body` to `key` in pieces, with the claim's lease as its lifetime for now.
+
+        The last byte goes first, so that Redis makes the string its full size at once
+        rather than growing (and copying) it piece by piece.
+        """
+        last = next(chunk[-1:] for chunk in reversed(body.chunks) if chunk)
+        batch: list[tuple[Any, ...]] = [
+            ("SETRANGE", key, body.length - 1, last),
+            ("PEXPIRE", key, self._claim_ms, "NX"),  # NX: a committed body keeps its own
+        ]
+        for offset, piece in _pieces(body.chunks, _PIECE):
+            batch.append(("SETRANGE", key, offset, piece))
+            if len(batch) >= _PIECES_PER_TRIP:
+                await self._send(batch)
+                batch = []
+        await self._send(batch)
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> None:
+        if not commands:
+            return
+        # A pipeline, not a transaction: every command is on the one key, one node.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            await pipe.execute()
+
+    async def read_body(
+        self, digest: str, version: str, length: int, start: int, stop: int
+    ) -> bytes | None:
+        """See `Store.read_body`: one script, which checks the length and reads the range."""
+        if stop <= start:
+            return b""
+        piece: bytes | None = await self._read_body(
+            keys=[self._keys.body(digest, version)], args=[length, start, stop - 1]
+        )
+        # Shorter than asked: deleted between the length check and the read (never here:
+        # one script), or a length that lies; either way not this version's body.
+        return piece if piece is not None and len(piece) == stop - start else None
 
     async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
@@ -390,9 +500,13 @@ class RedisStore:
         """See `Store.back_off`."""
         await self._back_off(keys=[self._keys.claim(digest)], args=[token])
 
-    async def discard(self, digest: str) -> None:
+    async def discard(self, digest: str, version: str | None = None) -> None:
         """See `Store.discard`."""
-        await self._redis.delete(self._keys.response(digest), self._keys.fresh(digest))
+        keys = self._keys
+        await self._discard(
+            keys=[keys.response(digest), keys.fresh(digest), keys.body_ref(digest)],
+            args=["" if version is None else keys.body(digest, version)],
+        )
 
     async def typical_duration(self, path: str) -> float | None:
         """See `Store.typical_duration`."""
@@ -474,7 +588,12 @@ class RedisStore:
         names: list[str] = []
         for member in members:
             digest = member[:32].decode("ascii", "replace")
-            names += [keys.response(digest), keys.fresh(digest), keys.entry_stamp(digest)]
+            names += [
+                keys.response(digest),
+                keys.fresh(digest),
+                keys.entry_stamp(digest),
+                keys.body_ref(digest),
+            ]
         if path_index:
             names.append(index)
         count, forget, _touched = await self._drop(
@@ -529,10 +648,39 @@ def _commit_meta(
         False if write.duration is None else _milliseconds(write.duration),
         tag_refused,
         keys.events(),
+        0 if write.body is None else write.body.length,
+        _milliseconds(REPLACED_BODY_GRACE),
     ]
     # Redis's cmsgpack predates msgpack's bin type: bytes go as (binary-safe) raw strings.
     packed: bytes = msgpack.packb(meta, use_bin_type=False)
     return packed
+
+
+def _pieces(chunks: tuple[bytes, ...], size: int) -> Iterator[tuple[int, bytes | memoryview]]:
+    """The body `chunks` make as (offset, piece) pairs of at most `size` bytes.
+
+    A large chunk is cut into views of itself (no copy); runs of small chunks are joined
+    up to `size`, so that a body sent in many small chunks is not as many commands.
+    """
+    offset = 0
+    run: list[bytes] = []
+    run_at = run_size = 0
+    for chunk in chunks:
+        if run and run_size + len(chunk) > size:
+            yield run_at, b"".join(run)
+            run, run_size = [], 0
+        if len(chunk) >= size:
+            view = memoryview(chunk)
+            for at in range(0, len(chunk), size):
+                yield offset + at, view[at : at + size]
+        else:
+            if not run:
+                run_at = offset
+            run.append(chunk)
+            run_size += len(chunk)
+        offset += len(chunk)
+    if run:
+        yield run_at, b"".join(run)
 
 
 def _text(value: str) -> bytes:

@@ -95,17 +95,18 @@ async def hold(
     waiters: Waiters,
     digest: str,
     look: Callable[[], Awaitable[Found | None]],
-    seconds: float,
+    until: float,
     receive: Receive,
 ) -> Found | Gone | None:
-    """Look until `look()` finds something, `seconds` pass, or the client goes away.
+    """Look until `look()` finds something, `until` (the loop's time), or the client goes.
 
     Sleeps between looks until `waiters.wake(digest)`; registers before each look, so a
     commit landing between the look and the sleep still wakes it. None: not found in
-    time (or this process already holds its limit of waiters).
+    time (or this process already holds its limit of waiters). No look begins after
+    `until`; one begun before it takes as long as `look` lets it.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
+    deadline = until
     disconnected = asyncio.ensure_future(_disconnect(receive))
     try:
         while True:

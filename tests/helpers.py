@@ -162,10 +162,10 @@ def backend_config(kind: str, base: Config, **changes: Any) -> Config:
     return dataclasses.replace(base, **changes)
 
 
-async def digest_of(
-    config: Config, url: str, *, method: str = "GET", headers: dict[str, str] | None = None
-) -> str:
-    """The cache digest the middleware computes for this httpx request (same scope builder)."""
+async def scope_of(
+    url: str, *, method: str = "GET", headers: dict[str, str] | None = None
+) -> Scope:
+    """The scope httpx's ASGI transport gives an app for this request."""
     seen: list[Scope] = []
 
     async def record(scope: Scope, receive: Receive, send: Send) -> None:
@@ -176,7 +176,15 @@ async def digest_of(
     transport = httpx.ASGITransport(app=record)
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
         await http.request(method, url, headers=headers)
-    return snapshot_from_scope(seen[0], config.vary).digest
+    return seen[0]
+
+
+async def digest_of(
+    config: Config, url: str, *, method: str = "GET", headers: dict[str, str] | None = None
+) -> str:
+    """The cache digest the middleware computes for this httpx request (same scope builder)."""
+    scope = await scope_of(url, method=method, headers=headers)
+    return snapshot_from_scope(scope, config.vary).digest
 
 
 async def queued(redis: Redis, config: Config) -> int:

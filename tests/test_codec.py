@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from asgi_worker.codec import (
+    Apart,
     CorruptEntryError,
     StoredResponse,
     decode_response,
@@ -43,6 +44,24 @@ def test_response_round_trip() -> None:
     data = encode_response(RESPONSE)
     assert isinstance(data, bytes)
     assert decode_response(data) == RESPONSE
+
+
+def test_a_head_round_trip_names_its_body_and_holds_none_of_it() -> None:
+    head = dataclasses.replace(RESPONSE, body=b"", apart=Apart("0123abcd", 5_000_000))
+    data = encode_response(head)
+    assert len(data) < 200
+    assert decode_response(data) == head
+    assert decode_response(data).length == 5_000_000
+
+
+@pytest.mark.parametrize(
+    ("version", "length"),
+    [("", 1), ("../x", 1), ("ABC", 1), ("0" * 33, 1), (7, 1), ("ab", -1), ("ab", 1.5)],
+)
+def test_a_head_that_names_its_body_wrongly_is_corrupt(version: Any, length: Any) -> None:
+    data = msgpack.packb([2, 200, [], 1.0, version, length], use_bin_type=True)
+    with pytest.raises(CorruptEntryError):
+        decode_response(data)
 
 
 def test_snapshot_round_trip() -> None:

@@ -56,6 +56,21 @@ async def test_hot_hits_are_served_in_process_for_the_micro_ttl(
     assert (await site.http.get("/counter")).status_code == 202  # never older than the ttl
 
 
+async def test_age_of_hits_and_near_hits_ignores_the_web_hosts_wall_clock(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Age is Redis's time of the lookup minus the entry's stored_at (Redis's time too),
+    # and a near hit counts on from its lookup by the monotonic clock: a step of this
+    # host's wall clock moves neither.
+    await site.ready("/counter")
+    await asyncio.sleep(0.1)  # subscribed by now: the near cache is in use
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600)
+    hit = await site.http.get("/counter")  # read from Redis, kept in the near cache
+    near_hit = await site.http.get("/counter")
+    assert max(int(hit.headers["age"]), int(near_hit.headers["age"])) <= 1
+
+
 async def test_an_invalidation_evicts_at_once(site: Site) -> None:
     await site.ready("/counter")
     await asyncio.sleep(0.1)

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from asgi_worker.keys import RedisKeys
 from asgi_worker.memory import MemoryStore
-from asgi_worker.store import Committed, Lookup, RedisStore, Store, Write
+from asgi_worker.store import Body, Committed, Lookup, RedisStore, Store, Write
 from asgi_worker.targets import ByGlob, ByPath, ByQuery, ByTag, Target
 
 LEASE = 0.3
@@ -254,6 +254,103 @@ async def test_soft_invalidation_marks_stale_and_one_refresh_runs(store: Store) 
     assert await store.invalidate(ByPath("/report"), soft=True) == 1
     assert await store.lookup(DIGEST, "a", "/report") == Lookup(b"entry", stale=True, claimed=True)
     assert await store.lookup(DIGEST, "b", "/report") == Lookup(b"entry", stale=True, claimed=False)
+
+
+BODY = bytes(range(256)) * 5000 + b"end"
+"""A body stored apart: 1,280,003 bytes, more than one piece of the Redis store's writes."""
+
+
+def apart(version: str, chunks: tuple[bytes, ...] | None = None) -> Body:
+    """`BODY` as a job stores it apart (in a few odd-sized chunks, unless `chunks`)."""
+    if chunks is None:
+        chunks = (BODY[:7], BODY[7:700_000], BODY[700_000:700_001], BODY[700_001:])
+    return Body(version, chunks, sum(map(len, chunks)))
+
+
+async def read_all(store: Store, version: str, length: int = len(BODY)) -> bytes | None:
+    return await store.read_body(DIGEST, version, length, 0, length)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [None, (BODY,), tuple(BODY[at : at + 1000] for at in range(0, len(BODY), 1000))],
+    ids=["odd", "whole", "small"],
+)
+async def test_a_body_stored_apart_is_read_back_by_range(
+    store: Store, chunks: tuple[bytes, ...] | None
+) -> None:
+    await store_one(store, entry=b"head", body=apart("v1", chunks))
+    assert (await store.lookup(DIGEST, "a", "/report")).entry == b"head"
+    assert await read_all(store, "v1") == BODY
+    for start, stop in [(0, 1), (5, 10), (699_999, 700_003), (len(BODY) - 3, len(BODY))]:
+        assert await store.read_body(DIGEST, "v1", len(BODY), start, stop) == BODY[start:stop]
+    # Another version, or a length that is not the body's: not this body.
+    assert await read_all(store, "v2") is None
+    assert await read_all(store, "v1", len(BODY) + 1) is None
+
+
+async def test_a_body_stored_apart_lives_and_dies_with_its_entry(store: Store) -> None:
+    await store_one(store, body=apart("v1"), fresh=0.2, keep=0.4)
+    assert await store.invalidate(ByPath("/report"), soft=True) == 1
+    assert await read_all(store, "v1") == BODY  # stale: still served whole
+    await asyncio.sleep(0.45)
+    assert await read_all(store, "v1") is None
+    await store_one(store, token="t2", body=apart("v2"))
+    assert await store.invalidate(ByPath("/report")) == 1
+    assert await read_all(store, "v2") is None
+    await store_one(store, token="t3", body=apart("v3"), tags=("report-42",))
+    assert await store.invalidate(ByTag("report-42")) == 1
+    assert await read_all(store, "v3") is None
+
+
+async def test_a_replaced_body_stays_readable_a_while_and_discard_spares_a_newer_one(
+    store: Store,
+) -> None:
+    await store_one(store, body=apart("v1"), fresh=0.05)
+    await asyncio.sleep(0.1)  # stale: the refresh claims
+    await store_one(store, token="t2", body=apart("v2"))
+    # Hits still streaming the first may finish (REPLACED_BODY_GRACE), and see no other.
+    assert await read_all(store, "v1") == BODY
+    assert await read_all(store, "v2") == BODY
+    await store.discard(DIGEST, "v1")  # found gone by a hit of the old entry: too late
+    assert await read_all(store, "v2") == BODY
+    await store.discard(DIGEST, "v2")
+    assert await read_all(store, "v2") is None
+    assert (await store.lookup(DIGEST, "x", "/report")).entry is None
+
+
+async def test_a_refused_commit_leaves_no_body(store: Store) -> None:
+    started = await claim(store)
+    await store.invalidate(ByPath("/report"))
+    refused = await store.commit(DIGEST, "job", started, write(b"head", body=apart("v1")))
+    assert refused is Committed.REFUSED
+    assert await read_all(store, "v1") is None
+
+
+async def test_a_commit_sent_again_after_it_stored_keeps_its_body(store: Store) -> None:
+    started = await claim(store)
+    sent = write(b"head", body=apart("v1"))
+    assert await store.commit(DIGEST, "job", started, sent) is Committed.STORED
+    assert await store.commit(DIGEST, "job", started, sent) is Committed.REFUSED  # reply lost
+    assert await read_all(store, "v1") == BODY
+
+
+async def test_a_body_not_whole_at_the_commit_is_never_stored(redis: Redis, prefix: str) -> None:
+    # Evicted while it was written: the commit finds it short, and refuses it.
+    store = RedisStore(redis, prefix=prefix, claim_ttl=5)
+    started = await claim(store)
+    key = RedisKeys(prefix).body(DIGEST, "v1")
+    real = store._write_body
+
+    async def then_evicted(name: str, body: Body) -> None:
+        await real(name, body)
+        await redis.delete(name)
+
+    store._write_body = then_evicted  # type: ignore[method-assign,assignment]
+    refused = await store.commit(DIGEST, "job", started, write(b"head", body=apart("v1")))
+    assert refused is Committed.REFUSED
+    assert not await redis.exists(key, RedisKeys(prefix).response(DIGEST))
+    assert (await store.lookup(DIGEST, "next", "/report")).claimed  # the next job runs
 
 
 async def start_job(store: Store, renewed: bool) -> float:

@@ -36,7 +36,7 @@ from starlette.routing import Route
 from asgi_worker import Config, ReplayWorker, WorkerMiddleware, worker_settings
 from asgi_worker.keys import RedisKeys
 from asgi_worker.lost import GRACE_MARGIN, LostJobs
-from asgi_worker.queue import ALIVE_FOR, alive_key
+from asgi_worker.queue import ALIVE_FOR, ArqQueue, alive_key
 from asgi_worker.taking import JobTaker
 
 from .helpers import claim_key, digest_of
@@ -189,6 +189,31 @@ async def test_concurrent_requests_in_two_processes_queue_one_job_for_a_lost_one
     assert (worker.jobs_complete, worker.jobs_failed) == (1, 0)
     assert (await get(apps[0], URL)).status_code == 200
     assert pages.runs[URL] == 1
+
+
+async def test_a_check_that_stalls_is_cut_off_by_the_request_s_deadline_as_a_202(
+    lost_config: Config, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, pages = lost_config, Pages()
+    app = pages.app(config)
+    assert (await get(app, URL)).status_code == 202
+    [old] = await job_ids(redis, config)
+    claim = await holder(redis, config, URL)
+    await asyncio.sleep(GRACE)
+
+    async def stalls(self: object, job_id: str) -> bool:
+        await asyncio.sleep(60)
+        return True
+
+    monkeypatch.setattr(ArqQueue, "lost", stalls)
+    began = time.monotonic()
+    answer = await get(app, URL)
+    took = time.monotonic() - began
+
+    assert answer.status_code == 202  # the lookup answered: a miss, whatever the check
+    assert took < REDIS_TIMEOUT + 0.3
+    assert await job_ids(redis, config) == [old]
+    assert await holder(redis, config, URL) == claim
 
 
 async def test_the_back_off_marker_of_a_failed_refresh_is_not_taken_for_a_lost_job(

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -97,14 +98,24 @@ async def reflect(request: Request) -> Response:
 
 
 async def hang(request: Request) -> Response:
-    """Counts its run on entry (per path and per URL), then sleeps `?seconds=` (float)."""
+    """Counts its run on entry (per path and per URL), then sleeps `?seconds=` (float).
+
+    With `?block=1` it sleeps holding the event loop (CPU work in an `async def`
+    endpoint looks like that); `?kib=N` pads the answer to about N KiB (at most 1024).
+    """
     runs = await _count(request)
     redis: Redis = request.state.redis
     url = f"{request.url.path}?{request.url.query}"
     await redis.hincrby(runs_by_url_key(request.state.prefix), url, 1)
     seconds = min(float(request.query_params.get("seconds", "0")), MAX_HANG_SECONDS)
-    await asyncio.sleep(seconds)
-    return JSONResponse({"url": url, "pid": os.getpid(), "run": runs})
+    if request.query_params.get("block") == "1":
+        time.sleep(seconds)  # noqa: ASYNC251  # holding the loop is the point
+    else:
+        await asyncio.sleep(seconds)
+    answer: dict[str, Any] = {"url": url, "pid": os.getpid(), "run": runs}
+    if "kib" in request.query_params:
+        answer["pad"] = "x" * 1024 * min(int(request.query_params["kib"]), 1024)
+    return JSONResponse(answer)
 
 
 async def events(request: Request) -> Response:

@@ -126,9 +126,57 @@ async def test_a_failed_refresh_keeps_the_stale_copy_and_backs_off(store: Store)
     started = await claim(store, token="refresh")
     failed = write(b"error", failed=True, retry_after=0.3)
     assert await store.commit(DIGEST, "refresh", started, failed) is Committed.KEPT_STALE
-    assert await store.lookup(DIGEST, "a", "/report") == Lookup(b"entry", stale=True, claimed=False)
+    backing_off = await store.lookup(DIGEST, "a", "/report")
+    assert backing_off == Lookup(b"entry", stale=True, claimed=False)
+    assert backing_off.holder is None  # a marker, no job's claim: never taken for lost
+    # The same commit sent again (its reply was lost) says the same.
+    assert await store.commit(DIGEST, "refresh", started, failed) is Committed.KEPT_STALE
     await asyncio.sleep(0.35)
     assert (await store.lookup(DIGEST, "b", "/report")).claimed  # back-off over: try again
+
+
+async def test_a_lookup_that_finds_another_s_claim_names_its_holder_and_age(
+    store: Store,
+) -> None:
+    assert (await store.lookup(DIGEST, "first", "/report")).claimed
+    await asyncio.sleep(0.1)
+    found = await store.lookup(DIGEST, "second", "/report")
+    assert (found.claimed, found.holder) == (False, "first")
+    assert 0.08 < found.held_for < 0.2
+    # A fresh hit names nobody.
+    await store_one(store, digest=DIGEST[::-1], token="t")
+    assert (await store.lookup(DIGEST[::-1], "x", "/report")).holder is None
+
+
+async def test_a_claim_kept_to_back_off_holds_until_its_lease_ends_naming_no_job(
+    store: Store,
+) -> None:
+    await store.lookup(DIGEST, "failed", "/report")
+    await store.back_off(DIGEST, "someone-else")  # not its claim: nothing changes
+    assert (await store.lookup(DIGEST, "a", "/report")).holder == "failed"
+    await store.back_off(DIGEST, "failed")
+    backing_off = await store.lookup(DIGEST, "b", "/report")
+    assert (backing_off.claimed, backing_off.holder) == (False, None)
+    assert await store.take_over(DIGEST, "failed", "c", "/report") is None
+    await asyncio.sleep(LEASE + 0.05)
+    assert (await store.lookup(DIGEST, "d", "/report")).claimed
+
+
+async def test_a_claim_is_taken_over_only_from_its_holder_and_only_once(store: Store) -> None:
+    lost = await claim(store, token="lost")
+    assert await store.take_over(DIGEST, "someone-else", "new", "/report") is None
+    taken = await asyncio.gather(
+        *(store.take_over(DIGEST, "lost", f"new{n}", "/report") for n in range(20))
+    )
+    [started] = [at for at in taken if at is not None]
+    assert started >= lost
+    holder = (await store.lookup(DIGEST, "third", "/report")).holder
+    assert holder is not None
+    assert holder.startswith("new")
+    # The lost job, should it end after all, stores nothing; the new one does.
+    assert await store.commit(DIGEST, "lost", lost, write(b"late")) is Committed.REFUSED
+    assert await store.commit(DIGEST, holder, started, write()) is Committed.STORED
+    assert (await store.lookup(DIGEST, "x", "/report")).entry == b"entry"
 
 
 async def test_a_failure_without_a_stale_copy_is_stored(store: Store) -> None:

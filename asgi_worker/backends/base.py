@@ -32,6 +32,13 @@ class Lookup:
     now: float = field(default=0.0, compare=False)
     """The store's time at the lookup, in Unix seconds (Redis's `TIME`): an entry's age is
     this minus its `stored_at`, which is on the same clock (`Store.list_path`)."""
+    holder: str | None = field(default=None, compare=False)
+    """The token of the claim another request holds, whose job should be running: set
+    on a miss or a stale hit that did not claim, unless the claim is a back-off marker
+    (no job runs under it). See `Store.take_over`."""
+    held_for: float = field(default=0.0, compare=False)
+    """Seconds `holder` has held the claim (its lease taken or renewed), by the store's
+    clock."""
 
 
 REPLACED_BODY_GRACE = 60.0
@@ -75,6 +82,10 @@ class Write:
     `REPLACED_BODY_GRACE` more at most, for the hits still reading it)."""
 
 
+BACKING_OFF = "!"
+"""How a claim kept as a back-off marker starts (`Write.failed`): no token does."""
+
+
 class Committed(enum.Enum):
     """What became of a `Store.commit`."""
 
@@ -107,6 +118,15 @@ class Store(Protocol):
         """
         ...
 
+    async def take_over(self, digest: str, holder: str, token: str, path: str) -> float | None:
+        """Claim the key for `token` if `holder` still holds it (or nobody does).
+
+        For a request that found the job of `holder` lost (`JobQueue.lost`): it then
+        enqueues a job, as a lookup that claimed does. Returns the claim time, as
+        `Lookup.claimed_at`, or None if another request holds the claim now.
+        """
+        ...
+
     async def list_path(self, path: str) -> float:
         """Make `path` findable by prefix and glob invalidation; return the store's time.
 
@@ -125,6 +145,14 @@ class Store(Protocol):
 
     async def release(self, digest: str, token: str) -> None:
         """Give up the claim `token` holds (e.g. the job could not be enqueued)."""
+        ...
+
+    async def back_off(self, digest: str, token: str) -> None:
+        """Keep the claim `token` holds until its lease ends, with no job behind it.
+
+        For a job that failed for good: the next request's job would fail the same way,
+        so it waits for the lease (the claim is a back-off marker, see `Write.failed`).
+        """
         ...
 
     async def discard(self, digest: str, version: str | None = None) -> None:
@@ -167,7 +195,7 @@ class Job:
     snapshot: bytes
     token: str
     claimed_at: float
-    """`Lookup.claimed_at` of the claim: the job's start time (see `job.run_job`)."""
+    """`Lookup.claimed_at` of the claim: the job's start time (see `jobs.run_job`)."""
     path: str = ""
     """The request's path: jobs of one path share a fair-queueing clock."""
     trace: str | None = None
@@ -183,4 +211,13 @@ class JobQueue(Protocol):
 
     async def enqueue(self, job: Job) -> None:
         """Make the job run once, soon; `QueueFull` if it cannot be taken now."""
+        ...
+
+    async def lost(self, job_id: str) -> bool:
+        """Whether the job is lost: gone, or in progress under a worker that is gone.
+
+        A lost job is removed, so that nothing runs it later: the caller may take its
+        claim over (`Store.take_over`) and enqueue it again. A job that is queued, or
+        running, is not lost.
+        """
         ...

@@ -15,7 +15,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from asgi_worker.backends.base import REPLACED_BODY_GRACE, Committed, Job, Lookup, QueueFull, Write
+from asgi_worker.backends.base import (
+    BACKING_OFF,
+    REPLACED_BODY_GRACE,
+    Committed,
+    Job,
+    Lookup,
+    QueueFull,
+    Write,
+)
 from asgi_worker.core.invalidation_targets import ByGlob, ByQuery, ByTag, Target, query_matches
 
 logger = logging.getLogger("asgi_worker")
@@ -141,8 +149,13 @@ class MemoryStore:
         if entry is not None and entry.fresh_until > now:
             return Lookup(entry.value, now=wall)
         value = entry.value if entry else None
-        if self._holder(digest, now) is not None:
-            return Lookup(value, stale=entry is not None, now=wall)
+        claim = self._claims.get(digest)
+        if claim is not None and claim.until > now and claim.token != token:
+            stale = entry is not None
+            if claim.token.startswith(BACKING_OFF):
+                return Lookup(value, stale=stale, now=wall)
+            held_for = now - (claim.until - self._claim_ttl)
+            return Lookup(value, stale=stale, now=wall, holder=claim.token, held_for=held_for)
         self._claim(digest, token, path, now)
         self._wrote(now)
         return Lookup(value, stale=entry is not None, claimed=True, claimed_at=now, now=wall)
@@ -153,8 +166,12 @@ class MemoryStore:
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
         """See `Store.begin`."""
+        return await self.take_over(digest, token, token, path)
+
+    async def take_over(self, digest: str, holder: str, token: str, path: str) -> float | None:
+        """See `Store.take_over`."""
         now = time.monotonic()
-        if self._holder(digest, now) not in (None, token):
+        if self._holder(digest, now) not in (None, holder):
             return None
         self._claim(digest, token, path, now)
         return now
@@ -174,6 +191,8 @@ class MemoryStore:
             # The lease ran out: refused, as RedisStore must (its path list, store.py).
             self._job_ended(write.path, digest)
             return Committed.REFUSED
+        if holder == BACKING_OFF + token:
+            return Committed.KEPT_STALE  # this commit, sent again
         if holder != token:
             return Committed.REFUSED
         stamps = [self._path_stamps.get(write.path)]
@@ -183,8 +202,9 @@ class MemoryStore:
             self._job_ended(write.path, digest)
             return Committed.REFUSED
         if write.failed and self._live(digest, now) is not None:
-            # The claim stays as a back-off marker; no job runs under it.
-            self._claims[digest] = _Claim(token, now + write.retry_after, write.path)
+            # The claim stays as a back-off marker; no job runs under it, and it says so.
+            marker = BACKING_OFF + token
+            self._claims[digest] = _Claim(marker, now + write.retry_after, write.path)
             self._job_ended(write.path, digest)
             return Committed.KEPT_STALE
         until = now + write.keep
@@ -218,6 +238,12 @@ class MemoryStore:
         """See `Store.release`."""
         if self._holder(digest, time.monotonic()) == token:
             self._job_ended(self._claims.pop(digest).path, digest)
+
+    async def back_off(self, digest: str, token: str) -> None:
+        """See `Store.back_off`."""
+        claim = self._claims.get(digest)
+        if claim is not None and claim.token == token and claim.until > time.monotonic():
+            self._claims[digest] = _Claim(BACKING_OFF + token, claim.until, claim.path)
 
     async def discard(self, digest: str, version: str | None = None) -> None:
         """See `Store.discard`."""
@@ -363,6 +389,10 @@ class InProcessQueue:
         task = asyncio.create_task(self._guarded(job), name=f"asgi-worker {job.job_id}")
         self._tasks.add(task)  # a strong reference, or the loop may drop the task
         task.add_done_callback(self._tasks.discard)
+
+    async def lost(self, job_id: str) -> bool:
+        """See `JobQueue.lost`: never; a job here ends with this process, or runs."""
+        return False
 
     @property
     def pending(self) -> int:

@@ -79,7 +79,8 @@ class Config:
     queue_redis_url: str | None = None
     """Redis holding the arq queue, in the same URL forms as `redis_url` (None: that one).
     arq cannot use a Cluster: with a Cluster `redis_url` this one is required (unless
-    `inline_worker`), and not a Cluster."""
+    `inline_worker`), and not a Cluster. Give it a Redis that never evicts
+    (`maxmemory-policy noeviction`) where the cache's does (see docs/scale.md)."""
     prefix: str = "aw"
     """Prefix of every Redis key the cache writes."""
     ttl: float = 300.0

@@ -316,6 +316,16 @@ def wake_key(queue_name: str) -> str:
     return queue_name + ":wake"
 
 
+def alive_key(queue_name: str, worker: str) -> str:
+    """The heartbeat key of the worker named `worker` (see worker/heartbeat.py)."""
+    return f"{alive_prefix(queue_name)}{worker}"
+
+
+def alive_prefix(queue_name: str) -> str:
+    """What every worker's heartbeat key on the queue starts with."""
+    return queue_name + ":alive:"
+
+
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
     """Every Redis key name the cache writes, in one place (as arq's constants.py does).

@@ -45,6 +45,7 @@ from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, RequestRecord
 from asgi_worker.web.backend import Backend, ReplayEntrance, open_backend
 from asgi_worker.web.key_memo import KeyMemo
+from asgi_worker.web.lost_jobs import GRACE_MARGIN, LostJobs
 from asgi_worker.web.responses import (
     BodyGoneError,
     BodyReader,
@@ -112,6 +113,8 @@ class WorkerMiddleware(CacheLayer):
         self._token_prefix = secrets.token_hex(6)
         self._token_counter = itertools.count()
         self._inflight: SingleFlight[_Found | None] = SingleFlight()
+        # Claims whose job was lost (evicted, its worker killed) are taken over.
+        self._lost = LostJobs(self._keys, grace=config.redis_timeout + GRACE_MARGIN)
         # Where in-process replays enter the app: learned from the first request.
         self._entrance: ReplayEntrance | None = None
 
@@ -441,8 +444,23 @@ class WorkerMiddleware(CacheLayer):
             # was lost): give that claim up, or the URL would wait out the lease.
             backend.releases.send(digest, token)
             raise
-        if found.claimed_at is not None:
-            job = self._job(snapshot, digest, client, token, found.claimed_at)
+        claimed_at = found.claimed_at
+        if found.holder is not None and self._lost.due(digest, found.held_for):
+            # Another request's claim, held long enough that its job must be queued by
+            # now: if that job is lost, this request takes the claim over (see lost.py).
+            try:
+                async with asyncio.timeout_at(deadline):
+                    claimed_at = await self._lost.take_over(
+                        store, backend.queue, digest, found.holder, token, snapshot.path
+                    )
+            except (TimeoutError, asyncio.CancelledError) as error:
+                # Cut off, the take-over may have gone through: give that claim up (the
+                # next request claims at once). Past the deadline, the answer is a 202.
+                backend.releases.send(digest, token)
+                if not isinstance(error, TimeoutError):
+                    raise
+        if claimed_at is not None:
+            job = self._job(snapshot, digest, client, token, claimed_at)
             try:
                 async with asyncio.timeout_at(deadline):
                     await backend.queue.enqueue(job)

@@ -45,6 +45,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -73,6 +74,8 @@ from asgi_worker.backends.redis.retries import (
     transient,
 )
 from asgi_worker.backends.redis.store import RedisStore, commit_outcome
+from asgi_worker.core.keys import alive_key
+from asgi_worker.worker.heartbeat import Heartbeat
 from asgi_worker.worker.job import Commit
 from asgi_worker.worker.job_taker import IDLE_LOOK_EVERY, RETRY_KEY_TTL, JobTaker, TakenJob
 from asgi_worker.worker.outage import Patience, RedisUnreachable, check_master
@@ -186,6 +189,7 @@ class ReplayWorker(Worker):
         self._reached_redis = False
         self._patience_for: tuple[object, Patience] | None = None  # (its pool, it)
         self._taker_of: JobTaker | None = None
+        self._heartbeat: Heartbeat | None = None
         self._slot_freed = asyncio.Event()
         self._waiting_for_slot = False
         self._failed_runs: list[BaseException] = []
@@ -207,7 +211,24 @@ class ReplayWorker(Worker):
                     raise RedisUnreachable(f"cannot reach Redis at {patience.where}: {error!r}")
                 await patience.wait(self._check_redis, error, starting=True)
         self._reached_redis = True
+        self._start_heartbeat()
         await super().main()
+
+    def _start_heartbeat(self) -> None:
+        """Keep a heartbeat key alive while this worker runs jobs (see heartbeat.py).
+
+        Only on a pool made by `connections.redis_client` (`worker_settings()`'s), which
+        can make a client for the heartbeat's thread; on another, jobs are marked in
+        progress as arq marks them, and a job whose worker died waits out its lease.
+        """
+        pool = self._pool
+        another = getattr(pool.connection_pool, "another", None) if pool is not None else None
+        if another is None or self._heartbeat is not None:
+            return
+        key = alive_key(self.queue_name, secrets.token_hex(6))
+        heartbeat = Heartbeat(key, another, lambda: self.job_counter > 0)
+        heartbeat.start()
+        self._heartbeat = heartbeat
 
     async def _poll_iteration(self) -> None:
         # arq's iteration reads every due job and races other workers for each; ours waits
@@ -306,7 +327,12 @@ class ReplayWorker(Worker):
     def _taker(self) -> JobTaker:
         # Made once per pool, as the pool is made in `main` (and again if it is replaced).
         if self._taker_of is None or self._taker_of.pool is not self.pool:
-            self._taker_of = JobTaker(self.pool, self.queue_name, read_aborts=self.allow_abort_jobs)
+            self._taker_of = JobTaker(
+                self.pool,
+                self.queue_name,
+                read_aborts=self.allow_abort_jobs,
+                alive="" if self._heartbeat is None else self._heartbeat.key,
+            )
         return self._taker_of
 
     async def close(self) -> None:
@@ -318,6 +344,9 @@ class ReplayWorker(Worker):
         # Each job must have ended; one that failed because Redis went away is no
         # reason not to shut down.
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if self._heartbeat is not None:
+            heartbeat, self._heartbeat = self._heartbeat, None
+            await heartbeat.stop()
         if self._reached_redis:
             try:
                 async with asyncio.timeout(self._patience().probe_timeout):

@@ -9,8 +9,9 @@ Each Redis step of a job (the steps before the app runs, the commit) is tried ag
 a transient error (`retries`), for up to `Config.redis_timeout` in all. A job that gives
 up releases its claim (best effort, as long again at most), so that the next request
 enqueues a new job at once instead of waiting out the claim's lease; only an error that
-would come again (a key of the wrong type) leaves the claim to its lease, which then
-spaces the jobs that would meet it.
+would come again (a key of the wrong type) keeps the claim until its lease ends, as a
+back-off marker (a claim with no job behind it that no request takes for a lost job's,
+see lost.py), which then spaces the jobs that would meet it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 from starlette.types import ASGIApp
@@ -126,7 +127,7 @@ class Commit:
         Releasing takes up to `within` seconds. A released claim lets the next request
         enqueue a new job at once; one that holds makes it wait for the claim's lease.
         """
-        released = transient(error) and await release(store, self.digest, self.token, within)
+        released = await let_go(store, self.digest, self.token, error, within)
         self.report_lost(error, released=released)
 
     def report(self, committed: Committed) -> str:
@@ -169,6 +170,23 @@ _HELD = "its claim holds until its lease ends"
 
 HandOff = Callable[[Commit], bool]
 """Takes a job's `Commit` to send later (see `arq_worker.ReplayWorker`), or returns False."""
+
+
+async def let_go(
+    store: Store, digest: str, token: str, error: BaseException, within: float
+) -> bool:
+    """The claim of a job that gave up after `error`; True if it is released.
+
+    Released if the error may pass (`transient`): the next request enqueues a new job at
+    once. Otherwise the next job would meet it again: the claim stays, with no job
+    behind it, until its lease ends (`Store.back_off`), which spaces those jobs. Best
+    effort, up to `within` s: a claim Redis would not change holds until its lease ends.
+    """
+    if transient(error):
+        return await release(store, digest, token, within)
+    with suppress(*REDIS_ERRORS):
+        await retried(functools.partial(store.back_off, digest, token), within=within)
+    return False
 
 
 async def release(
@@ -225,7 +243,8 @@ async def run_job(
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
     except CorruptEntryError as error:
-        # Without a snapshot there is no key to release; the claim lease runs out.
+        # Without a snapshot there is no key to release: the next request that finds its
+        # claim, past the enqueue's grace, finds the job gone and queues it anew (lost.py).
         logger.error("asgi-worker: dropping a job with an unreadable snapshot: %s", error)
         if observer is not None:
             corrupt = JobRecord(None, trace, outcome="corrupt-job")
@@ -394,11 +413,9 @@ async def _give_up(
     """End a job whose steps before the app failed past their retries; its word for the log.
 
     Its claim is released if the error may pass, so that the next request enqueues the
-    job again at once.
+    job again at once (`let_go`).
     """
-    released = transient(error) and await release(
-        store, snapshot.digest, token, config.redis_timeout
-    )
+    released = await let_go(store, snapshot.digest, token, error, config.redis_timeout)
     throttle.log(
         logging.ERROR,
         "asgi-worker: %s: not run: Redis failed before the app ran (%s); %s",

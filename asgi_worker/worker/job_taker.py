@@ -71,10 +71,18 @@ class Taken:
 class JobTaker:
     """Takes due jobs for one worker, after waiting for an enqueue's wake token if asked."""
 
-    def __init__(self, pool: ArqRedis, queue_name: str, *, read_aborts: bool = False) -> None:
+    def __init__(
+        self, pool: ArqRedis, queue_name: str, *, read_aborts: bool = False, alive: str = ""
+    ) -> None:
+        """`alive`: the worker's heartbeat key (heartbeat.py), "" if it keeps none.
+
+        Each job taken is marked in progress under it (and the time of the take); with
+        none, with arq's own value.
+        """
         self.pool = pool
         self._queue_name = queue_name
         self._abort_set = abort_jobs_ss if read_aborts else ""
+        self._alive = alive or "1"
         self._wake_key = wake_key(queue_name)
         self._script = Script(pool, TAKE)
 
@@ -94,6 +102,7 @@ class JobTaker:
             retry_key_prefix,
             RETRY_KEY_TTL,
             self._abort_set,
+            self._alive,
         ]
         if wait <= 0:
             reply = await self._script([self._queue_name], arguments)

@@ -30,8 +30,9 @@ any node reaches every node: `NodeSubscriber` subscribes on one node at a time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import Any, ClassVar, Protocol
 
 from arq.connections import ArqRedis
@@ -84,6 +85,9 @@ class BufferCheckingPool(ConnectionPool):
 
     shown_url = "Redis"
     """The URL this pool connects to, password masked (set by `redis_client`)."""
+    another: Callable[[], ArqRedis] | None = None
+    """Makes a new client like the one this pool was made for, with a pool of its own
+    (for another event loop, another thread); set by `redis_client`."""
 
     async def ensure_connection(self, connection: AbstractConnection) -> None:
         """Connect if needed; replace the connection if it holds leftovers or saw EOF."""
@@ -279,6 +283,7 @@ def redis_client(
     else:
         pool = BufferCheckingPool.from_url(url, **options)
     pool.shown_url = display_url(url)
+    pool.another = partial(redis_client, url, config, read_timeout=read_timeout, retry=retry)
     return client_class(pool_or_conn=pool, default_queue_name=config.queue)
 
 

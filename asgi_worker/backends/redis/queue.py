@@ -29,15 +29,22 @@ from typing import Any
 
 import msgpack
 from arq.connections import ArqRedis
-from arq.constants import health_check_key_suffix, job_key_prefix
+from arq.constants import (
+    health_check_key_suffix,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
 from asgi_worker.backends.base import Job, QueueFull
-from asgi_worker.backends.redis.queue_scripts import ENQUEUE, WAKE_TOKENS
+from asgi_worker.backends.redis.clients import client_url
+from asgi_worker.backends.redis.queue_scripts import ENQUEUE, FIND_LOST, WAKE_TOKENS
+from asgi_worker.backends.redis.retries import Throttle
 from asgi_worker.backends.redis.script_runner import Script
 from asgi_worker.core.codec import peek_snapshot
-from asgi_worker.core.keys import RedisKeys, request_line, wake_key
+from asgi_worker.core.keys import RedisKeys, alive_prefix, request_line, wake_key
 
 logger = logging.getLogger("asgi_worker")
 
@@ -84,6 +91,18 @@ class SnapshotBytes(bytes):
         except Exception:  # a repr for a log line must not raise
             return f"<unreadable request snapshot, {len(self)} bytes>"
 
+
+ALIVE_FOR = 5.0
+"""Seconds a worker's heartbeat key lives: renewed every second while it runs jobs
+(heartbeat.py), so a job in progress under an expired one, and taken longer ago than
+this, has lost its worker."""
+
+# How often a web process reads the queue's Redis's INFO, to say why jobs are gone.
+_CAUSE_READ_EVERY = 60.0
+_NO_EVICTION = (
+    "Give the queue a Redis that never evicts (maxmemory-policy noeviction; its own with "
+    "Config.queue_redis_url): see docs/failure-modes.md#a-redis-that-evicts"
+)
 
 HEALTH_REPORT_INTERVAL = 60.0
 """How often our worker writes arq's health-check key (worker/settings.py `_HEALTH_CHECK_INTERVAL`).
@@ -207,6 +226,11 @@ class ArqQueue:
         self._fair_slots = fair_slots
         self._horizon_ms = max(0, round(horizon * 1000))
         self._script = Script(redis, ENQUEUE)
+        self._find_lost = Script(redis, FIND_LOST)
+        self._alive_prefix = alive_prefix(queue_name)
+        self._gone = Throttle()
+        self._silent = Throttle()
+        self._cause: tuple[float, str] | None = None  # (when read, the likely cause)
         self._wake_key = wake_key(queue_name)
         self.worker_watch = WorkerWatch(redis, queue_name)
         """Whether a worker serves the queue (see `WorkerWatch`)."""
@@ -247,3 +271,74 @@ class ArqQueue:
         ]
         if await self._script(keys, arguments) is None:
             raise QueueFull(f"the queue {self._queue_name!r} cannot take a job of {job.path}")
+
+    async def lost(self, job_id: str) -> bool:
+        """See `JobQueue.lost`: one script on the queue's Redis (`FIND_LOST`).
+
+        A job found lost is logged: a WARNING that says why, a line per 10 s at most.
+        """
+        found = await self._find_lost(
+            [job_key_prefix + job_id, in_progress_key_prefix + job_id, self._queue_name],
+            [
+                job_id,
+                self._alive_prefix,
+                retry_key_prefix + job_id,
+                self._expires_ms,
+                round(ALIVE_FOR * 1000),
+            ],
+        )
+        why = found.decode() if isinstance(found, bytes) else str(found)
+        if why == "gone":
+            self._gone.log(
+                logging.WARNING,
+                "asgi-worker: job %s was gone from queue %r while its claim held; its "
+                "request is queued again. %s",
+                job_id,
+                self._queue_name,
+                await self._why_gone(),
+            )
+        elif why == "silent":
+            self._silent.log(
+                logging.WARNING,
+                "asgi-worker: job %s was in progress under a worker that has not reported "
+                "for %g s (killed or frozen, or the job's end was lost in a failover): its "
+                "request is queued again",
+                job_id,
+                ALIVE_FOR,
+            )
+        return why in ("gone", "silent", "lost")
+
+    async def _why_gone(self) -> str:
+        """The likely cause of jobs gone from the queue, from the queue's Redis's INFO.
+
+        Read at most once per `_CAUSE_READ_EVERY` s; a Redis that will not tell (INFO
+        refused) gets the likely causes all named.
+        """
+        now = time.monotonic()
+        if self._cause is not None and now - self._cause[0] < _CAUSE_READ_EVERY:
+            return self._cause[1]
+        where = client_url(self._redis)
+        try:
+            info = await self._redis.info()
+            policy = str(info.get("maxmemory_policy", ""))
+            evicted = int(info.get("evicted_keys", 0))
+        except (RedisError, OSError, TimeoutError, ValueError):
+            policy, evicted = "", 0
+        if policy == "noeviction":
+            cause = (
+                f"Not evicted (the queue's Redis at {where} has maxmemory-policy "
+                "noeviction): lost in a restart or a failover, or deleted"
+            )
+        elif policy:
+            cause = (
+                f"Most likely evicted: the queue's Redis at {where} evicts keys under "
+                f"maxmemory-policy {policy} ({evicted} keys evicted since it started). "
+                f"{_NO_EVICTION}"
+            )
+        else:
+            cause = (
+                f"Evicted by the queue's Redis at {where} under its maxmemory-policy, or "
+                f"lost in a restart or a failover. {_NO_EVICTION}"
+            )
+        self._cause = (now, cause)
+        return cause

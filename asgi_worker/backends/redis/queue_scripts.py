@@ -64,14 +64,19 @@ return due - now
 )
 
 # KEYS: queue. ARGV: now ms (0: Redis's clock), most jobs to take, lease ms, and arq's
-# in-progress key prefix, job key prefix, retry key prefix, retry key life (s), and
-# aborted set ('' if the worker does not abort jobs).
+# in-progress key prefix, job key prefix, retry key prefix, retry key life (s), aborted
+# set ('' if the worker does not abort jobs), and the worker's heartbeat key ('1' if it
+# keeps none).
 # Takes up to that many due jobs for this worker: each gets its in-progress key (as arq's
-# own WATCH/MULTI per job sets it) and is rescored to the end of its lease, so that no
-# other worker's TAKE reads it again. Under arq's own polling every worker reads every due
-# job, in progress or not, and races the others for each with a transaction: the cost of a
-# job grew with the number of workers. Here it does not: a worker reads only what it takes.
-# A job whose worker dies comes due again as its in-progress key expires, as under arq.
+# own WATCH/MULTI per job sets it), whose value names the worker's heartbeat key and the
+# time of the take (`<key>@<ms>`; arq's own value, '1', without one), and is rescored to
+# the end of its lease, so that no other worker's TAKE reads it again. Under arq's own
+# polling every worker reads every due job, in progress or not, and races the others for
+# each with a transaction: the cost of a job grew with the number of workers. Here it
+# does not: a worker reads only what it takes.
+# A job whose worker dies comes due again as its in-progress key expires, as under arq;
+# a request for it finds it lost as soon as the worker's heartbeat has expired
+# (`FIND_LOST`, heartbeat.py).
 # A due job in progress elsewhere (a plain arq worker on the same queue, which does not
 # rescore) is rescored to its in-progress key's end, when it may be taken again anyway.
 # Redis's clock (see `_CLOCK`); and the take is sent before the worker's wait for a wake
@@ -86,6 +91,8 @@ TAKE = (
     + """
 local now, most, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if now == 0 then now = clock_ms() end
+local marked = ARGV[9]
+if marked ~= '1' then marked = marked .. '@' .. now end
 -- The first jobs by score, one more than wanted: the one after what is due says when
 -- the next is due. (One read: an idle worker's look is two commands with the wait.)
 local first = redis.call('ZRANGE', KEYS[1], 0, most, 'WITHSCORES')
@@ -97,7 +104,7 @@ for i = 1, #first, 2 do
     break
   end
   local in_progress = ARGV[4] .. id
-  if redis.call('SET', in_progress, '1', 'NX', 'PX', lease) then
+  if redis.call('SET', in_progress, marked, 'NX', 'PX', lease) then
     redis.call('ZADD', KEYS[1], 'XX', now + lease, id)
     -- What arq's run_job reads first, in its own MULTI: the job, its try (counted), and
     -- whether it was aborted.
@@ -118,5 +125,45 @@ end
 -- Every job read was due, and some were another's: more may be due past them.
 if not due_in and #first > 2 * most then due_in = 0 end
 return {taken, due_in}
+"""
+)
+
+# KEYS: job, its in-progress key, queue. ARGV: job id, the prefix of workers' heartbeat
+# keys, the job's retry key, how long a lost job's mark lives (ms), how long a heartbeat
+# lives (ms).
+# Whether the job of a claim is lost (lost.py): gone from the queue (its key evicted, or
+# lost in a failover or a restart) and not in progress, or in progress under a worker
+# whose heartbeat has expired (killed, frozen) and was taken longer ago than a heartbeat
+# lives (a worker that was idle beats again within a second of its take). A job in
+# progress under arq's own worker (in-progress value '1': no heartbeat) is never lost
+# here: its lease ends it, as ever.
+# A lost job is removed from the queue, so that no worker takes it later, and its
+# in-progress key stays behind as a mark ('lost') for as long as a claim lives: an
+# enqueue of it that comes late is never taken while its claim could still be its own.
+# Returns 'queued' or 'running' (not lost), 'gone' or 'silent' (lost: why), or 'lost'
+# (found lost before).
+FIND_LOST = (
+    _CLOCK
+    + """
+local marked = redis.call('GET', KEYS[2])
+local why
+if marked == 'lost' then return 'lost' end
+if marked then
+  local alive, taken = string.match(marked, '^(.+)@(%d+)$')
+  if not alive or string.sub(alive, 1, #ARGV[2]) ~= ARGV[2]
+    or clock_ms() - tonumber(taken) < tonumber(ARGV[5])
+    or redis.call('EXISTS', alive) == 1 then
+    return 'running'
+  end
+  why = 'silent'
+elseif redis.call('EXISTS', KEYS[1]) == 1 and redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  return 'queued'
+else
+  why = 'gone'
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], 'lost', 'PX', ARGV[4])
+return why
 """
 )

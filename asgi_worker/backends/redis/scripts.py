@@ -68,8 +68,9 @@ end
 # Returns {entry or false, flags, Redis's time in µs}: flags 1 if the entry is stale, 2 if
 # this lookup claimed the key (the time is then the claim's). The time is what `Age` is
 # computed against: the entry's `stored_at` is on this clock too, so no host's clock
-# enters it. A fresh hit returns before the shared functions are even defined: the hit
-# path runs four lines.
+# enters it. Where another holds the claim, also its holder and the ms left of its lease
+# (a lost job's check, see lost.py). A fresh hit returns before the shared functions are
+# even defined: the hit path runs four lines.
 LOOKUP = (
     """
 local entry = redis.call('GET', KEYS[1])
@@ -81,19 +82,21 @@ end
     + _LIBRARY
     + """
 local stale = entry and 1 or 0
-if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2])
-  -- Our own claim: this is a retry of a lookup whose reply was lost.
-  or redis.call('GET', KEYS[3]) == ARGV[1] then
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {entry, stale + 2, index_claim(KEYS[4], KEYS[3], ARGV[2])}
 end
-return {entry, stale, now_us()}
+local holder = redis.call('GET', KEYS[3])
+-- Our own claim: this is a retry of a lookup whose reply was lost.
+if holder == ARGV[1] then return {entry, stale + 2, index_claim(KEYS[4], KEYS[3], ARGV[2])} end
+return {entry, stale, now_us(), holder, redis.call('PTTL', KEYS[3])}
 """
 )
 
-# KEYS: claim, path index. ARGV: token, claim ms.
+# KEYS: claim, path index. ARGV: token, claim ms, the holder it replaces: the token itself
+# (a job renews its own claim) or a lost job's (its claim is taken over, see lost.py).
 _BEGIN = """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return false end
+if holder and holder ~= ARGV[3] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return index_claim(KEYS[2], KEYS[1], ARGV[2])
 """
@@ -194,6 +197,10 @@ if not holder then
   redis.call('ZREM', index, claimed)
   return refuse()
 end
+if holder == '!' .. token then  -- this commit, sent again
+  refuse()
+  return 'kept-stale'
+end
 if holder ~= token then return refuse() end
 local function stamped_since(key)
   local at = redis.call('GET', key)
@@ -208,8 +215,9 @@ if tag_refused or stamped_since(path_stamp) or stamped_since(entry_stamp)
   return refuse()
 end
 if failed and redis.call('EXISTS', resp) == 1 then
-  -- The claim stays as a back-off marker; no job runs under it.
-  redis.call('SET', claim, token, 'PX', retry_ms)
+  -- The claim stays as a back-off marker; no job runs under it, and it says so ('!' and
+  -- the token: no token starts with it), so that no request takes it for a lost job.
+  redis.call('SET', claim, '!' .. token, 'PX', retry_ms)
   redis.call('ZREM', index, claimed)
   refuse()
   return 'kept-stale'
@@ -246,6 +254,17 @@ return 'stored'
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: claim. ARGV: token.
+# Keeps the claim the token holds as a back-off marker (as `_COMMIT` does after a failed
+# refresh) for what is left of its lease: the job failed for good, and the next one waits.
+BACK_OFF = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local left = redis.call('PTTL', KEYS[1])
+if left <= 0 then return 0 end
+redis.call('SET', KEYS[1], '!' .. ARGV[1], 'PX', left)
+return 1
 """
 
 # KEYS: stamp. ARGV: stamp ms. The first step of every invalidation: the stamp is written

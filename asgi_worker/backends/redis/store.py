@@ -56,7 +56,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from asgi_worker.backends.base import REPLACED_BODY_GRACE, Body, Committed, Lookup, Write
+from asgi_worker.backends.base import (
+    BACKING_OFF,
+    REPLACED_BODY_GRACE,
+    Body,
+    Committed,
+    Lookup,
+    Write,
+)
 from asgi_worker.backends.redis import scripts
 from asgi_worker.backends.redis.script_runner import Script
 from asgi_worker.core.invalidation_targets import (
@@ -110,6 +117,7 @@ class RedisStore:
         self._tag_add = Script(redis, scripts.TAG_ADD)
         self._commit = Script(redis, scripts.COMMIT)
         self._release = Script(redis, scripts.RELEASE)
+        self._back_off = Script(redis, scripts.BACK_OFF)
         self._discard = Script(redis, scripts.DISCARD)
         self._read_body = Script(redis, scripts.READ_BODY)
         self._stamp = Script(redis, scripts.STAMP)
@@ -118,7 +126,7 @@ class RedisStore:
     async def lookup(self, digest: str, token: str, path: str) -> Lookup:
         """See `Store.lookup`."""
         keys = self._keys
-        entry, flags, now_us = await self._lookup(
+        entry, flags, now_us, *held = await self._lookup(
             keys=[
                 keys.response(digest),
                 keys.fresh(digest),
@@ -127,9 +135,15 @@ class RedisStore:
             ],
             args=[token, self._claim_ms],
         )
-        if flags < 2:  # not claimed (see scripts.LOOKUP)
+        if flags >= 2:  # claimed (see scripts.LOOKUP)
+            return Lookup(entry, flags == 3, True, float(now_us), now_us / 1e6)
+        if not held or held[0].startswith(BACKING_OFF.encode()):
             return Lookup(entry, flags == 1, now=now_us / 1e6)
-        return Lookup(entry, flags == 3, True, float(now_us), now_us / 1e6)
+        holder, left_ms = held
+        held_for = (self._claim_ms - int(left_ms)) / 1000
+        return Lookup(
+            entry, flags == 1, now=now_us / 1e6, holder=holder.decode(), held_for=held_for
+        )
 
     async def list_path(self, path: str) -> float:
         """See `Store.list_path`. A new path also delists a few dead ones."""
@@ -167,9 +181,14 @@ class RedisStore:
 
     async def begin(self, digest: str, token: str, path: str) -> float | None:
         """See `Store.begin`. The path stays listed: the claim being renewed listed it."""
+        return await self.take_over(digest, token, token, path)
+
+    async def take_over(self, digest: str, holder: str, token: str, path: str) -> float | None:
+        """See `Store.take_over`. The new job lists the path, as every job does."""
         keys = self._keys
         started = await self._begin(
-            keys=[keys.claim(digest), keys.path_index(path)], args=[token, self._claim_ms]
+            keys=[keys.claim(digest), keys.path_index(path)],
+            args=[token, self._claim_ms, holder],
         )
         return None if started is None else float(started)
 
@@ -291,6 +310,10 @@ class RedisStore:
     async def release(self, digest: str, token: str) -> None:
         """See `Store.release`."""
         await self._release(keys=[self._keys.claim(digest)], args=[token])
+
+    async def back_off(self, digest: str, token: str) -> None:
+        """See `Store.back_off`."""
+        await self._back_off(keys=[self._keys.claim(digest)], args=[token])
 
     async def discard(self, digest: str, version: str | None = None) -> None:
         """See `Store.discard`."""

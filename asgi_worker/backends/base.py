@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from asgi_worker.core.invalidation_targets import Target
+from asgi_worker.core.progress import Progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +203,27 @@ class Job:
     """The W3C `traceparent` of the enqueuing request's span, with tracing on."""
 
 
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """Where one job stands, as `JobQueue.state` reads it (a `202`'s JSON body)."""
+
+    status: Literal["queued", "running"]
+    position: int | None = None
+    """Jobs due before it on the queue (0: next), while queued; None where not known."""
+    progress: Progress | None = None
+    """What its handler last reported (`asgi_worker.report_progress`), if anything."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunningJob:
+    """A job a worker runs now, as `JobQueue.running` lists it (the dashboard)."""
+
+    job_id: str
+    path: str
+    """The request's path ("" if the queue cannot tell)."""
+    progress: Progress | None = None
+
+
 class QueueFull(Exception):
     """The queue holds `Config.max_queued` jobs, or the path's jobs would not start in time."""
 
@@ -220,4 +242,22 @@ class JobQueue(Protocol):
         claim over (`Store.take_over`) and enqueue it again. A job that is queued, or
         running, is not lost.
         """
+        ...
+
+    async def state(self, job_id: str) -> JobState | None:
+        """Whether the job is queued or running, and its progress; None if it is neither.
+
+        One round trip at most: a `202` asks it only when the client accepts JSON.
+        """
+        ...
+
+    async def report(self, job_id: str, progress: Progress, *, ended: bool = False) -> None:
+        """Keep `progress` as the job's latest (`ended`: its last, kept briefly).
+
+        `worker/progress.py` calls it at most every `progress.WRITE_EVERY` seconds a job.
+        """
+        ...
+
+    async def running(self, limit: int = 100) -> list[RunningJob]:
+        """Up to `limit` jobs running now, with their progress (the dashboard)."""
         ...

@@ -455,6 +455,13 @@ class RedisKeys:
         """The arq job id: unique per claim, so a re-claim never collides with a dead job."""
         return f"{self.prefix}:{digest}:{token}"
 
+    def progress(self, job_id: str) -> str:
+        """Hash of the job's latest progress (`progress.Progress.fields`), while it runs.
+
+        On the queue's Redis, beside arq's keys of the job (never a Cluster).
+        """
+        return f"{self.prefix}:progress:{job_id}"
+
     # Glob patterns (for SCAN). Config keeps glob characters out of the prefix, except a
     # backslash, which is escaped here.
 

@@ -15,6 +15,7 @@ from asgi_worker.backends.base import JobQueue, Store
 from asgi_worker.core.config import Config, ConfigurationError
 from asgi_worker.web.middleware import WorkerMiddleware
 from asgi_worker.worker.arq_worker import ReplayWorker
+from asgi_worker.worker.progress import report_progress, report_progress_sync
 from asgi_worker.worker.settings import worker_settings
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "Store",
     "WorkerMiddleware",
     "__version__",
+    "report_progress",
+    "report_progress_sync",
     "worker_settings",
 ]
 __version__ = "0.1.0"

@@ -20,11 +20,13 @@ from asgi_worker.backends.base import (
     REPLACED_BODY_GRACE,
     Committed,
     Job,
+    JobState,
     Lookup,
     QueueFull,
     Write,
 )
 from asgi_worker.core.invalidation_targets import ByGlob, ByQuery, ByTag, Target, query_matches
+from asgi_worker.core.progress import KEEP_AFTER_END, Progress
 
 logger = logging.getLogger("asgi_worker")
 
@@ -377,6 +379,12 @@ class InProcessQueue:
         self._finished = 0
         """Jobs ended so far; `drain` reports those ended since it last did."""
         self._reported = 0
+        self._waiting: dict[str, None] = {}
+        """Ids of the jobs waiting for a slot, in the order they get one (FIFO)."""
+        self._started: set[str] = set()
+        """Ids of the jobs that hold a slot now."""
+        self._progress: dict[str, Progress] = {}
+        """The latest progress of each job that reported some, until shortly after it ends."""
 
     async def enqueue(self, job: Job) -> None:
         """See `JobQueue.enqueue`: starts the job and returns at once.
@@ -387,6 +395,7 @@ class InProcessQueue:
         if self._max_queued and waiting >= self._max_queued:
             raise QueueFull(f"{waiting} in-process jobs wait for a slot")
         task = asyncio.create_task(self._guarded(job), name=f"asgi-worker {job.job_id}")
+        self._waiting[job.job_id] = None
         self._tasks.add(task)  # a strong reference, or the loop may drop the task
         task.add_done_callback(self._tasks.discard)
 
@@ -422,13 +431,38 @@ class InProcessQueue:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def state(self, job_id: str) -> JobState | None:
+        """See `JobQueue.state`."""
+        if job_id in self._started:
+            return JobState("running", None, self._progress.get(job_id))
+        if job_id in self._waiting:
+            return JobState("queued", list(self._waiting).index(job_id))
+        return None
+
+    async def report(self, job_id: str, progress: Progress, *, ended: bool = False) -> None:
+        """See `JobQueue.report`: kept in memory, for `KEEP_AFTER_END` once `ended`."""
+        self._progress[job_id] = progress
+        if ended:
+            loop = asyncio.get_running_loop()
+            loop.call_later(KEEP_AFTER_END, self._forget_progress, job_id, progress)
+
+    def _forget_progress(self, job_id: str, progress: Progress) -> None:
+        if self._progress.get(job_id) is progress:
+            del self._progress[job_id]
+
     async def _guarded(self, job: Job) -> None:
-        async with self._slots:
-            try:
-                await self._run(job)
-            except Exception:
-                # run_job stores an error response for app failures; this is the store
-                # failing under it. The claim lapses and a later request re-claims.
-                logger.exception("asgi-worker: in-process job %s failed", job.job_id)
-            finally:
-                self._finished += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting.pop(job.job_id, None)  # cancelled while waiting: out of the line
+        self._started.add(job.job_id)
+        try:
+            await self._run(job)
+        except Exception:
+            # run_job stores an error response for app failures; this is the store
+            # failing under it. The claim lapses and a later request re-claims.
+            logger.exception("asgi-worker: in-process job %s failed", job.job_id)
+        finally:
+            self._started.discard(job.job_id)
+            self._finished += 1
+            self._slots.release()

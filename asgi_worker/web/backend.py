@@ -228,6 +228,7 @@ def open_backend(
                 observer=observer,
                 trace=job.trace,
                 throttle=throttle,
+                progress=lambda progress, ended: queue.report(job.job_id, progress, ended=ended),
             )
 
         queue = InProcessQueue(run, max_jobs=config.max_jobs, max_queued=config.max_queued)

@@ -17,7 +17,7 @@ import sniffio
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_worker.backends.base import Job, QueueFull, Store
+from asgi_worker.backends.base import Job, JobState, QueueFull, Store
 from asgi_worker.backends.memory import InProcessQueue
 from asgi_worker.backends.redis.queue import ArqQueue
 from asgi_worker.core.app_layers import walk
@@ -44,6 +44,7 @@ from asgi_worker.core.replay import replay_marker
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, RequestRecord
 from asgi_worker.web.backend import Backend, ReplayEntrance, open_backend
+from asgi_worker.web.job_state import accepts_json, state_body
 from asgi_worker.web.key_memo import KeyMemo
 from asgi_worker.web.lost_jobs import GRACE_MARGIN, LostJobs
 from asgi_worker.web.responses import (
@@ -112,7 +113,7 @@ class WorkerMiddleware(CacheLayer):
         # they go unused. The random part tells processes and restarts apart.
         self._token_prefix = secrets.token_hex(6)
         self._token_counter = itertools.count()
-        self._inflight: SingleFlight[_Found | None] = SingleFlight()
+        self._inflight: SingleFlight[_Found | _Missed] = SingleFlight()
         # Claims whose job was lost (evicted, its worker killed) are taken over.
         self._lost = LostJobs(self._keys, grace=config.redis_timeout + GRACE_MARGIN)
         # Where in-process replays enter the app: learned from the first request.
@@ -198,7 +199,7 @@ class WorkerMiddleware(CacheLayer):
         try:
             client = scope_client(scope) if self.config.replay_client else None
             found = await self._lookup(snapshot, digest, client, record, deadline)
-            if found is None:
+            if isinstance(found, _Missed):
                 preference = parse_prefer(_headers(scope, b"prefer"))
                 # respond-async alone: the 202 at once. With wait=N (RFC 7240 section 4.3:
                 # "respond-async, wait=N") we hold up to N seconds, then answer 202.
@@ -213,11 +214,11 @@ class WorkerMiddleware(CacheLayer):
                         return "gone"  # the client went away while waiting: nobody to answer
                     deadline = min(until, loop.time()) + self.config.redis_timeout
                     found = held
-                    if found is not None:
+                    if isinstance(found, _Found):
                         waited = True
                         # The hold we granted: the client's wait, or less if capped.
                         applied.append((b"preference-applied", b"wait=%d" % math.ceil(seconds)))
-                if found is None and preference.respond_async:
+                if isinstance(found, _Missed) and preference.respond_async:
                     applied.append((b"preference-applied", b"respond-async"))
         except QueueFull as error:
             # Admission control: nothing was queued and the claim is released.
@@ -227,12 +228,21 @@ class WorkerMiddleware(CacheLayer):
             return "queue-full"
         except _BACKEND_ERRORS as error:
             return await self._unavailable(error, scope, receive, send)
-        if found is None:
+        if isinstance(found, _Missed):
+            state = None
+            if found.job_id is not None and accepts_json(_headers(scope, b"accept")):
+                job, typical = await self._job_state(found.job_id, snapshot.path, deadline)
+                retry_after = self._retry_after_of(typical)
+                state = state_body(job, typical, self.config.max_jobs)
+            else:
+                retry_after = await self._retry_after(snapshot, deadline)
             await send_accepted(
                 send,
-                retry_after=await self._retry_after(snapshot, deadline),
+                retry_after=retry_after,
                 extra=applied,
                 no_worker=await self._no_worker(deadline),
+                state=state,
+                head=head,
             )
             return _MISS
         if found.response.hit_for_pass:
@@ -320,9 +330,43 @@ class WorkerMiddleware(CacheLayer):
                 typical = await self._open().store.typical_duration(snapshot.path)
         except _BACKEND_ERRORS:
             return config.retry_after  # the 202 matters more than its hint
-        if typical is None:
+        return self._retry_after_of(typical)
+
+    def _retry_after_of(self, typical: float | None) -> int:
+        """`Retry-After` given the path's typical job duration (None: not known)."""
+        config = self.config
+        if not config.adaptive_retry_after or typical is None:
             return config.retry_after
         return min(max(math.ceil(typical), config.retry_after), config.max_retry_after)
+
+    async def _job_state(
+        self, job_id: str, path: str, deadline: float
+    ) -> tuple[JobState | None, float | None]:
+        """The job's state and its path's typical duration, for a `202`'s JSON.
+
+        Read side by side (the queue's Redis and the store's may differ): one round
+        trip's time, within what is left until `deadline`. What cannot be read in time
+        is not known (None): the 202 matters more than its hints.
+        """
+        if deadline <= asyncio.get_running_loop().time():
+            return None, None
+        backend = self._open()
+        try:
+            async with asyncio.timeout_at(deadline):
+                state, typical = await asyncio.gather(
+                    backend.queue.state(job_id),
+                    backend.store.typical_duration(path),
+                    return_exceptions=True,
+                )
+        except TimeoutError:
+            return None, None
+        for read in (state, typical):
+            if isinstance(read, BaseException) and not isinstance(read, _BACKEND_ERRORS):
+                raise read
+        return (
+            None if isinstance(state, BaseException) else state,
+            None if isinstance(typical, BaseException) else typical,
+        )
 
     async def _no_worker(self, deadline: float) -> bool:
         """True if no worker has reported on the queue for too long (arq backend only).
@@ -344,10 +388,11 @@ class WorkerMiddleware(CacheLayer):
         until: float,
         receive: Receive,
         record: RequestRecord | None,
-    ) -> _Found | Gone | None:
+    ) -> _Found | _Missed | Gone:
         """Hold a miss until its response is stored, `until` passes, or the client leaves.
 
         `until` is the loop's time. Each look is bounded by `redis_timeout`, as a lookup.
+        Past `until`, the last look's miss (none, if this process holds too many waiters).
         """
         backend = self._open()
         loop = asyncio.get_running_loop()
@@ -356,14 +401,19 @@ class WorkerMiddleware(CacheLayer):
         observer = self._observer
         if observer is not None:
             observer.waiting(1)
+        missed = _Missed(None)
+
+        async def look() -> _Found | None:
+            nonlocal missed
+            found = await self._lookup(snapshot, digest, client, record, loop.time() + bound)
+            if isinstance(found, _Missed):
+                missed = found
+                return None
+            return found
+
         try:
-            return await hold(
-                backend.waiters,
-                digest,
-                lambda: self._lookup(snapshot, digest, client, record, loop.time() + bound),
-                until,
-                receive,
-            )
+            held = await hold(backend.waiters, digest, look, until, receive)
+            return missed if held is None else held
         finally:
             if observer is not None:
                 observer.waiting(-1)
@@ -375,7 +425,7 @@ class WorkerMiddleware(CacheLayer):
         client: Client | None,
         record: RequestRecord | None,
         deadline: float,
-    ) -> _Found | None:
+    ) -> _Found | _Missed:
         """One round trip in the common case; a job is enqueued only by the claimant.
 
         `client` is the address a job enqueued here replays (`Config.replay_client`). The
@@ -405,7 +455,7 @@ class WorkerMiddleware(CacheLayer):
         client: Client | None,
         record: RequestRecord | None,
         deadline: float,
-    ) -> _Found | None:
+    ) -> _Found | _Missed:
         observer = self._observer
         if observer is None:
             return await self._lookup_now(snapshot, digest, client, None, deadline)
@@ -421,7 +471,7 @@ class WorkerMiddleware(CacheLayer):
         client: Client | None,
         record: RequestRecord | None,
         deadline: float,
-    ) -> _Found | None:
+    ) -> _Found | _Missed:
         backend = self._open()
         near = backend.near_cache()
         store = backend.store
@@ -445,6 +495,7 @@ class WorkerMiddleware(CacheLayer):
             backend.releases.send(digest, token)
             raise
         claimed_at = found.claimed_at
+        holder = found.holder
         if found.holder is not None and self._lost.due(digest, found.held_for):
             # Another request's claim, held long enough that its job must be queued by
             # now: if that job is lost, this request takes the claim over (see lost.py).
@@ -471,10 +522,11 @@ class WorkerMiddleware(CacheLayer):
                 # A stale copy is better than a 503: serve it, refresh on a later request.
                 logger.error("asgi-worker: could not enqueue a refresh: %r", error)
             else:
+                holder = token
                 if record is not None:
                     record.enqueued = True
         if response is None:
-            return None
+            return _Missed(None if holder is None else self._keys.job_id(digest, holder))
         if near is not None and not found.stale and response.apart is None:
             # A body stored apart never enters the near cache: each hit streams it.
             near.put(digest, _near_copy(response, found.now))
@@ -600,6 +652,15 @@ class WorkerMiddleware(CacheLayer):
             if node is self:
                 return through_mount
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Missed:
+    """No response stored yet."""
+
+    job_id: str | None
+    """The job that will store it: the one this lookup enqueued, or the claim holder's
+    (None if no job runs, as under a back-off, or if it is not known)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,9 @@ CACHE_STATUS_QUEUE_FULL = b"asgi-worker; fwd=uri-miss; detail=queue-full"
 CACHE_STATUS_NO_WORKER = b"asgi-worker; fwd=uri-miss; detail=no-worker"
 
 
+_TEXT = b"text/plain; charset=utf-8"
+_JSON = b"application/json"
+
 BODY_CHUNK = 256 * 1024
 """Bytes of a body stored apart read from the store (and sent on) at a time: what one
 hit holds of it in the web process."""
@@ -193,6 +196,8 @@ async def send_accepted(
     retry_after: int,
     extra: Sequence[tuple[bytes, bytes]] = (),
     no_worker: bool = False,
+    state: bytes | None = None,
+    head: bool = False,
 ) -> None:
     """202: the response is being prepared; ask again after `retry_after` seconds.
 
@@ -202,9 +207,17 @@ async def send_accepted(
 
     `no_worker`: no worker has reported on the queue for too long (`queue.WorkerWatch`);
     `Cache-Status` says `detail=no-worker`.
+
+    `state`: the job's state as JSON (`web/job_state.py`), for a client that accepts it;
+    otherwise the body is empty.
     """
     status = CACHE_STATUS_NO_WORKER if no_worker else CACHE_STATUS_MISS
-    await _send_plain(send, 202, retry_after, status, b"", extra)
+    if state is None:
+        await _send_plain(send, 202, retry_after, status, b"", extra, head=head)
+    else:
+        await _send_plain(
+            send, 202, retry_after, status, state, extra, head=head, content_type=_JSON
+        )
 
 
 async def send_unavailable(
@@ -221,7 +234,7 @@ async def send_bad_request(send: Send, *, head: bool, reason: bytes) -> None:
     headers = [
         (b"cache-control", b"no-store"),
         (b"content-length", str(len(body)).encode()),
-        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-type", _TEXT),
     ]
     await send({"type": "http.response.start", "status": 400, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
@@ -236,6 +249,7 @@ async def _send_plain(
     extra: Sequence[tuple[bytes, bytes]] = (),
     *,
     head: bool = False,
+    content_type: bytes = _TEXT,
 ) -> None:
     """A short answer of our own; to a HEAD, framed as the GET's (its length), no body."""
     headers = [
@@ -246,6 +260,6 @@ async def _send_plain(
         (b"content-length", str(len(body)).encode()),
     ]
     if body:
-        headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        headers.append((b"content-type", content_type))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})

@@ -57,6 +57,7 @@ from asgi_worker.core.replay import (
     replay,
 )
 from asgi_worker.observability.observer import JobRecord, Observer
+from asgi_worker.worker.progress import ProgressReporter, ProgressSink
 
 logger = logging.getLogger("asgi_worker")
 
@@ -217,6 +218,7 @@ async def run_job(
     observer: Observer | None = None,
     trace: str | None = None,
     throttle: Throttle | None = None,
+    progress: ProgressSink | None = None,
 ) -> str:
     """Replay one request and store the result; returns a word for the job log.
 
@@ -239,6 +241,9 @@ async def run_job(
     "failed (<error>)", or "commit-failed"): it is logged through `throttle`, which a
     worker shares between its jobs so that a Redis refusing them all is a line every
     10 s, not one a job.
+
+    `progress` keeps what the handler reports with `report_progress` (the job's
+    `JobQueue.report`); without it, reports are dropped.
     """
     try:
         snapshot = decode_snapshot(snapshot_bytes, config.credential_guard())
@@ -272,6 +277,7 @@ async def run_job(
                     record,
                     observer,
                     throttle or Throttle(),
+                    progress,
                 )
             except asyncio.CancelledError:
                 raise
@@ -326,6 +332,7 @@ async def _run(
     record: JobRecord | None,
     observer: Observer | None,
     throttle: Throttle,
+    progress: ProgressSink | None,
 ) -> str:
     digest = snapshot.digest
     # Store calls are bounded here, not by per-read socket timeouts (cheaper per call).
@@ -340,11 +347,14 @@ async def _run(
         return "superseded"  # its lease ran out and a newer job holds the claim
     started, listed_at = times
     began = time.monotonic()
+    replaying = functools.partial(_replay_or_error, app, snapshot, config, state, mounted)
+    if progress is not None:
+        replaying = functools.partial(_reporting, progress, config.redis_timeout, replaying)
     if observer is None or record is None:
-        replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
+        replayed, outcome = await replaying()
     else:
         with observer.replay(record):
-            replayed, outcome = await _replay_or_error(app, snapshot, config, state, mounted)
+            replayed, outcome = await replaying()
         record.replay_seconds = time.monotonic() - began
         passed = outcome == "stored" and _private(replayed, snapshot, config)
         record.outcome = "pass" if passed else outcome
@@ -369,6 +379,21 @@ async def _run(
     finally:
         if after is not None:
             await after()
+
+
+async def _reporting(
+    sink: ProgressSink,
+    within: float,
+    replaying: Callable[[], Awaitable[tuple[ReplayedResponse, str]]],
+) -> tuple[ReplayedResponse, str]:
+    """`replaying()` with a `ProgressReporter` for the handler's `report_progress`."""
+    reporter = ProgressReporter(sink, within=within)
+    entered = reporter.enter()
+    try:
+        return await replaying()
+    finally:
+        ProgressReporter.leave(entered)
+        await reporter.close()
 
 
 # A body stored apart is written with its commit: each this many bytes of it give the

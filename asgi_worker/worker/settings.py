@@ -33,12 +33,18 @@ from asgi_worker.backends.redis.clients import (
     store_client,
     tls_kwargs,
 )
-from asgi_worker.backends.redis.queue import JOB_FUNCTION, deserialize, serialize
+from asgi_worker.backends.redis.queue import (
+    JOB_FUNCTION,
+    deserialize,
+    serialize,
+    write_progress,
+)
 from asgi_worker.backends.redis.retries import REDIS_ERRORS, Throttle, brief
 from asgi_worker.backends.redis.sentinel import FailoverWatch
 from asgi_worker.backends.redis.store import RedisStore
 from asgi_worker.core.config import Config, ConfigurationError
 from asgi_worker.core.discovery import config_mismatch, find_config
+from asgi_worker.core.keys import RedisKeys
 from asgi_worker.core.redis_urls import is_sentinel_url, parse_sentinel_url
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer
@@ -139,6 +145,10 @@ def worker_settings(
         if runtime is not None:
             await runtime.exit_stack.aclose()
 
+    keys = RedisKeys(config.prefix)
+    # A job's progress outlives no run of it: a job runs at most this long.
+    progress_lifetime_ms = round((config.job_timeout + _ARQ_TIMEOUT_GRACE) * 1000)
+
     async def replay_job(
         ctx: dict[Any, Any],
         snapshot: bytes,
@@ -161,6 +171,12 @@ def worker_settings(
             observer=observer,
             trace=trace,
             throttle=runtime.throttle,
+            progress=partial(
+                write_progress,
+                ctx["redis"],
+                keys.progress(ctx["job_id"]),
+                lifetime_ms=progress_lifetime_ms,
+            ),
         )
 
     return {

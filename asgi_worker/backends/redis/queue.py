@@ -36,15 +36,17 @@ from arq.constants import (
     retry_key_prefix,
 )
 from arq.jobs import serialize_job
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from asgi_worker.backends.base import Job, QueueFull
+from asgi_worker.backends.base import Job, JobState, QueueFull
 from asgi_worker.backends.redis.clients import client_url
 from asgi_worker.backends.redis.queue_scripts import ENQUEUE, FIND_LOST, WAKE_TOKENS
 from asgi_worker.backends.redis.retries import Throttle
 from asgi_worker.backends.redis.script_runner import Script
 from asgi_worker.core.codec import peek_snapshot
 from asgi_worker.core.keys import RedisKeys, alive_prefix, request_line, wake_key
+from asgi_worker.core.progress import KEEP_AFTER_END, Progress
 
 logger = logging.getLogger("asgi_worker")
 
@@ -232,6 +234,7 @@ class ArqQueue:
         self._silent = Throttle()
         self._cause: tuple[float, str] | None = None  # (when read, the likely cause)
         self._wake_key = wake_key(queue_name)
+        self._keys = RedisKeys(prefix)
         self.worker_watch = WorkerWatch(redis, queue_name)
         """Whether a worker serves the queue (see `WorkerWatch`)."""
 
@@ -342,3 +345,38 @@ class ArqQueue:
             )
         self._cause = (now, cause)
         return cause
+
+    async def state(self, job_id: str) -> JobState | None:
+        """See `JobQueue.state`: one pipeline (arq's in-progress key, the queue, progress)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(in_progress_key_prefix + job_id)
+            pipe.zrank(self._queue_name, job_id)
+            pipe.hgetall(self._keys.progress(job_id))
+            running, rank, fields = await pipe.execute()
+        progress = Progress.from_fields(fields) if fields else None
+        if running:
+            return JobState("running", None, progress)
+        if rank is not None:
+            return JobState("queued", int(rank), progress)
+        return None
+
+    async def report(self, job_id: str, progress: Progress, *, ended: bool = False) -> None:
+        """See `JobQueue.report`."""
+        await write_progress(
+            self._redis, self._keys.progress(job_id), progress, ended, self._expires_ms
+        )
+
+
+async def write_progress(
+    redis: Redis, key: str, progress: Progress, ended: bool, lifetime_ms: int
+) -> None:
+    """Replace the job's progress hash at `key`: one MULTI, one round trip.
+
+    It lives `lifetime_ms` (the job's longest run), or `KEEP_AFTER_END` once `ended`.
+    """
+    lifetime = round(KEEP_AFTER_END * 1000) if ended else lifetime_ms
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(key)  # a message reported earlier must not outlive one without
+        pipe.hset(key, mapping=progress.fields())
+        pipe.pexpire(key, lifetime)
+        await pipe.execute()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,10 +86,10 @@ def progress_app(config: Config, steps: Steps) -> Starlette:
 
 
 @pytest.fixture
-async def site(kind: str, config: Config) -> AsyncIterator[tuple[Starlette, Steps, Config]]:
+def site(kind: str, config: Config) -> tuple[Starlette, Steps, Config]:
     steps = Steps()
     moved = backend_config(kind, config, fair_queueing=True)
-    yield progress_app(moved, steps), steps, moved
+    return progress_app(moved, steps), steps, moved
 
 
 async def test_a_json_client_sees_the_job_move(
@@ -270,7 +269,8 @@ def test_bad_progress_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="message must be a str"):
         checked(1, 2, 3, 0.0)  # type: ignore[arg-type]
     long = checked(1, 2, "x" * 1000 + "\nnext", 0.0)
-    assert long.message is not None and len(long.message) == 200
+    assert long.message is not None
+    assert len(long.message) == 200
 
 
 def test_progress_fractions() -> None:
@@ -338,5 +338,6 @@ async def test_the_eta_comes_from_the_paths_typical_duration(
             assert time.monotonic() < deadline, state
             await asyncio.sleep(0.02)
         # Half of the typical duration is left at half way.
-        assert state["eta_seconds"] is not None and 0.2 <= state["eta_seconds"] <= 0.6, state
+        assert state["eta_seconds"] is not None, state
+        assert 0.2 <= state["eta_seconds"] <= 0.6, state
         await wait_for_200(http, "/sync?second")

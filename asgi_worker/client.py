@@ -12,17 +12,23 @@ from asgi_worker.client import PendingTimeout, fetch
 
 response = await fetch("http://127.0.0.1:8000/slow?n=100000", timeout=30)
 ```
+
+With `on_progress`, each `202` asks for the job's state as JSON and passes it on as a
+`JobProgress` (docs/progress.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import httpx
@@ -35,6 +41,60 @@ MIN_RETRY_AFTER = 0.05
 _DELTA_SECONDS = re.compile(r"^\d+(?:\.\d+)?$")  # RFC 9110 delta-seconds (and decimals)
 # With `Prefer: wait=N` the server holds a request up to N seconds: read that long, and more.
 _READ_MARGIN = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """Where the job behind a `202` stands, as the server's JSON `202` says (`on_progress`)."""
+
+    status: str
+    """`"queued"` or `"running"`."""
+    progress: float | None
+    """0.0 to 1.0, as the handler last reported (`asgi_worker.report_progress`); or None."""
+    message: str | None
+    """The handler's last message, if any."""
+    position: int | None
+    """Jobs due before this one on the queue (0: next), while queued and known."""
+    eta_seconds: float | None
+    """Seconds until the response is likely ready, from the path's typical duration."""
+    response: httpx.Response
+    """The `202` itself."""
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> JobProgress | None:
+        """The state a JSON `202` carries; None for an empty or unreadable body."""
+        if not response.headers.get("content-type", "").startswith("application/json"):
+            return None
+        try:
+            data: Any = json.loads(response.content)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("status"), str):
+            return None
+
+        def number(name: str) -> float | None:
+            value = data.get(name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return float(value) if ok else None  # type: ignore[arg-type]
+
+        position = data.get("position")
+        message = data.get("message")
+        return cls(
+            status=data["status"],
+            progress=number("progress"),
+            message=message if isinstance(message, str) else None,
+            position=position if isinstance(position, int) else None,
+            eta_seconds=number("eta_seconds"),
+            response=response,
+        )
+
+
+ProgressCallback = Callable[[JobProgress], Awaitable[object] | object]
+"""`fetch`'s `on_progress`: a function or a coroutine function of one `JobProgress`."""
+
+# With `on_progress`, the JSON 202 is asked for at the lowest weight that still names it,
+# so that the app's own answer is negotiated as the caller's Accept alone would have it.
+_JSON_TOO = "application/json;q=0.001"
 
 
 class PendingTimeout(TimeoutError):
@@ -106,6 +166,7 @@ async def fetch(
     wait: float | None = 5.0,
     headers: Mapping[str, str] | None = None,
     max_retry_after: float = 10.0,
+    on_progress: ProgressCallback | None = None,
 ) -> httpx.Response:
     """GET `url` until the answer is not `202 Accepted`; return that response.
 
@@ -120,6 +181,12 @@ async def fetch(
     - `max_retry_after`: the longest pause between requests, whatever `Retry-After` says
       (see `retry_delay`). Pauses never run past the deadline: when the next request
       would come after it, `fetch` waits out the time left and raises `PendingTimeout`.
+
+    - `on_progress`: called with a `JobProgress` for each `202` (awaited if it is a
+      coroutine function). The requests then also accept `application/json` (at
+      `q=0.001`, after the caller's `Accept`), which the server answers with the job's
+      state; a `202` without one is not passed on. For a bar that moves every
+      `Retry-After`, pass `wait=None`: a held request answers only when its wait ends.
 
     Any status other than 202 (200, 404, a stored 500, a 503 while the cache is down) is
     returned as it is. Transport errors (`httpx.TransportError`) are not retried.
@@ -142,10 +209,20 @@ async def fetch(
         ) from error
 
     headers = _traced(headers)
+    if on_progress is not None:
+        headers = _accepting_json(headers)
     if client is not None:
-        return await _poll(client, url, timeout, wait, headers, max_retry_after)
+        return await _poll(client, url, timeout, wait, headers, max_retry_after, on_progress)
     async with httpx.AsyncClient() as own_client:
-        return await _poll(own_client, url, timeout, wait, headers, max_retry_after)
+        return await _poll(own_client, url, timeout, wait, headers, max_retry_after, on_progress)
+
+
+def _accepting_json(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """`headers` whose `Accept` also names JSON (`_JSON_TOO`), after what it names."""
+    merged = dict(headers or {})
+    name = next((name for name in merged if name.lower() == "accept"), "accept")
+    merged[name] = f"{merged.get(name) or '*/*'}, {_JSON_TOO}"
+    return merged
 
 
 def _traced(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
@@ -168,6 +245,7 @@ async def _poll(
     wait: float | None,
     headers: Mapping[str, str] | None,
     max_retry_after: float,
+    on_progress: ProgressCallback | None,
 ) -> httpx.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget
@@ -190,6 +268,10 @@ async def _poll(
         if response.status_code != 202:
             return response
         last = response
+        if on_progress is not None and (state := JobProgress.from_response(response)):
+            told = on_progress(state)
+            if inspect.isawaitable(told):
+                await told
         pause = retry_delay(response.headers.get("retry-after"), max_retry_after=max_retry_after)
         left = deadline - loop.time()
         if pause >= left:  # the next request would come too late: wait out the time, stop

@@ -20,7 +20,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from asgi_worker.cli.demo import client_js
 from asgi_worker.client import (
@@ -370,3 +370,52 @@ async def test_the_docs_static_mount_serves_the_js_client() -> None:
     }
     assert response.content == client_js()
     assert b"export async function fetchWhenReady(" in response.content
+
+
+async def test_on_progress_asks_for_json_after_the_callers_accept() -> None:
+    state = '{"status":"running","progress":0.5,"message":"half","position":null,"eta_seconds":2}'
+    app = Scripted((202, {"retry-after": "0", "content-type": "application/json"}), READY)
+    seen = []
+    async with client_for(JsonScripted(app, state)) as client:
+        response = await fetch(
+            "/r", client=client, wait=None, headers={"Accept": "text/csv"}, on_progress=seen.append
+        )
+    assert response.status_code == 200
+    assert app.requests[0]["accept"] == "text/csv, application/json;q=0.001"
+    [progress] = seen
+    assert (progress.status, progress.progress, progress.message) == ("running", 0.5, "half")
+    assert (progress.position, progress.eta_seconds) == (None, 2.0)
+    assert progress.response.status_code == 202
+
+
+async def test_on_progress_skips_a_202_without_json_and_awaits_a_coroutine() -> None:
+    app = Scripted(PENDING, PENDING, READY)
+    called = []
+
+    async def note(progress: object) -> None:
+        called.append(progress)
+
+    async with client_for(app) as client:
+        response = await fetch("/r", client=client, wait=None, on_progress=note)
+    assert response.status_code == 200
+    assert called == []  # the scripted 202s are empty: nothing to pass on
+    assert app.requests[0]["accept"] == "*/*, application/json;q=0.001"
+
+
+class JsonScripted:
+    """`Scripted`, whose 202s carry `state` as their body."""
+
+    def __init__(self, app: Scripted, state: str) -> None:
+        self.app = app
+        self.state = state.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_state(message: Message) -> None:
+            if message["type"] == "http.response.body" and self.status == 202:
+                message = {**message, "body": self.state}
+            elif message["type"] == "http.response.start":
+                self.status = message["status"]
+            await send(message)
+
+        self.status = 0
+        await self.app(scope, receive, with_state)

@@ -25,6 +25,7 @@ from asgi_worker import (
     report_progress,
     report_progress_sync,
 )
+from asgi_worker.client import JobProgress, fetch
 from asgi_worker.core.keys import RedisKeys
 from asgi_worker.core.progress import WRITE_EVERY, Progress, checked
 from asgi_worker.testing import find_middleware
@@ -341,3 +342,25 @@ async def test_the_eta_comes_from_the_paths_typical_duration(
         assert state["eta_seconds"] is not None, state
         assert 0.2 <= state["eta_seconds"] <= 0.6, state
         await wait_for_200(http, "/sync?second")
+
+
+async def test_fetch_passes_each_state_to_on_progress(config: Config) -> None:
+    steps = Steps()
+    app = progress_app(backend_config("memory", config), steps)
+    seen: list[JobProgress] = []
+
+    async def step_on(progress: JobProgress) -> None:
+        # The handler moves a step each time the client has seen the last one.
+        if not seen or progress.progress != seen[-1].progress:
+            steps.go.set()
+        seen.append(progress)
+
+    async with serve(app) as http:
+        response = await fetch(
+            "/slow", client=http, wait=None, max_retry_after=0.05, on_progress=step_on
+        )
+    assert response.text == "done"
+    fractions = [p.progress for p in seen]
+    assert {0.25, 0.5, 0.75} <= set(fractions), fractions
+    assert fractions == sorted(fractions, key=lambda f: -1 if f is None else f)
+    assert {p.status for p in seen} <= {"queued", "running"}

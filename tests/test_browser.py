@@ -164,14 +164,52 @@ def test_demo_page_shows_processing_then_the_result(
     assert 1.4 <= elapsed < 8.0
 
     slow = watched.requests_to("/slow?n=10000")
-    assert 1 <= len(slow) <= 4, [request.url for request in slow]
-    assert all(request.all_headers().get("prefer") == "wait=5" for request in slow)
+    # No Prefer: wait (the page wants a 202, and the job's state, every Retry-After).
+    assert 2 <= len(slow) <= 5, [request.url for request in slow]
+    assert all("prefer" not in request.all_headers() for request in slow)
+    assert all(
+        request.all_headers()["accept"] == "*/*, application/json;q=0.001" for request in slow
+    )
 
     screenshot = tmp_path / "demo.png"
     page.screenshot(path=str(screenshot), full_page=True)
     print(f"screenshots: {processing} (processing), {screenshot} (done)")
     for path in (processing, screenshot):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_demo_page_fills_a_progress_bar_while_the_job_runs(watched: Watched) -> None:
+    page = watched.page
+    # Record every value the bar takes and every message shown, from the submit on.
+    page.evaluate(
+        """() => {
+            window.bar = [];
+            window.messages = [];
+            const bar = document.getElementById("bar");
+            const message = document.getElementById("message");
+            new MutationObserver(() => window.bar.push(bar.value))
+                .observe(bar, { attributes: true });
+            new MutationObserver(() => window.messages.push(message.textContent))
+                .observe(message, { childList: true, characterData: true, subtree: true });
+        }"""
+    )
+    page.fill("#n", "777")
+    # Five seconds of the demo's slow part (the form asks for the default two): a 202
+    # every second, each a few steps further.
+    page.route("**/slow?n=777", lambda route: route.continue_(url=route.request.url + "&seconds=5"))
+    page.click("button")
+    page.wait_for_function(
+        "document.getElementById('status').textContent.startsWith('done')", timeout=15_000
+    )
+    values: list[float] = page.evaluate("window.bar")
+    messages: list[str] = page.evaluate("window.messages")
+    moving = [value for value in values if 0 < value < 1]
+    assert len(set(moving)) >= 3, values  # the bar moved while the job ran
+    assert moving == sorted(moving), values  # and only forward
+    assert values[-1] == 1, values
+    assert any(
+        text.startswith("running") and "waiting on the slow part" in text for text in messages
+    ), messages
 
 
 def test_fetch_when_ready_calls_on_pending_against_the_demo(watched: Watched) -> None:

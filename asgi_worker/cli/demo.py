@@ -18,9 +18,11 @@ from starlette.routing import Route
 
 from asgi_worker.core.config import Config
 from asgi_worker.web.middleware import WorkerMiddleware
+from asgi_worker.worker.progress import report_progress
 
 MAX_N = 200_000
 MAX_SECONDS = 10.0
+PROGRESS_STEPS = 20
 CLIENT_JS = ("static", "client.js")
 """The browser client, inside the package (`fetchWhenReady`)."""
 
@@ -48,7 +50,14 @@ def create_app(config: Config, *, seconds: float = 2.0) -> Starlette:
                 {"error": f"n must be 1..{MAX_N}, seconds 0..{MAX_SECONDS}"}, status_code=400
             )
         started = time.perf_counter()
-        await asyncio.sleep(delay)  # stands for a slow query or a remote call
+        # Stands for a slow query or a remote call, in steps that tell the page how far
+        # it got (report_progress: nothing when the app serves /slow directly).
+        for step in range(PROGRESS_STEPS):
+            await report_progress(
+                step, PROGRESS_STEPS, f"waiting on the slow part: {step}/{PROGRESS_STEPS}"
+            )
+            await asyncio.sleep(delay / PROGRESS_STEPS)
+        await report_progress(PROGRESS_STEPS, PROGRESS_STEPS, f"counting the primes up to {n}")
         primes = count_primes(n)
         return JSONResponse(
             {
@@ -111,6 +120,8 @@ PAGE = """<!doctype html>
   #status { font-weight: bold; }
   pre { background: #f4f4f4; padding: 1rem; white-space: pre-wrap; overflow-wrap: anywhere; }
   pre:empty { display: none; }
+  progress { width: 100%; height: 1.2rem; }
+  progress:not([value]) { visibility: hidden; }
 </style>
 </head>
 <body>
@@ -123,6 +134,8 @@ once while a worker computes it; this page (with <code>fetchWhenReady</code> fro
   <button>Count primes up to N</button>
 </form>
 <p id="status">idle</p>
+<progress id="bar" max="1"></progress>
+<p id="message"></p>
 <pre id="result"></pre>
 <script type="module">
 import { fetchWhenReady } from "./client.js";
@@ -130,10 +143,14 @@ import { fetchWhenReady } from "./client.js";
 const form = document.getElementById("form");
 const statusEl = document.getElementById("status");
 const resultEl = document.getElementById("result");
+const bar = document.getElementById("bar");
+const messageEl = document.getElementById("message");
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   const url = "./slow?n=" + encodeURIComponent(document.getElementById("n").value);
   resultEl.textContent = "";
+  bar.removeAttribute("value");
+  messageEl.textContent = "";
   const started = Date.now();
   const seconds = () => Math.round((Date.now() - started) / 1000) + " s";
   // Shown at once: with Prefer: wait the server may hold the request instead of a 202.
@@ -141,10 +158,20 @@ form.addEventListener("submit", async (event) => {
   try {
     const response = await fetchWhenReady(url, {
       timeout: 60,
+      wait: null,  // a 202 every Retry-After: each one moves the bar
       onPending: (attempt) => {
         statusEl.textContent = "processing… " + seconds() + " (attempt " + attempt + ")";
       },
+      onProgress: (state) => {
+        bar.value = state.progress ?? 0;
+        const where = state.status === "queued" && state.position !== null
+          ? "queued, " + state.position + " ahead" : state.status;
+        const eta = state.eta_seconds === null
+          ? "" : ", about " + Math.ceil(state.eta_seconds) + " s left";
+        messageEl.textContent = where + eta + (state.message ? ": " + state.message : "");
+      },
     });
+    bar.value = 1;
     statusEl.textContent = "done (" + response.status + ", "
       + (response.headers.get("cache-status") || "") + ")";
     const text = await response.text();

@@ -3,6 +3,7 @@
 //   import { fetchWhenReady } from "/client.js";
 //   const response = await fetchWhenReady("/slow?n=100000", {
 //     onPending: (attempt) => { status.textContent = `processing… (${attempt})`; },
+//     onProgress: (state) => { bar.value = state.progress ?? 0; label.textContent = state.message; },
 //   });
 //
 // Every duration is in seconds, as in HTTP's Retry-After and Prefer: wait=N.
@@ -12,6 +13,9 @@ export const DEFAULT_RETRY_AFTER = 1;
 /** The shortest pause between two requests, whatever Retry-After says. */
 export const MIN_RETRY_AFTER = 0.05;
 
+// With onProgress, the JSON 202 is asked for at the lowest weight that still names it, so
+// that the app's own answer is negotiated as the caller's Accept alone would have it.
+const JSON_TOO = "application/json;q=0.001";
 const DELTA_SECONDS = /^\d+(?:\.\d+)?$/;
 const WEEKDAY = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)[a-z]*,? /;
 
@@ -56,6 +60,39 @@ export function parseRetryAfter(value, now = Date.now()) {
 }
 
 /**
+ * @typedef {object} JobState where the job behind a 202 stands
+ * @property {"queued" | "running"} status
+ * @property {number | null} progress 0 to 1, as the handler last reported it
+ * @property {string | null} message the handler's last message
+ * @property {number | null} position jobs due before it on the queue (0: next)
+ * @property {number | null} eta_seconds seconds until the response is likely ready
+ */
+
+/**
+ * The job state a JSON 202 carries, or null for an empty or unreadable body.
+ * @param {Response} response
+ * @returns {Promise<JobState | null>}
+ */
+export async function jobState(response) {
+  if (!(response.headers.get("content-type") || "").startsWith("application/json")) return null;
+  let data;
+  try {
+    data = await response.clone().json();
+  } catch {
+    return null;
+  }
+  if (data === null || typeof data !== "object" || typeof data.status !== "string") return null;
+  const number = (value) => (typeof value === "number" && Number.isFinite(value) ? value : null);
+  return {
+    status: data.status,
+    progress: number(data.progress),
+    message: typeof data.message === "string" ? data.message : null,
+    position: Number.isInteger(data.position) ? data.position : null,
+    eta_seconds: number(data.eta_seconds),
+  };
+}
+
+/**
  * The pause before asking again: Retry-After (default 1 s if missing or invalid),
  * within [MIN_RETRY_AFTER, retryAfterMax].
  * @param {string | null} value
@@ -85,11 +122,17 @@ export function retryDelay(value, retryAfterMax) {
  * @param {AbortSignal} [options.signal] aborts everything; rejects with its reason
  * @param {(attempt: number, response: Response) => (void | Promise<void>)} [options.onPending]
  *   called after each 202 (attempt counts from 1), e.g. to show "processing"
+ * @param {(state: JobState, response: Response) => (void | Promise<void>)} [options.onProgress]
+ *   called after each 202 that carries the job's state: with it, requests also accept
+ *   application/json (at q=0.001, after the caller's Accept), which the server answers with
+ *   {status, progress, message, position, eta_seconds}. For a bar that moves every
+ *   Retry-After, pass wait: null (a held request answers only when its wait ends).
  * @param {HeadersInit} [options.headers] extra request headers
  * @returns {Promise<Response>}
  */
 export async function fetchWhenReady(url, options = {}) {
-  const { timeout = 30, wait = 5, retryAfterMax = 10, signal, onPending, headers } = options;
+  const { timeout = 30, wait = 5, retryAfterMax = 10, signal, onPending, onProgress, headers } =
+    options;
   if (!(Number.isFinite(timeout) && timeout > 0)) {
     throw new RangeError(`timeout must be a finite number of seconds > 0, not ${timeout}`);
   }
@@ -119,6 +162,9 @@ export async function fetchWhenReady(url, options = {}) {
         throw stopped();
       }
       const requestHeaders = new Headers(headers);
+      if (onProgress) {
+        requestHeaders.set("accept", `${requestHeaders.get("accept") || "*/*"}, ${JSON_TOO}`);
+      }
       // The server may hold the request N seconds: its answer must come before the deadline.
       const seconds = wait === null || wait === undefined
         ? 0
@@ -138,6 +184,10 @@ export async function fetchWhenReady(url, options = {}) {
       if (response.status !== 202) return response;
       last = response;
       if (onPending) await onPending(attempts, response);
+      if (onProgress) {
+        const state = await jobState(response);
+        if (state) await onProgress(state, response);
+      }
       const pause = retryDelay(response.headers.get("retry-after"), retryAfterMax) * 1000;
       const left = Math.max(0, deadline - performance.now());
       // If the next request would come too late, wait out the time (the timer fires) and stop.

@@ -7,8 +7,12 @@ a handler reports while a client polls with `Accept: application/json`.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,6 +37,8 @@ from asgi_worker.web.job_state import accepts_json
 from asgi_worker.worker import settings
 
 from .helpers import backend_config, serve
+from .processes import free_port, processes
+from .test_docs import docs_example
 
 JSON = {"accept": "application/json"}
 
@@ -364,3 +370,26 @@ async def test_fetch_passes_each_state_to_on_progress(config: Config) -> None:
     assert {0.25, 0.5, 0.75} <= set(fractions), fractions
     assert fractions == sorted(fractions, key=lambda f: -1 if f is None else f)
     assert {p.status for p in seen} <= {"queued", "running"}
+
+
+@pytest.mark.e2e
+def test_the_docs_examples_show_a_real_jobs_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/progress.md: its handler under uvicorn, its client printing each state."""
+    (tmp_path / "progress_app.py").write_text(docs_example("progress.md", "handler"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_WORKER_")}
+    server = [sys.executable, "-m", "uvicorn", "progress_app:app", "--port", str(port)]
+    base_url = f"http://127.0.0.1:{port}"
+    with processes(tmp_path, env) as group:
+        group.start("uvicorn", server, cwd=tmp_path)
+        group.wait_for("uvicorn", lambda: httpx.get(f"{base_url}/nothing").status_code == 404)
+        namespace: dict[str, Any] = {"__name__": "docs_example"}
+        exec(compile(docs_example("progress.md", "client"), "docs/progress.md", "exec"), namespace)
+        asyncio.run(namespace["main"](base_url))
+        lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "{'pages': 20}", lines
+    running = [line for line in lines[:-1] if line.startswith("running ")]
+    assert running, lines
+    assert any(re.fullmatch(r"running \d+% reading page \d+ of 20", line) for line in running)

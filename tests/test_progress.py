@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,16 +151,24 @@ async def wait_for_200(http: httpx.AsyncClient, path: str, within: float = 10.0)
     return answer
 
 
+async def state_when(
+    http: httpx.AsyncClient, path: str, ready: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The first JSON 202 state of `path` that is `ready` (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while not ready(state := (await http.get(path, headers=JSON)).json()):
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.02)
+    return state
+
+
 async def test_a_sync_view_reports_from_its_thread(
     site: tuple[Starlette, Steps, Config], kind: str
 ) -> None:
     app, _, config = site
     async with serve(app, worker=config if kind == "arq" else None) as http:
         await http.get("/sync")
-        deadline = time.monotonic() + 5
-        while (state := (await http.get("/sync", headers=JSON)).json())["progress"] != 0.5:
-            assert time.monotonic() < deadline, state
-            await asyncio.sleep(0.05)
+        state = await state_when(http, "/sync", lambda state: state["progress"] == 0.5)
         assert state == {
             "status": "running",
             "progress": 0.5,
@@ -340,10 +349,7 @@ async def test_the_eta_comes_from_the_paths_typical_duration(
         await http.get("/sync?first")
         await wait_for_200(http, "/sync?first")  # the path's first job is timed: ~0.6 s
         await http.get("/sync?second")
-        deadline = time.monotonic() + 5
-        while (state := (await http.get("/sync?second", headers=JSON)).json())["progress"] is None:
-            assert time.monotonic() < deadline, state
-            await asyncio.sleep(0.02)
+        state = await state_when(http, "/sync?second", lambda state: state["progress"] is not None)
         # Half of the typical duration is left at half way.
         assert state["eta_seconds"] is not None, state
         assert 0.2 <= state["eta_seconds"] <= 0.6, state

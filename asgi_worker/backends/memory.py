@@ -22,9 +22,11 @@ from asgi_worker.backends.base import (
     Job,
     Lookup,
     QueueFull,
+    RunningJob,
     Write,
 )
 from asgi_worker.core.invalidation_targets import ByGlob, ByQuery, ByTag, Target, query_matches
+from asgi_worker.core.progress import Progress
 
 logger = logging.getLogger("asgi_worker")
 
@@ -377,6 +379,10 @@ class InProcessQueue:
         self._finished = 0
         """Jobs ended so far; `drain` reports those ended since it last did."""
         self._reported = 0
+        self._running: dict[str, RunningJob] = {}
+        """The jobs holding a slot now, by job id (`running`)."""
+        self._progress: dict[str, Progress] = {}
+        """Each job's latest progress, by job id, as `report` keeps it."""
 
     async def enqueue(self, job: Job) -> None:
         """See `JobQueue.enqueue`: starts the job and returns at once.
@@ -393,6 +399,13 @@ class InProcessQueue:
     async def lost(self, job_id: str) -> bool:
         """See `JobQueue.lost`: never; a job here ends with this process, or runs."""
         return False
+
+    async def running(self, limit: int = 100) -> list[RunningJob]:
+        """See `JobQueue.running`: the jobs holding a slot, with their latest progress."""
+        return [
+            RunningJob(job.job_id, job.path, self._progress.get(job.job_id))
+            for job in list(self._running.values())[:limit]
+        ]
 
     @property
     def pending(self) -> int:
@@ -424,6 +437,7 @@ class InProcessQueue:
 
     async def _guarded(self, job: Job) -> None:
         async with self._slots:
+            self._running[job.job_id] = RunningJob(job.job_id, job.path)
             try:
                 await self._run(job)
             except Exception:
@@ -431,4 +445,5 @@ class InProcessQueue:
                 # failing under it. The claim lapses and a later request re-claims.
                 logger.exception("asgi-worker: in-process job %s failed", job.job_id)
             finally:
+                del self._running[job.job_id]
                 self._finished += 1

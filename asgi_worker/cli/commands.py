@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from asgi_worker.backends.redis.clients import close_client, redis_client, store_client
-from asgi_worker.core.config import ENV_PREFIX, Config, ConfigurationError
+from asgi_worker.core.config import ENV_PREFIX, NOT_SETTINGS, Config, ConfigurationError
 from asgi_worker.core.discovery import find_config
 from asgi_worker.core.redis_urls import display_url
 from asgi_worker.invalidation import Invalidator
@@ -75,7 +75,7 @@ def load_config(spec: str | None, app: Any = None) -> Config:
 
 
 def _config_in_env() -> bool:
-    return any(name.startswith(ENV_PREFIX) for name in os.environ)
+    return any(name.startswith(ENV_PREFIX) and name not in NOT_SETTINGS for name in os.environ)
 
 
 def command_config(config_spec: str | None, app_spec: str | None) -> Config:

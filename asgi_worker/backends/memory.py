@@ -332,6 +332,15 @@ class MemoryStore:
         entry = self._entries.get(digest)
         return entry if entry is not None and entry.keep_until > now else None
 
+    def entries_by_path(self) -> dict[str, int]:
+        """How many live entries each path holds (paths with none left out): the dashboard."""
+        now = time.monotonic()
+        counted = {
+            path: sum(1 for _, until in index.members.values() if until > now)
+            for path, index in self._paths.by_key.items()
+        }
+        return {path: count for path, count in counted.items() if count}
+
     def _holder(self, digest: str, now: float) -> str | None:
         claim = self._claims.get(digest)
         return claim.token if claim is not None and claim.until > now else None

@@ -53,7 +53,8 @@ _HEADERS = [
         b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
         b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
-    (b"referrer-policy", b"no-referrer"),
+    # Not no-referrer: with it, a browser sends `Origin: null` on the forms it posts.
+    (b"referrer-policy", b"same-origin"),
     (b"x-content-type-options", b"nosniff"),
 ]
 _REPLACED = {name for name, _ in _HEADERS}

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -40,6 +41,7 @@ from .dashboard_stack import (
     wait_for,
 )
 from .processes import asgi_worker_command, free_port, processes
+from .test_docs import docs_example
 
 pytestmark = pytest.mark.e2e
 
@@ -326,3 +328,33 @@ def test_same_origin_needs_a_browser_to_say_so() -> None:
     assert not same_origin("same-site", None, "http", "h:1")
     assert not same_origin(None, "http://evil:1", "http", "h:1")
     assert not same_origin(None, "https://h:1", "http", "h:1")
+
+
+# docs/dashboard.md's example, as written.
+
+
+async def test_the_docs_example_mounts_it_outside_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ASGI_WORKER_DASHBOARD_TOKEN", TOKEN)
+    namespace: dict[str, Any] = {}
+    exec(compile(docs_example("dashboard.md", "mount"), "docs/dashboard.md", "exec"), namespace)
+    app, config = namespace["app"], namespace["config"]
+    redis = Redis.from_url(config.redis_url)
+    try:
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                assert (await http.get("/ops/")).status_code == 401
+                state = await http.get("/ops/api/state", headers=BEARER)
+                assert state.status_code == 200
+                assert "cache-status" not in state.headers
+                assert state.json()["counting"] is True
+                report = await http.get("/report")
+                assert report.status_code == 202  # the rest of the app is cached
+    finally:
+        async for key in redis.scan_iter(match=f"{config.prefix}*"):
+            await redis.delete(key)
+        async for key in redis.scan_iter(match=f"arq:*{config.prefix}*"):
+            await redis.delete(key)
+        await redis.aclose()

@@ -33,19 +33,19 @@ class Bucket:
     """Requests answered without a stored response (a 202, or held for `Prefer: wait`)."""
     lookups: int = 0
     """Redis lookups timed."""
-    lookup_us: int = 0
-    """Their total time, in microseconds."""
+    lookup_seconds: float = 0.0
+    """Their total time."""
 
     def add(self, other: Bucket) -> None:
         """Add `other`'s counts to this bucket's."""
         self.hits += other.hits
         self.misses += other.misses
         self.lookups += other.lookups
-        self.lookup_us += other.lookup_us
+        self.lookup_seconds += other.lookup_seconds
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON, with the mean lookup latency in milliseconds."""
-        mean = self.lookup_us / self.lookups / 1000 if self.lookups else None
+        mean = self.lookup_seconds / self.lookups * 1000 if self.lookups else None
         return {
             "minute": self.minute,
             "hits": self.hits,
@@ -63,16 +63,18 @@ class MinuteCounts:
         self._buckets: dict[int, Bucket] = {}
         self.current = Bucket(-1)
         """The bucket of the minute counted last (see `bucket`)."""
+        self._current_ends = 0.0  # when `current`'s minute ends, on `clock`
 
     def bucket(self) -> Bucket:
-        """The bucket of this minute (cheap when the minute did not change)."""
-        minute = int(self._clock()) // 60
-        if minute == self.current.minute:
+        """The bucket of this minute: one clock read and a comparison, mostly (hit path)."""
+        now = self._clock()
+        if now < self._current_ends:
             return self.current
-        return self._roll(minute)
+        return self._roll(int(now) // 60)
 
     def _roll(self, minute: int) -> Bucket:
         self.current = self._buckets.setdefault(minute, Bucket(minute))
+        self._current_ends = (minute + 1) * 60.0
         oldest = minute - MINUTES_KEPT
         if min(self._buckets) <= oldest:
             self._buckets = {m: b for m, b in self._buckets.items() if m > oldest}
@@ -83,6 +85,7 @@ class MinuteCounts:
         taken = list(self._buckets.values())
         self._buckets = {}
         self.current = Bucket(-1)
+        self._current_ends = 0.0
         return [bucket for bucket in taken if bucket.hits or bucket.misses or bucket.lookups]
 
     def last_hour(self) -> list[Bucket]:
@@ -98,8 +101,14 @@ def write_minutes(pipeline: Any, keys: RedisKeys, buckets: list[Bucket]) -> None
     """Queue on `pipeline` the additions of `buckets` to their minutes' hashes."""
     for bucket in buckets:
         key = keys.minute_counts(bucket.minute)
-        for name in ("hits", "misses", "lookups", "lookup_us"):
-            value = getattr(bucket, name)
+        # Whole microseconds: HINCRBY adds integers exactly, HINCRBYFLOAT would drift.
+        added = {
+            "hits": bucket.hits,
+            "misses": bucket.misses,
+            "lookups": bucket.lookups,
+            "lookup_us": round(bucket.lookup_seconds * 1_000_000),
+        }
+        for name, value in added.items():
             if value:
                 pipeline.hincrby(key, name, value)
         pipeline.expire(key, _KEEP_SECONDS)
@@ -124,7 +133,7 @@ async def read_minutes(redis: Any, keys: RedisKeys, now: float | None = None) ->
                 values.get("hits", 0),
                 values.get("misses", 0),
                 values.get("lookups", 0),
-                values.get("lookup_us", 0),
+                values.get("lookup_us", 0) / 1_000_000,
             )
         )
     return buckets

@@ -88,7 +88,7 @@ class DashboardObserver(NoObserver):
         """See `Observer.lookup`."""
         bucket = self.counts.bucket()
         bucket.lookups += 1
-        bucket.lookup_us += int(seconds * 1_000_000)
+        bucket.lookup_seconds += seconds
 
     def job_ended(self, record: JobRecord) -> None:
         """See `Observer.job_ended`."""

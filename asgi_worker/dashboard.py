@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from urllib.parse import parse_qsl
 
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -187,7 +188,10 @@ class _Dashboard:
                 {"error": "unauthorized"}, 401, headers={"www-authenticate": "Bearer"}
             )
         if self._redis is not None:
-            return JSONResponse(await self._redis.read())
+            try:
+                return JSONResponse(await self._redis.read())
+            except (RedisError, OSError) as error:  # the page says so, and tries again
+                return JSONResponse({"error": f"Redis: {error}"}, 503)
         reader = self._process_reader()
         if reader is None:
             return JSONResponse({"error": _NO_MIDDLEWARE}, 503)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,18 @@ from starlette.routing import Mount, Route
 from asgi_worker import Config, WorkerMiddleware
 from asgi_worker.backends.memory import InProcessQueue
 from asgi_worker.core.dashboard_session import SESSION_SECONDS, Sessions, same_origin
+from asgi_worker.core.keys import RedisKeys
 from asgi_worker.core.progress import Progress
 from asgi_worker.dashboard import COOKIE, create_dashboard
+from asgi_worker.observability.counts import (
+    MINUTES_KEPT,
+    Bucket,
+    MinuteCounts,
+    read_minutes,
+    write_minutes,
+)
+from asgi_worker.observability.recent_jobs import KEPT as RECENT_KEPT
+from asgi_worker.observability.recent_jobs import RecentJob, push_jobs, read_jobs
 from asgi_worker.testing import find_middleware
 
 from .dashboard_stack import (
@@ -358,3 +369,45 @@ async def test_the_docs_example_mounts_it_outside_the_cache(
         async for key in redis.scan_iter(match=f"arq:*{config.prefix}*"):
             await redis.delete(key)
         await redis.aclose()
+
+
+# The counts' own bounds, and their round trip through Redis.
+
+
+def test_minute_counts_keep_the_last_hour_only() -> None:
+    now = [60.0 * 1_000_000]
+    counts = MinuteCounts(clock=lambda: now[0])
+    for _ in range(MINUTES_KEPT + 10):
+        counts.bucket().hits += 1
+        counts.bucket().lookup_seconds += 0.001
+        now[0] += 60
+    now[0] -= 60
+    kept = counts.last_hour()
+    assert len(kept) == MINUTES_KEPT
+    assert [b.minute for b in kept] == list(range(kept[0].minute, kept[0].minute + MINUTES_KEPT))
+    assert kept[-1].minute == int(now[0]) // 60
+    assert len(counts.take()) <= MINUTES_KEPT + 1
+    assert counts.take() == []
+
+
+async def test_counts_and_recent_jobs_round_trip_through_redis(redis: Redis, prefix: str) -> None:
+    keys = RedisKeys(prefix)
+    minute = int(time.time()) // 60
+    buckets = [Bucket(minute - 1, 3, 1, 4, 0.002), Bucket(minute, 5, 0, 5, 0.001)]
+    jobs = [RecentJob(f"/p/{n}", 0.5, "stored", 1000.0 + n) for n in range(RECENT_KEPT + 10)]
+    for _ in range(2):  # written twice: the counts add up, the list stays capped
+        async with redis.pipeline(transaction=False) as pipeline:
+            write_minutes(pipeline, keys, buckets)
+            push_jobs(pipeline, keys, jobs)
+            await pipeline.execute()
+    await redis.lpush(keys.recent_jobs(), b"not a job")
+    read = await read_minutes(redis, keys)
+    assert [(b.minute, b.hits, b.misses, b.lookups) for b in read] == [
+        (minute - 1, 6, 2, 8),
+        (minute, 10, 0, 10),
+    ]
+    assert read[0].lookup_seconds == pytest.approx(0.004)
+    assert 0 < await redis.ttl(keys.minute_counts(minute)) <= (MINUTES_KEPT + 2) * 60
+    latest = await read_jobs(redis, keys, 5)
+    assert [job.path for job in latest] == ["/p/209", "/p/208", "/p/207", "/p/206"]
+    assert await redis.llen(keys.recent_jobs()) == RECENT_KEPT + 1

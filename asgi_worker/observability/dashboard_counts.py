@@ -144,6 +144,7 @@ def dashboard_observer(observer: Observer | None) -> DashboardObserver | None:
     """The `DashboardObserver` in `observer` (itself, or one of several), if any."""
     if isinstance(observer, DashboardObserver):
         return observer
-    if isinstance(observer, Observers):
-        return next((o for o in observer.observers if isinstance(o, DashboardObserver)), None)
+    if isinstance(observer, Observers):  # several, perhaps nested
+        found = (dashboard_observer(inner) for inner in observer.observers)
+        return next((inner for inner in found if inner is not None), None)
     return None

@@ -8,9 +8,14 @@ called directly as an ASGI app, `--requests` hits of one prewarmed URL per batch
 median batch kept. Variants:
 
 - `off`: neither metrics nor tracing (the default): the baseline;
+- `observed`: an observer that does nothing (`NoObserver`): what any observer costs the
+  middleware (its measured request path), before the observer's own work;
 - `metrics`: `Config(metrics=True)` (prometheus-client, in-process registry);
 - `tracing`: `Config(tracing=True)` with the OpenTelemetry SDK's `TracerProvider` and no
-  exporter (every span is created, sampled and ended, then dropped).
+  exporter (every span is created, sampled and ended, then dropped);
+- `dashboard`: `Config(dashboard_counts=True)`: the per-minute counts of the ops
+  dashboard (in process on `memory://`; on Redis the same counting, plus one write a
+  second by a task of its own, off the request's path).
 
 The variants run interleaved, the order rotating every round; the report is the median
 per variant over the rounds and its ratio to `off`. (Against the code before observers
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("off", "metrics", "tracing")
+VARIANTS = ("off", "observed", "metrics", "tracing", "dashboard")
 
 
 async def measure(variant: str, requests: int, batches: int) -> float:
@@ -45,6 +50,8 @@ async def measure(variant: str, requests: int, batches: int) -> float:
     settings: dict[str, Any] = {"redis_url": "memory://", "ttl": 3600}
     if variant == "metrics":
         settings["metrics"] = True
+    elif variant == "dashboard":
+        settings["dashboard_counts"] = True
     elif variant == "tracing":
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
@@ -56,7 +63,12 @@ async def measure(variant: str, requests: int, batches: int) -> float:
         return PlainTextResponse("x" * 1024)
 
     app = Starlette(routes=[Route("/item/{id}", item)])
-    app.add_middleware(WorkerMiddleware, config=Config(**settings))
+    if variant == "observed":
+        from asgi_worker.observability.observer import NoObserver
+
+        app.add_middleware(WorkerMiddleware, config=Config(**settings), observer=NoObserver())
+    else:
+        app.add_middleware(WorkerMiddleware, config=Config(**settings))
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},

@@ -32,8 +32,9 @@ LAYERS: list[tuple[str, int]] = [
     ("asgi_worker.store", 6),
     ("asgi_worker.queue", 6),
     ("asgi_worker.backends", 6),  # the subpackage's own __init__ re-exports
-    ("asgi_worker.cli", 7),
-    ("asgi_worker", 8),
+    ("asgi_worker.dashboard", 7),  # a tool that uses the tools (the Invalidator)
+    ("asgi_worker.cli", 8),
+    ("asgi_worker", 9),
 ]
 
 

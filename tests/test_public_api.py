@@ -18,7 +18,7 @@ import pytest
 import asgi_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = ("invalidation", "testing", "client", "stats")
+PUBLIC_MODULES = ("invalidation", "testing", "client", "stats", "dashboard")
 
 
 def test_the_package_exports_what_the_docs_import() -> None:

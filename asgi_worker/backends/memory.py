@@ -23,6 +23,7 @@ from asgi_worker.backends.base import (
     JobState,
     Lookup,
     QueueFull,
+    RunningJob,
     Write,
 )
 from asgi_worker.core.invalidation_targets import ByGlob, ByQuery, ByTag, Target, query_matches
@@ -332,6 +333,15 @@ class MemoryStore:
         entry = self._entries.get(digest)
         return entry if entry is not None and entry.keep_until > now else None
 
+    def entries_by_path(self) -> dict[str, int]:
+        """How many live entries each path holds (paths with none left out): the dashboard."""
+        now = time.monotonic()
+        counted = {
+            path: sum(1 for _, until in index.members.values() if until > now)
+            for path, index in self._paths.by_key.items()
+        }
+        return {path: count for path, count in counted.items() if count}
+
     def _holder(self, digest: str, now: float) -> str | None:
         claim = self._claims.get(digest)
         return claim.token if claim is not None and claim.until > now else None
@@ -381,8 +391,8 @@ class InProcessQueue:
         self._reported = 0
         self._waiting: dict[str, None] = {}
         """Ids of the jobs waiting for a slot, in the order they get one (FIFO)."""
-        self._started: set[str] = set()
-        """Ids of the jobs that hold a slot now."""
+        self._running: dict[str, RunningJob] = {}
+        """The jobs holding a slot now, by job id (`running`)."""
         self._progress: dict[str, Progress] = {}
         """The latest progress of each job that reported some, until shortly after it ends."""
 
@@ -402,6 +412,13 @@ class InProcessQueue:
     async def lost(self, job_id: str) -> bool:
         """See `JobQueue.lost`: never; a job here ends with this process, or runs."""
         return False
+
+    async def running(self, limit: int = 100) -> list[RunningJob]:
+        """See `JobQueue.running`: the jobs holding a slot, with their latest progress."""
+        return [
+            RunningJob(job.job_id, job.path, self._progress.get(job.job_id))
+            for job in list(self._running.values())[:limit]
+        ]
 
     @property
     def pending(self) -> int:
@@ -433,7 +450,7 @@ class InProcessQueue:
 
     async def state(self, job_id: str) -> JobState | None:
         """See `JobQueue.state`."""
-        if job_id in self._started:
+        if job_id in self._running:
             return JobState("running", None, self._progress.get(job_id))
         if job_id in self._waiting:
             return JobState("queued", list(self._waiting).index(job_id))
@@ -455,7 +472,7 @@ class InProcessQueue:
             await self._slots.acquire()
         finally:
             self._waiting.pop(job.job_id, None)  # cancelled while waiting: out of the line
-        self._started.add(job.job_id)
+        self._running[job.job_id] = RunningJob(job.job_id, job.path)
         try:
             await self._run(job)
         except Exception:
@@ -463,6 +480,6 @@ class InProcessQueue:
             # failing under it. The claim lapses and a later request re-claims.
             logger.exception("asgi-worker: in-process job %s failed", job.job_id)
         finally:
-            self._started.discard(job.job_id)
+            del self._running[job.job_id]
             self._finished += 1
             self._slots.release()

@@ -15,9 +15,16 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from asgi_worker.backends.redis.clients import close_client, redis_client, store_client
-from asgi_worker.core.config import ENV_PREFIX, Config, ConfigurationError
+from asgi_worker.core.config import (
+    DASHBOARD_TOKEN_VARIABLE,
+    ENV_PREFIX,
+    NOT_SETTINGS,
+    Config,
+    ConfigurationError,
+)
 from asgi_worker.core.discovery import find_config
 from asgi_worker.core.redis_urls import display_url
+from asgi_worker.dashboard import create_dashboard
 from asgi_worker.invalidation import Invalidator
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, Observers
@@ -75,7 +82,7 @@ def load_config(spec: str | None, app: Any = None) -> Config:
 
 
 def _config_in_env() -> bool:
-    return any(name.startswith(ENV_PREFIX) for name in os.environ)
+    return any(name.startswith(ENV_PREFIX) and name not in NOT_SETTINGS for name in os.environ)
 
 
 def command_config(config_spec: str | None, app_spec: str | None) -> Config:
@@ -189,8 +196,8 @@ def _serve_metrics(config: Config, port: int, host: str) -> Observer:
         metrics.serve(port, host)
     except ConfigurationError as error:
         raise click.UsageError(str(error)) from None
-    tracing = observer_for(config, metrics=False)
-    return metrics if tracing is None else Observers(metrics, tracing)
+    others = observer_for(config, metrics=False)  # tracing, dashboard counts
+    return metrics if others is None else Observers(metrics, others)
 
 
 @main.command(short_help="Serve a demo app with a slow endpoint.")
@@ -229,6 +236,46 @@ def demo(host: str, port: int, redis_url: str | None, seconds: float, prefix: st
         "Stop with Ctrl+C."
     )
     uvicorn.run(create_app(config, seconds=seconds), host=host, port=port, log_level="warning")
+
+
+@main.command(short_help="Serve the ops dashboard of MODULE:APP's cache.")
+@click.argument("app_spec", metavar="MODULE:APP")
+@_CONFIG_OPTION
+@click.option(
+    "--token",
+    envvar=DASHBOARD_TOKEN_VARIABLE,
+    show_envvar=True,
+    help="The secret operators sign in with (better from the variable: not in `ps`).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535))
+def dashboard(
+    app_spec: str, config_spec: str | None, token: str | None, host: str, port: int
+) -> None:
+    """Serve the ops dashboard of the cache of MODULE:APP (e.g. myproject.main:app).
+
+    Queue depth, running jobs and their progress, recent jobs, hit ratio and latency
+    (with Config.dashboard_counts), the biggest paths, and invalidation of a path. It
+    refuses to start without a token. See docs/dashboard.md.
+    """
+    if not token:
+        raise click.UsageError(
+            f"the dashboard needs a token: set {DASHBOARD_TOKEN_VARIABLE} (or pass --token)"
+        )
+    try:
+        import uvicorn
+    except ImportError:
+        raise click.UsageError(
+            "the dashboard needs uvicorn: pip install 'asgi-worker[demo]'"
+        ) from None
+    config = load_config(config_spec, import_object(app_spec))
+    if config.embedded:
+        raise click.UsageError(
+            "memory:// lives inside the web process: mount create_dashboard(config, token=...) "
+            "in your app instead (see docs/dashboard.md)"
+        )
+    click.echo(f"asgi-worker dashboard of cache {config.prefix!r} on http://{host}:{port}/")
+    uvicorn.run(create_dashboard(config, token=token), host=host, port=port, log_level="warning")
 
 
 _KINDS = ("path", "prefix", "glob", "query", "tag")

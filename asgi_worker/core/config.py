@@ -35,6 +35,10 @@ from asgi_worker.core.redis_urls import (
 
 ENV_PREFIX = "ASGI_WORKER_"
 MEMORY_URL = "memory://"
+DASHBOARD_TOKEN_VARIABLE = ENV_PREFIX + "DASHBOARD_TOKEN"
+"""The ops dashboard's token (`asgi-worker dashboard`): a secret, not a `Config` field."""
+NOT_SETTINGS = frozenset({DASHBOARD_TOKEN_VARIABLE})
+"""`ASGI_WORKER_` variables that are no `Config` field: `Config.from_env` lets them be."""
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")  # RFC 9110 token, lowercased
 # Credentials make a response private to one client: a shared cache must not key on them
@@ -199,6 +203,11 @@ class Config:
     tracing: bool = False
     """OpenTelemetry spans for requests and jobs, one trace across the queue
     (`pip install 'asgi-worker[otel]'`); see docs/tracing.md."""
+    dashboard_counts: bool = False
+    """Count hits, misses and lookup latency per minute (the last hour) and keep a list of
+    recent jobs, for the ops dashboard (`asgi_worker.dashboard`; see docs/dashboard.md).
+    On Redis they are written to the queue's Redis about once a second, off the request
+    path; with `memory://` they stay in the process."""
 
     def __post_init__(self) -> None:
         # Before the type checks: its own message says what Retry-After needs.
@@ -515,9 +524,10 @@ def _refuse_unknown_variables(env: Mapping[str, str]) -> None:
     """A `ConfigurationError` for an `ASGI_WORKER_` variable that names no field.
 
     Its value is not shown: a misspelt variable may hold a password all the same.
+    The variables of `NOT_SETTINGS` are read elsewhere and allowed.
     """
     fields = [spec.name for spec in _FIELD_TYPES]
-    known = {ENV_PREFIX + name.upper() for name in fields}
+    known = {ENV_PREFIX + name.upper() for name in fields} | NOT_SETTINGS
     for variable in sorted(env):
         if not variable.startswith(ENV_PREFIX) or variable in known:
             continue

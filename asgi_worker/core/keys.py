@@ -462,6 +462,20 @@ class RedisKeys:
         """
         return f"{self.prefix}:progress:{job_id}"
 
+    def minute_counts(self, minute: int) -> str:
+        """Hash of one minute's hits, misses and lookup latency (`Config.dashboard_counts`).
+
+        `minute` is Unix seconds // 60. On the queue's Redis, as `recent_jobs`.
+        """
+        return f"{self.prefix}:dash:minute:{minute}"
+
+    def recent_jobs(self) -> str:
+        """Capped list of the latest jobs' path, duration and outcome, newest first.
+
+        On the queue's Redis (`Config.dashboard_counts`), where every worker writes it.
+        """
+        return f"{self.prefix}:dash:recent"
+
     # Glob patterns (for SCAN). Config keeps glob characters out of the prefix, except a
     # backslash, which is escaped here.
 

@@ -19,7 +19,6 @@ import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -30,7 +29,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Scope
 
 from asgi_worker.core.config import ConfigurationError
-from asgi_worker.observability.observer import JobRecord, NoObserver, RequestRecord
+from asgi_worker.observability.observer import AtExit, JobRecord, NoObserver, RequestRecord
 from asgi_worker.observability.route_labels import DEFAULT_MAX_LABELS, RouteFunction, RouteLabels
 from asgi_worker.observability.stats import QueueDepth, read_queue
 
@@ -122,7 +121,10 @@ class PrometheusObserver(NoObserver):
 
     def request(self, record: RequestRecord) -> AbstractContextManager[None]:
         """See `Observer.request`: counts the request as it ends."""
-        return _Counted(self, record)
+        return AtExit(self._count_record, record)
+
+    def _count_record(self, record: RequestRecord) -> None:
+        self.count_request(record.scope, record.outcome, record.near)
 
     def count_request(self, scope: Scope, outcome: str, near: bool = False) -> None:
         """Count one request with `outcome` (one of `observer.REQUEST_OUTCOMES`)."""
@@ -210,28 +212,6 @@ def exposition_registry(own: CollectorRegistry, queue: Collector) -> CollectorRe
         return own
     combined.register(queue)
     return combined
-
-
-class _Counted:
-    """`PrometheusObserver.request`: a context manager without a generator (hit path)."""
-
-    __slots__ = ("_observer", "_record")
-
-    def __init__(self, observer: PrometheusObserver, record: RequestRecord) -> None:
-        self._observer = observer
-        self._record = record
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        record = self._record
-        self._observer.count_request(record.scope, record.outcome, record.near)
 
 
 class _QueueCollector(Collector):

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Scope
@@ -122,6 +123,27 @@ class JobRecord:
         if word is None or word in ("stored", "kept-stale"):
             return
         self.outcome = "failed" if word.startswith("failed") else word
+
+
+class AtExit:
+    """A context manager that calls `then(record)` at exit: no generator (the hit path)."""
+
+    __slots__ = ("_record", "_then")
+
+    def __init__(self, then: Callable[[RequestRecord], None], record: RequestRecord) -> None:
+        self._then = then
+        self._record = record
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._then(self._record)
 
 
 class Observer(Protocol):

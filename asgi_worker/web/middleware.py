@@ -17,7 +17,7 @@ import sniffio
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from asgi_worker.backends.base import Job, JobState, QueueFull, Store
+from asgi_worker.backends.base import Job, JobQueue, JobState, QueueFull, Store
 from asgi_worker.backends.memory import InProcessQueue
 from asgi_worker.backends.redis.queue import ArqQueue
 from asgi_worker.core.app_layers import walk
@@ -565,6 +565,16 @@ class WorkerMiddleware(CacheLayer):
         What `Invalidator.for_app` invalidates.
         """
         return self._open().store
+
+    @property
+    def queue(self) -> JobQueue:
+        """Where this middleware's jobs go (opened on first use): the dashboard's running jobs."""
+        return self._open().queue
+
+    @property
+    def observer(self) -> Observer | None:
+        """What measures this middleware's requests, if anything (the dashboard's counts)."""
+        return self._observer
 
     async def drain(self) -> int:
         """Wait until the jobs running in this process have finished.

@@ -39,7 +39,7 @@ from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from asgi_worker.backends.base import Job, JobState, QueueFull
+from asgi_worker.backends.base import Job, JobState, QueueFull, RunningJob
 from asgi_worker.backends.redis.clients import client_url
 from asgi_worker.backends.redis.queue_scripts import ENQUEUE, FIND_LOST, WAKE_TOKENS
 from asgi_worker.backends.redis.retries import Throttle
@@ -78,6 +78,17 @@ def deserialize(data: bytes) -> dict[str, Any]:
     return unpacked
 
 
+def _job_path(payload: bytes | None) -> str:
+    """The request path of a replay job's arq payload; "" if it is gone or unreadable."""
+    if payload is None:
+        return ""
+    try:
+        arguments = deserialize(payload).get("a")
+        return peek_snapshot(bytes(arguments[0])).path if arguments else ""
+    except Exception:  # written by another version, or not ours: no path, never an error
+        return ""
+
+
 class SnapshotBytes(bytes):
     """An encoded request snapshot whose `repr` is the request: `GET /path?query`.
 
@@ -99,6 +110,8 @@ ALIVE_FOR = 5.0
 (heartbeat.py), so a job in progress under an expired one, and taken longer ago than
 this, has lost its worker."""
 
+# Keys per SCAN step when listing the running jobs.
+_SCAN_BATCH = 1000
 # How often a web process reads the queue's Redis's INFO, to say why jobs are gone.
 _CAUSE_READ_EVERY = 60.0
 _NO_EVICTION = (
@@ -310,6 +323,31 @@ class ArqQueue:
                 ALIVE_FOR,
             )
         return why in ("gone", "silent", "lost")
+
+    async def running(self, limit: int = 100) -> list[RunningJob]:
+        """See `JobQueue.running`: arq's in-progress keys, then one pipeline.
+
+        The keyspace walk (`SCAN`, in batches) stops at `limit` jobs; the pipeline reads
+        each job's arq key (its request's path) and its progress hash.
+        """
+        keys = RedisKeys(self._prefix)
+        job_ids: list[str] = []
+        in_progress = in_progress_key_prefix + keys.job_ids_pattern()
+        async for key in self._redis.scan_iter(match=in_progress, count=_SCAN_BATCH):
+            job_ids.append(key.decode()[len(in_progress_key_prefix) :])
+            if len(job_ids) >= limit:
+                break
+        if not job_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipeline:
+            for job_id in job_ids:
+                pipeline.get(job_key_prefix + job_id)
+                pipeline.hgetall(keys.progress(job_id))
+            found = await pipeline.execute()
+        return [
+            RunningJob(job_id, _job_path(payload), Progress.from_fields(progress))
+            for job_id, payload, progress in zip(job_ids, found[::2], found[1::2], strict=True)
+        ]
 
     async def _why_gone(self) -> str:
         """The likely cause of jobs gone from the queue, from the queue's Redis's INFO.

@@ -309,6 +309,28 @@ async def test_memory_backend_in_process() -> None:
             await middleware.drain()
 
 
+async def test_mounted_inside_the_cache_by_mistake_nothing_of_it_is_stored() -> None:
+    """Without `exclude`: its answers are `no-store`, so the cache never keeps one."""
+    config = Config(redis_url="memory://")
+    app = Starlette(routes=[Mount("/ops", create_dashboard(config, token=TOKEN))])
+    app.add_middleware(WorkerMiddleware, config=config)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answers = []
+            for _ in range(3):
+                answers.append(await http.get("/ops/"))
+                middleware = find_middleware(app)
+                assert middleware is not None
+                await middleware.drain()
+            assert [a.status_code for a in answers] == [202, 401, 401]  # then hit-for-pass
+            assert all("hit" not in a.headers.get("cache-status", "") for a in answers)
+            state = await http.get("/ops/api/state", headers=BEARER)  # credentials: bypass
+            assert state.status_code == 200
+            # What is kept for its path is the hit-for-pass marker, never a page of it.
+            assert state.json()["biggest"] == [{"path": "/ops/", "entries": 1}]
+
+
 # The session's signing, by itself.
 
 

@@ -138,6 +138,8 @@ def worker_settings(
         runtime: _Runtime | None = ctx.pop(_CONTEXT_KEY, None)
         if runtime is not None:
             await runtime.exit_stack.aclose()
+        if observer is not None:
+            await observer.close()  # e.g. the dashboard's counts of the last second
 
     async def replay_job(
         ctx: dict[Any, Any],

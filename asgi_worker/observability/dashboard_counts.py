@@ -31,7 +31,7 @@ from asgi_worker.observability.observer import (
     Observers,
     RequestRecord,
 )
-from asgi_worker.observability.recent_jobs import RecentJob, RecentJobs, push_jobs
+from asgi_worker.observability.recent_jobs import KEPT, RecentJob, RecentJobs, push_jobs
 
 logger = logging.getLogger("asgi_worker")
 
@@ -71,11 +71,6 @@ class DashboardObserver(NoObserver):
         self._own_client = False  # made by `connect` (closed by `close`), not the worker's
         self._writing: set[asyncio.Task[None]] = set()  # strong references to the writes
 
-    @property
-    def in_process(self) -> bool:
-        """The counts stay in this process (`memory://`)."""
-        return self._connect is None
-
     def request(self, record: RequestRecord) -> AtExit:
         """See `Observer.request`: the outcome is counted at exit."""
         return AtExit(self._count, record)
@@ -104,6 +99,8 @@ class DashboardObserver(NoObserver):
             self.recent.add(job)
             return
         self._unwritten.append(job)
+        if len(self._unwritten) > KEPT:  # Redis unreachable a while: the list keeps no more
+            del self._unwritten[0]
         if job.at > self._write_by:
             self.counted()
 

@@ -9,6 +9,7 @@ backend is served in this process (its jobs run here).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import subprocess
 import time
@@ -38,6 +39,7 @@ from asgi_worker.observability.counts import (
     read_minutes,
     write_minutes,
 )
+from asgi_worker.observability.dashboard_counts import WRITE_AFTER, dashboard_observer
 from asgi_worker.observability.recent_jobs import KEPT as RECENT_KEPT
 from asgi_worker.observability.recent_jobs import RecentJob, push_jobs, read_jobs
 from asgi_worker.testing import find_middleware
@@ -307,6 +309,60 @@ async def test_memory_backend_in_process() -> None:
             assert (await http.get("/slow/held?wait=1")).status_code == 202
             release.set()
             await middleware.drain()
+
+
+async def test_mounted_inside_the_cache_by_mistake_nothing_of_it_is_stored() -> None:
+    """Without `exclude`: its answers are `no-store`, so the cache never keeps one."""
+    config = Config(redis_url="memory://")
+    app = Starlette(routes=[Mount("/ops", create_dashboard(config, token=TOKEN))])
+    app.add_middleware(WorkerMiddleware, config=config)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            answers = []
+            for _ in range(3):
+                answers.append(await http.get("/ops/"))
+                middleware = find_middleware(app)
+                assert middleware is not None
+                await middleware.drain()
+            assert [a.status_code for a in answers] == [202, 401, 401]  # then hit-for-pass
+            assert all("hit" not in a.headers.get("cache-status", "") for a in answers)
+            state = await http.get("/ops/api/state", headers=BEARER)  # credentials: bypass
+            assert state.status_code == 200
+            # What is kept for its path is the hit-for-pass marker, never a page of it.
+            assert state.json()["biggest"] == [{"path": "/ops/", "entries": 1}]
+
+
+async def test_a_web_process_writes_its_counts_within_a_second_and_at_shutdown(
+    config: Config, redis: Redis
+) -> None:
+    config = dataclasses.replace(config, dashboard_counts=True, exclude=("/ops*",))
+
+    async def page(request: Request) -> Response:
+        return JSONResponse({"path": request.url.path})
+
+    app = Starlette(
+        routes=[Route("/page", page), Mount("/ops", create_dashboard(config, token=TOKEN))]
+    )
+    app.add_middleware(WorkerMiddleware, config=config)
+    minute = RedisKeys(config.prefix).minute_counts(int(time.time()) // 60)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            assert (await http.get("/page")).status_code == 202  # no worker: stays a miss
+            assert not await redis.exists(minute)  # not on the request's path
+            await asyncio.sleep(WRITE_AFTER + 0.5)
+            state = (await http.get("/ops/api/state", headers=BEARER)).json()
+            assert state["hour"]["misses"] == 1
+            assert state["hour"]["lookups"] == 1
+            assert (await http.get("/page")).status_code == 202
+        middleware = find_middleware(app)
+        assert middleware is not None
+        observer = dashboard_observer(middleware.observer)
+        assert observer is not None
+    # Shut down within the second: the last count was written then, and the client closed.
+    assert await redis.hget(minute, "misses") == b"2"
+    assert observer._client is None
 
 
 # The session's signing, by itself.

@@ -64,10 +64,12 @@ class MinuteCounts:
         self.current = Bucket(-1)
         """The bucket of the minute counted last (see `bucket`)."""
         self._current_ends = 0.0  # when `current`'s minute ends, on `clock`
+        self.now = 0.0
+        """The clock's time at the last `bucket`."""
 
     def bucket(self) -> Bucket:
         """The bucket of this minute: one clock read and a comparison, mostly (hit path)."""
-        now = self._clock()
+        now = self.now = self._clock()
         if now < self._current_ends:
             return self.current
         return self._roll(int(now) // 60)
@@ -87,6 +89,10 @@ class MinuteCounts:
         self.current = Bucket(-1)
         self._current_ends = 0.0
         return [bucket for bucket in taken if bucket.hits or bucket.misses or bucket.lookups]
+
+    def take_would_write(self) -> bool:
+        """Something is counted since the last `take`."""
+        return any(b.hits or b.misses or b.lookups for b in self._buckets.values())
 
     def last_hour(self) -> list[Bucket]:
         """The kept buckets of the last `MINUTES_KEPT` minutes, oldest first."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from asgi_worker.backends.redis.clients import close_client
 from asgi_worker.core.keys import RedisKeys
 from asgi_worker.observability.counts import MinuteCounts, write_minutes
 from asgi_worker.observability.observer import (
@@ -29,7 +31,7 @@ from asgi_worker.observability.observer import (
     Observers,
     RequestRecord,
 )
-from asgi_worker.observability.recent_jobs import RecentJob, RecentJobs, push_jobs
+from asgi_worker.observability.recent_jobs import KEPT, RecentJob, RecentJobs, push_jobs
 
 logger = logging.getLogger("asgi_worker")
 
@@ -42,6 +44,8 @@ WRITE_AFTER = 1.0
 """Seconds from the first count not yet written to the write that takes it."""
 WRITE_TIMEOUT = 5.0
 """Seconds a write may take before it is given up (and its counts dropped)."""
+CLOSE_TIMEOUT = 1.0
+"""Seconds the last write, at shutdown, may hold the shutdown up."""
 
 
 class DashboardObserver(NoObserver):
@@ -59,15 +63,13 @@ class DashboardObserver(NoObserver):
         """With `memory://`, the jobs that ended here (on Redis they are written instead)."""
         self._connect = connect
         self._unwritten: list[RecentJob] = []
-        self.write_due = connect is None
-        """A write is scheduled (always true without Redis: nothing is ever written)."""
+        # When the write scheduled should have begun, on the counts' clock: a count past it
+        # schedules one. Not a flag: a write whose loop closed before it began (a test's
+        # loop) is not waited for forever. Never, without Redis.
+        self._write_by = math.inf if connect is None else 0.0
         self._client: tuple[asyncio.AbstractEventLoop, Any] | None = None
+        self._own_client = False  # made by `connect` (closed by `close`), not the worker's
         self._writing: set[asyncio.Task[None]] = set()  # strong references to the writes
-
-    @property
-    def in_process(self) -> bool:
-        """The counts stay in this process (`memory://`)."""
-        return self._connect is None
 
     def request(self, record: RequestRecord) -> AtExit:
         """See `Observer.request`: the outcome is counted at exit."""
@@ -81,7 +83,7 @@ class DashboardObserver(NoObserver):
             self.counts.bucket().misses += 1
         else:
             return
-        if not self.write_due:
+        if self.counts.now > self._write_by:
             self.counted()
 
     def lookup(self, seconds: float) -> None:
@@ -97,12 +99,25 @@ class DashboardObserver(NoObserver):
             self.recent.add(job)
             return
         self._unwritten.append(job)
-        if not self.write_due:
+        if len(self._unwritten) > KEPT:  # Redis unreachable a while: the list keeps no more
+            del self._unwritten[0]
+        if job.at > self._write_by:
             self.counted()
 
     def watch_queue(self, redis: Any, queue_name: str, timeout: float) -> None:
         """See `Observer.watch_queue`: the worker's queue client, written with."""
         self._client = (asyncio.get_running_loop(), redis)
+        self._own_client = False
+
+    async def close(self) -> None:
+        """See `Observer.close`: write what is counted, close the client it made."""
+        if self._connect is None:
+            return
+        if self._unwritten or self.counts.take_would_write():
+            await self._write(asyncio.get_running_loop(), within=CLOSE_TIMEOUT)
+        client, self._client = self._client, None
+        if client is not None and self._own_client:
+            await close_client(client[1])
 
     def counted(self) -> None:
         """Something is counted and not written: write it `WRITE_AFTER` seconds from now."""
@@ -110,7 +125,7 @@ class DashboardObserver(NoObserver):
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop to write from: kept for the next count's write
             return
-        self.write_due = True
+        self._write_by = time.time() + WRITE_AFTER + WRITE_TIMEOUT
         loop.call_later(WRITE_AFTER, self._start_write, loop)
 
     def _start_write(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -118,13 +133,13 @@ class DashboardObserver(NoObserver):
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
 
-    async def _write(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.write_due = False  # what is counted from now on is the next write's
+    async def _write(self, loop: asyncio.AbstractEventLoop, within: float = WRITE_TIMEOUT) -> None:
+        self._write_by = 0.0  # what is counted from now on is the next write's
         buckets, jobs = self.counts.take(), self._unwritten
         self._unwritten = []
         try:
             redis = self._client_for(loop)
-            async with asyncio.timeout(WRITE_TIMEOUT):
+            async with asyncio.timeout(within):
                 async with redis.pipeline(transaction=False) as pipeline:
                     write_minutes(pipeline, self.keys, buckets)
                     push_jobs(pipeline, self.keys, jobs[::-1])
@@ -137,6 +152,7 @@ class DashboardObserver(NoObserver):
         if self._client is None or self._client[0] is not loop:
             assert self._connect is not None
             self._client = (loop, self._connect())
+            self._own_client = True
         return self._client[1]
 
 

@@ -191,6 +191,9 @@ class Observer(Protocol):
     def exposition(self) -> ASGIApp | None:
         """An ASGI app serving the metrics (the middleware answers `metrics_path` with it)."""
 
+    async def close(self) -> None:
+        """At shutdown (the middleware's, the worker's): finish and release what it holds."""
+
 
 class NoObserver:
     """The `Observer` that does nothing; a base for observers that need only a part."""
@@ -235,6 +238,9 @@ class NoObserver:
     def exposition(self) -> ASGIApp | None:
         """See `Observer.exposition`."""
         return None
+
+    async def close(self) -> None:
+        """See `Observer.close`."""
 
 
 class Observers(NoObserver):
@@ -307,3 +313,8 @@ class Observers(NoObserver):
         """See `Observer.exposition`: the first observer's that has one."""
         apps = [observer.exposition() for observer in self.observers]
         return next((app for app in apps if app is not None), None)
+
+    async def close(self) -> None:
+        """See `Observer.close`."""
+        for observer in self.observers:
+            await observer.close()

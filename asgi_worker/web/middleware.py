@@ -601,9 +601,12 @@ class WorkerMiddleware(CacheLayer):
     def _closing_at_shutdown(self, receive: Receive) -> Receive:
         async def receive_then_close() -> Message:
             message = await receive()
-            if message["type"] == "lifespan.shutdown" and self._backend is not None:
-                backend, self._backend = self._backend, None
-                await backend.close()
+            if message["type"] == "lifespan.shutdown":
+                if self._backend is not None:
+                    backend, self._backend = self._backend, None
+                    await backend.close()
+                if self._observer is not None:
+                    await self._observer.close()  # writes its last counts, if any
             return message
 
         return receive_then_close

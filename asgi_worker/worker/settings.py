@@ -144,6 +144,8 @@ def worker_settings(
         runtime: _Runtime | None = ctx.pop(_CONTEXT_KEY, None)
         if runtime is not None:
             await runtime.exit_stack.aclose()
+        if observer is not None:
+            await observer.close()  # e.g. the dashboard's counts of the last second
 
     keys = RedisKeys(config.prefix)
     # A job's progress outlives no run of it: a job runs at most this long.

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from asgi_worker import Config, WorkerMiddleware
+from asgi_worker import Config, WorkerMiddleware, report_progress
 from asgi_worker.core.config import DASHBOARD_TOKEN_VARIABLE
 from asgi_worker.dashboard import create_dashboard
 
@@ -31,6 +31,16 @@ async def sleep(request: Request) -> Response:
     return JSONResponse({"path": request.url.path, "query": request.url.query})
 
 
+async def steps(request: Request) -> Response:
+    """`?steps=N` steps of `?every=S` seconds (at most `MAX_SLEEP` in all), each reported."""
+    count = max(1, int(request.query_params.get("steps", "10")))
+    every = min(float(request.query_params.get("every", "0.5")), MAX_SLEEP / count)
+    for step in range(count):
+        await report_progress(step, count, f"step {step + 1} of {count}")
+        await asyncio.sleep(every)
+    return JSONResponse({"path": request.url.path, "steps": count})
+
+
 async def health(request: Request) -> Response:
     """Readiness probe (excluded from the cache)."""
     return PlainTextResponse("ok")
@@ -39,6 +49,7 @@ async def health(request: Request) -> Response:
 app = Starlette(
     routes=[
         Route("/sleep/{name}", sleep),
+        Route("/steps/{name}", steps),
         Route("/health", health),
         Mount(
             "/ops", create_dashboard(config, token=os.environ.get(DASHBOARD_TOKEN_VARIABLE, "-"))

@@ -1,7 +1,7 @@
 """The ops dashboard in a real headless Chromium (Debian's, driven by Playwright).
 
-Signs in through the form, watches a running job's progress move as the test writes its
-progress hash (as a worker reports it), and invalidates a path through the confirmation
+Signs in through the form, watches a running job's progress move as its handler reports
+it (`report_progress`, in a real worker), and invalidates a path through the confirmation
 page; the entry is then gone from Redis. A missing browser is a failure, never a skip.
 """
 
@@ -13,8 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-
-from asgi_worker.core.progress import Progress
 
 from .dashboard_stack import TOKEN, DashboardStack, dashboard_stack, get_until_stored, wait_for
 from .test_browser import CHROMIUM, CHROMIUM_ARGS, MISSING
@@ -62,24 +60,46 @@ def sign_in(page: Page, stack: DashboardStack) -> None:
 
 
 def test_a_running_jobs_progress_moves_on_the_page(page: Page, stack: DashboardStack) -> None:
+    """The handler reports (`report_progress`) in the worker, and the page shows it move.
+
+    The same job's JSON 202 says the same: the client and the operator watch one job.
+    """
     sign_in(page, stack)
+    # Record every percentage the job's row shows.
+    page.evaluate(
+        """() => {
+            window.fractions = [];
+            new MutationObserver(() => {
+                for (const row of document.querySelectorAll("#running tr")) {
+                    if (row.textContent.includes("/steps/watched")) {
+                        window.fractions.push(row.querySelector(".fraction").textContent.trim());
+                    }
+                }
+            }).observe(document.getElementById("running"),
+                       { childList: true, characterData: true, subtree: true });
+        }"""
+    )
     with httpx.Client(base_url=stack.base_url, timeout=10) as http:
-        assert http.get("/sleep/watched?seconds=12").status_code == 202
-        row = page.locator("#running tr", has_text="/sleep/watched")
+        url = "/steps/watched?steps=10&every=0.6"
+        assert http.get(url).status_code == 202
+        row = page.locator("#running tr", has_text="/steps/watched")
         expect(row).to_be_visible(timeout=10_000)
-        expect(row.locator(".fraction")).to_have_text(" \N{EN DASH}")  # nothing reported
-
-        def job_id() -> str | None:
-            jobs = stack.state(http)["running"]
-            return next((j["job_id"] for j in jobs if j["path"] == "/sleep/watched"), None)
-
-        watched = wait_for("the job listed", job_id, stack)
-    stack.report(watched, Progress(2, 10, "two of ten"))
-    expect(row.locator(".fraction")).to_have_text(" 20%", timeout=5_000)
-    expect(row).to_contain_text("two of ten")
-    stack.report(watched, Progress(7, 10, "seven of ten"))
-    expect(row.locator(".fraction")).to_have_text(" 70%", timeout=5_000)
-    expect(row).to_contain_text("seven of ten")
+        expect(row).to_contain_text("of 10", timeout=5_000)
+        client_saw = wait_for(
+            "the JSON 202's progress",
+            lambda: (
+                (state := http.get(url, headers={"accept": "application/json"}).json())["progress"]
+                and state
+            ),
+            stack,
+        )
+        assert client_saw["status"] == "running"
+        assert client_saw["message"].startswith("step ")
+        wait_for("the job's answer", lambda: http.get(url).status_code == 200, stack)
+    shown = [text for text in page.evaluate("window.fractions") if text.endswith("%")]
+    percentages = [int(text.rstrip("%")) for text in shown]
+    assert len(set(percentages)) >= 3, shown  # it moved while the job ran
+    assert percentages == sorted(percentages), shown  # and only forward
 
 
 def test_a_path_is_invalidated_through_the_confirmation(page: Page, stack: DashboardStack) -> None:

@@ -136,6 +136,14 @@ class Config:
     streams them to the client a chunk (256 KiB) at a time: each hit then holds about one
     chunk in the web process, never the whole body, and the near cache never holds them.
     Smaller bodies are served whole from the entry, in its one round trip."""
+    compress: bool = True
+    """Store a compressible answer (text, JSON, XML, JavaScript, SVG, with no coding of its
+    own) gzipped, once, and serve it as gzip to a client that accepts gzip and decoded to
+    one that does not; an answer the app gzipped itself is decoded for such a client too
+    (see docs/compression.md). False stores every body as the app sent it."""
+    compress_min_bytes: int = 1024
+    """Smaller bodies are stored as the app sent them (gzip gains little on them), as are
+    bodies stored apart (`stream_body_bytes`), and any that gzip does not shrink by 10 %."""
     poll_delay: float = 0.01
     """How often arq's own `Worker` (`arq module.WorkerSettings`) and `run_pending` poll
     the queue (arq's default is 0.5 s). `asgi-worker worker` does not poll: each enqueue
@@ -288,6 +296,7 @@ class Config:
         )
         _require(self.max_body_bytes > 0, "max_body_bytes", "must be greater than 0")
         _require(self.stream_body_bytes >= 0, "stream_body_bytes", "must be 0 or more")
+        _require(self.compress_min_bytes >= 0, "compress_min_bytes", "must be 0 or more")
         _require(self.max_jobs > 0, "max_jobs", "must be greater than 0")
         _require(_duration(self.max_wait) >= 0, "max_wait", "must be a finite number >= 0")
         _require(self.max_waiters >= 0, "max_waiters", "must be 0 or more")

@@ -15,10 +15,6 @@ from asgi_worker.core.keys import Headers
 GZIP = "gzip"
 """The one coding the cache stores and decodes (RFC 9110 section 8.4.1.3)."""
 
-GZIP_LEVEL = 6
-"""zlib's default: within a few per cent of level 9's size at a third of its time (see
-docs/compression.md for the measurement)."""
-
 WORTH_IT = 0.9
 """A compressed body is kept only if it is smaller than this share of the original."""
 
@@ -89,7 +85,7 @@ def app_gzip(headers: Headers) -> bool:
     return len(codings) == 1 and codings[0] in _GZIP_NAMES
 
 
-def gzip(body: bytes, level: int = GZIP_LEVEL) -> bytes:
+def gzip(body: bytes, level: int) -> bytes:
     """`body` gzipped, with no file name and a zero time, so equal bodies code equally."""
     compressor = zlib.compressobj(level, zlib.DEFLATED, _GZIP_WBITS)
     return compressor.compress(body) + compressor.flush()
@@ -112,6 +108,21 @@ def gunzip(data: bytes, limit: int) -> bytes:
     if not decompressor.eof or decompressor.unused_data or decompressor.unconsumed_tail:
         raise ValueError("gzip cut short, or bytes after its end")
     return decoded
+
+
+def framed(data: bytes, length: int) -> bool:
+    """Whether `data` looks like one whole gzip member of `length` bytes decoded.
+
+    Its magic at the start, and at the end the decoded size gzip's trailer holds (modulo
+    2**32, RFC 1952): a check that costs nothing per hit, where decoding costs a pass
+    over the body. Truncated or foreign bytes fail it; a body with bytes changed inside
+    fails only the full check of `gunzip` (the CRC).
+    """
+    return (
+        len(data) >= 18
+        and data.startswith(b"\x1f\x8b\x08")
+        and int.from_bytes(data[-4:], "little") == length % 2**32
+    )
 
 
 def accepts_gzip(accept_encoding: Iterable[bytes]) -> bool:

@@ -14,10 +14,10 @@ import dataclasses
 from asgi_worker.core.codec import Coded, CorruptEntryError, StoredResponse
 from asgi_worker.core.encodings import (
     GZIP,
-    GZIP_LEVEL,
     WORTH_IT,
     app_gzip,
     compressible,
+    framed,
     gunzip,
     gzip,
     tagged,
@@ -29,9 +29,9 @@ IDENTITY = "identity"
 
 
 def for_storing(
-    response: StoredResponse, *, min_bytes: int, limit: int, level: int = GZIP_LEVEL
+    response: StoredResponse, *, min_bytes: int, limit: int, level: int
 ) -> StoredResponse:
-    """`response` as the cache stores it: gzipped once if that is worth it.
+    """`response` as the cache stores it: gzipped once (at zlib's `level`) if worth it.
 
     Gzipped: a whole body (not one stored apart) of `min_bytes` or more, of a
     compressible type with no coding of its own (`encodings.compressible`), in a
@@ -76,12 +76,15 @@ def select(response: StoredResponse, accepts_gzip: bool) -> StoredResponse:
     either (it is what is sent): the gzip as stored, with `Content-Encoding: gzip`, its
     own `Content-Length` and ETag; or the decoded bytes, with the app's headers for them.
     The ETag of the representation the app did not send is the app's with a suffix
-    (`encodings.tagged`). `CorruptEntryError` if the stored gzip does not decode to
-    what the entry says.
+    (`encodings.tagged`). `CorruptEntryError` if the stored gzip is not what the entry
+    says: its frame is checked for every client (`encodings.framed`), its content for
+    those that get it decoded.
     """
     coded = response.coded
     if coded is None:
         return response
+    if not framed(response.body, coded.identity_length):
+        raise CorruptEntryError("stored gzip is not one whole member of the recorded length")
     if coded.by_cache:
         if accepts_gzip:
             headers = _recoded(response.headers, len(response.body), GZIP)

@@ -509,8 +509,12 @@ def to_write(
         body = Body(secrets.token_hex(8), replayed.chunks, replayed.length)
     response = stored(kept, now, apart=None if body is None else body.version)
     if config.compress and body is None:  # a body stored apart is stored as it came
-        limit = config.max_body_bytes
-        response = for_storing(response, min_bytes=config.compress_min_bytes, limit=limit)
+        response = for_storing(
+            response,
+            min_bytes=config.compress_min_bytes,
+            limit=config.max_body_bytes,
+            level=config.compress_level,
+        )
     return Write(
         encode_response(response),
         fresh=life.fresh,

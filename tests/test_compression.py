@@ -35,6 +35,7 @@ from asgi_worker.core.encodings import (
 )
 from asgi_worker.core.representations import for_storing, select
 from asgi_worker.testing import run_pending
+from asgi_worker.web.decoded_bodies import DecodedBodies
 
 from .helpers import backend_config, digest_of, response_key, serve
 
@@ -516,3 +517,23 @@ async def test_an_entry_stored_before_compression_is_still_served(
         assert response.headers["cache-status"] == HIT
         assert raw == REPORT
         assert "content-encoding" not in response.headers
+
+
+def test_decoded_bodies_are_kept_per_content_never_across_commits() -> None:
+    bodies = DecodedBodies(max_bytes=4 * 1024 * 1024)
+    first = store(stored_response(REPORT))
+    once = bodies.select("d1", first, accepts_gzip=False)
+    again = bodies.select("d1", first, accepts_gzip=False)
+    assert once.body == REPORT
+    assert again.body is once.body  # decoded once
+    newer = store(stored_response(REPORT.replace(b"item 1", b"item X")))
+    assert bodies.select("d1", newer, accepts_gzip=False).body == gzip.decompress(newer.body)
+    assert bodies.select("d1", first, accepts_gzip=True).body == first.body  # gzip as stored
+
+
+async def test_identity_hits_without_kept_bodies(kind: str, config: Config) -> None:
+    async for site in open_site(kind, config, decoded_bodies_bytes=0):
+        await site.ready("/report")
+        for _ in range(2):
+            response, raw = await site.get("/report", None)
+            assert (response.headers["cache-status"], raw) == (HIT, REPORT)

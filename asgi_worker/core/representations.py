@@ -69,7 +69,9 @@ def for_storing(
     )
 
 
-def select(response: StoredResponse, accepts_gzip: bool) -> StoredResponse:
+def select(
+    response: StoredResponse, accepts_gzip: bool, decoded: bytes | None = None
+) -> StoredResponse:
     """The representation of `response` to send a client that does (not) accept gzip.
 
     A response with no `coded` body is returned as it is. Otherwise the result has none
@@ -78,7 +80,8 @@ def select(response: StoredResponse, accepts_gzip: bool) -> StoredResponse:
     The ETag of the representation the app did not send is the app's with a suffix
     (`encodings.tagged`). `CorruptEntryError` if the stored gzip is not what the entry
     says: its frame is checked for every client (`encodings.framed`), its content for
-    those that get it decoded.
+    those that get it decoded. `decoded`: the body decoded already, from an earlier
+    hit of this very entry (`content_key`), to send instead of decoding it again.
     """
     coded = response.coded
     if coded is None:
@@ -89,7 +92,8 @@ def select(response: StoredResponse, accepts_gzip: bool) -> StoredResponse:
         if accepts_gzip:
             headers = _recoded(response.headers, len(response.body), GZIP)
             return dataclasses.replace(response, headers=headers, coded=None)
-        return dataclasses.replace(response, body=_decoded(response, coded), coded=None)
+        body = decoded if decoded is not None else _decoded(response, coded)
+        return dataclasses.replace(response, body=body, coded=None)
     if accepts_gzip:
         return dataclasses.replace(response, coded=None)
     headers = _recoded(response.headers, coded.identity_length, IDENTITY)
@@ -125,3 +129,14 @@ def _decoded(response: StoredResponse, coded: Coded) -> bytes:
     if len(body) != coded.identity_length:
         raise CorruptEntryError("stored gzip decodes to another length than recorded")
     return body
+
+
+def content_key(response: StoredResponse) -> bytes:
+    """What tells a gzip entry's content apart from another's of the same URL.
+
+    Its ETag (the app's, or the hash of the body the worker made) and gzip's trailer (the
+    decoded bytes' CRC-32 and size): for keeping a decoded body between hits of one
+    entry, never giving it for another.
+    """
+    etag = next((value for name, value in response.headers if name == b"etag"), b"")
+    return etag + b"/" + response.body[-8:]

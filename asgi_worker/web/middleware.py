@@ -46,6 +46,7 @@ from asgi_worker.core.representations import select
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, RequestRecord
 from asgi_worker.web.backend import Backend, ReplayEntrance, open_backend
+from asgi_worker.web.decoded_bodies import DecodedBodies
 from asgi_worker.web.job_state import accepts_json, state_body
 from asgi_worker.web.key_memo import KeyMemo
 from asgi_worker.web.lost_jobs import GRACE_MARGIN, LostJobs
@@ -120,6 +121,10 @@ class WorkerMiddleware(CacheLayer):
         self._lost = LostJobs(self._keys, grace=config.redis_timeout + GRACE_MARGIN)
         # Where in-process replays enter the app: learned from the first request.
         self._entrance: ReplayEntrance | None = None
+        # Gzip entries decoded for clients that accept no gzip, kept a while (compress).
+        self._decoded = (
+            DecodedBodies(config.decoded_bodies_bytes) if config.decoded_bodies_bytes else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -253,7 +258,11 @@ class WorkerMiddleware(CacheLayer):
         response = found.response
         if response.coded is not None:  # gzip stored: this client's representation of it
             try:
-                response = select(response, accepts_gzip(_headers(scope, b"accept-encoding")))
+                accepts = accepts_gzip(_headers(scope, b"accept-encoding"))
+                if self._decoded is None:
+                    response = select(response, accepts)
+                else:
+                    response = self._decoded.select(digest, response, accepts)
             except CorruptEntryError as error:
                 logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
                 return await self._after_discard(

@@ -76,10 +76,10 @@ def response_cost(response: StoredResponse) -> int:
     cost = _RESPONSE + _FLOAT + _int_cost(response.status) + allocated(sys.getsizeof(headers))
     cost += _PAIR * len(headers)
     for name, value in headers:
-        cost += _bytes_cost(name) + _bytes_cost(value)
+        cost += bytes_cost(name) + bytes_cost(value)
     if (coded := response.coded) is not None:
         cost += _CODED + _CODING + _int_cost(coded.identity_length)
-    return cost + _bytes_cost(response.body)
+    return cost + bytes_cost(response.body)
 
 
 class NearCache(Generic[Value]):
@@ -198,7 +198,7 @@ def _int_cost(value: int) -> int:
     return allocated(sys.getsizeof(value))
 
 
-def _bytes_cost(value: bytes) -> int:
+def bytes_cost(value: bytes) -> int:
     """Bytes of a bytes object: none for the empty and one-byte ones CPython shares."""
     size = len(value)
     return allocated(_BYTES + size) if size > 1 else 0

@@ -2,19 +2,23 @@
 
     .venv/bin/python -m benchmarks.compression [--rounds 3] [--seconds 5]
 
-A ~121 KB JSON report (`REPORT`, gzip makes it about a tenth) is served by three
+A ~121 KB JSON report (`REPORT`, gzip makes it about a tenth) is served by four
 uvicorn processes, each Starlette behind `WorkerMiddleware` on Redis (jobs in process,
 `ttl` 1 h, so every request of a load is a hit), each on a prefix of its own:
 
 - `stored-gzip`: `compress=True` (the default): stored gzipped once;
+- `stored-gzip-decoding`: the same with `decoded_bodies_bytes=0`: an identity client's
+  hit decodes the gzip every time, where `stored-gzip` keeps it decoded 10 s;
 - `stored-plain`: `compress=False`: stored as the app sent it, as before;
 - `gzip-outside`: `compress=False` and Starlette's `GZipMiddleware` outside the cache,
   which compresses every hit again (its default level, 9, as `compress_level`'s).
 
 It measures, in one run: `MEMORY USAGE` of the stored entry of each; with `wrk -t1 -c16`,
 hits/s and the web process's CPU per hit for gzip clients (`Accept-Encoding: gzip`) of
-`stored-gzip` against `gzip-outside`, and for identity clients (no `Accept-Encoding`,
-so the stored gzip is decoded on each hit) of `stored-gzip` against `stored-plain`. The
+`stored-gzip` against `gzip-outside` and against `stored-plain` (which sends them the
+whole report), and for identity clients (no `Accept-Encoding`:
+they get the stored gzip decoded) of `stored-gzip` and `stored-gzip-decoding` against
+`stored-plain`. The
 loads are interleaved and their order rotates every round; the ratios are per round, then
 the median (min-max). Also, in this process, what one store and one decode cost for the
 levels and codings considered (gzip 1, 6, 9; brotli 5 and 11 if installed). Writes
@@ -48,7 +52,7 @@ from asgi_worker.core.encodings import gunzip, gzip
 from .load import run_load, wrk_available
 from .servers import ROOT, Server, cpu_seconds, process_env, serve
 
-MODES = ("stored-gzip", "stored-plain", "gzip-outside")
+MODES = ("stored-gzip", "stored-gzip-decoding", "stored-plain", "gzip-outside")
 GZIP_CLIENT = "Accept-Encoding: gzip"
 
 
@@ -119,7 +123,7 @@ def main() -> None:
 
 
 def run(redis_url: str, rounds: int, seconds: float, connections: int) -> dict[str, Any]:
-    """Serve the three modes, store the report in each, measure; every figure."""
+    """Serve the four modes, store the report in each, measure; every figure."""
     run_id = f"awbench-{uuid.uuid4().hex[:8]}"
     logs = ROOT / "benchmarks" / "results" / "raw"
     logs.mkdir(parents=True, exist_ok=True)
@@ -157,7 +161,8 @@ def _server(mode: str, prefix: str, redis_url: str, logs: Path) -> Any:
         ASGI_WORKER_INLINE_WORKER="true",
         ASGI_WORKER_TTL="3600",
         ASGI_WORKER_EXCLUDE="/health",
-        ASGI_WORKER_COMPRESS="true" if mode == "stored-gzip" else "false",
+        ASGI_WORKER_COMPRESS="true" if mode.startswith("stored-gzip") else "false",
+        ASGI_WORKER_DECODED_BODIES_BYTES="0" if mode == "stored-gzip-decoding" else "16777216",
     )
     return serve(mode, "benchmarks.compression:app", env, logs)
 
@@ -183,7 +188,9 @@ def _memory_usage(client: redis.Redis, prefix: str) -> int:
 _LOADS = (
     ("gzip", "stored-gzip", GZIP_CLIENT),
     ("gzip", "gzip-outside", GZIP_CLIENT),
+    ("gzip", "stored-plain", GZIP_CLIENT),
     ("identity", "stored-gzip", None),
+    ("identity", "stored-gzip-decoding", None),
     ("identity", "stored-plain", None),
 )
 
@@ -223,9 +230,15 @@ def _ratios(loads: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per round, `ours / theirs` of hits/s and of CPU per hit; median, min, max."""
     pairs = {
         "gzip clients: stored-gzip / gzip-outside": ("gzip", "stored-gzip", "gzip-outside"),
+        "gzip clients: stored-gzip / stored-plain": ("gzip", "stored-gzip", "stored-plain"),
         "identity clients: stored-gzip / stored-plain": (
             "identity",
             "stored-gzip",
+            "stored-plain",
+        ),
+        "identity clients: stored-gzip-decoding / stored-plain": (
+            "identity",
+            "stored-gzip-decoding",
             "stored-plain",
         ),
     }

@@ -147,7 +147,7 @@ class Config:
     compress_level: int = 9
     """zlib's level for that gzip, 1 (fastest) to 9 (smallest). Paid once per stored
     answer, not per hit: 9, as Starlette's `GZipMiddleware`, makes a JSON report about
-    7 % smaller than 6 for about 7 times the CPU (docs/compression.md#the-level)."""
+    6 % smaller than 6 for about 4 times the CPU (docs/compression.md#the-level)."""
     decoded_bodies_bytes: int = 16 * 1024 * 1024
     """Memory a web process spends on gzip entries decoded for clients that accept no
     gzip, kept 10 s each (least recently used out first), so a hot entry is decoded once

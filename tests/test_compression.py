@@ -168,6 +168,14 @@ def test_what_is_stored_as_the_app_sent_it() -> None:
         assert store(response) is response
 
 
+def test_the_threshold_is_exclusive() -> None:
+    """1 KiB (one packet either way, the main benchmark's body) is stored as sent."""
+    at, above = (json.dumps({"pad": "x" * (size - 11)}).encode() for size in (1024, 1025))
+    assert (len(at), len(above)) == (1024, 1025)
+    assert store(stored_response(at)).coded is None
+    assert store(stored_response(above)).coded is not None
+
+
 def test_a_report_is_stored_gzipped_once_and_served_both_ways() -> None:
     response = store(stored_response(REPORT, vary=b"Accept"))
     assert response.coded == Coded("gzip", len(REPORT), by_cache=True)

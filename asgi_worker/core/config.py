@@ -142,8 +142,9 @@ class Config:
     one that does not; an answer the app gzipped itself is decoded for such a client too
     (see docs/compression.md). False stores every body as the app sent it."""
     compress_min_bytes: int = 1024
-    """Smaller bodies are stored as the app sent them (gzip gains little on them), as are
-    bodies stored apart (`stream_body_bytes`), and any that gzip does not shrink by 10 %."""
+    """Bodies of this size or smaller are stored as the app sent them (one packet on the
+    wire either way), as are bodies stored apart (`stream_body_bytes`), and any that gzip
+    does not shrink by 10 %."""
     compress_level: int = 9
     """zlib's level for that gzip, 1 (fastest) to 9 (smallest). Paid once per stored
     answer, not per hit: 9, as Starlette's `GZipMiddleware`, makes a JSON report about

@@ -33,7 +33,7 @@ def for_storing(
 ) -> StoredResponse:
     """`response` as the cache stores it: gzipped once (at zlib's `level`) if worth it.
 
-    Gzipped: a whole body (not one stored apart) of `min_bytes` or more, of a
+    Gzipped: a whole body (not one stored apart) larger than `min_bytes`, of a
     compressible type with no coding of its own (`encodings.compressible`), in a
     response with a body that is not a part (no 206), if gzip makes it smaller than
     `WORTH_IT` of its size. An answer the app gzipped itself (decoding to at most
@@ -56,7 +56,7 @@ def for_storing(
             return response  # not gzip as it claims: served as the app sent it
         coded = Coded(GZIP, len(decoded), by_cache=False)
         return dataclasses.replace(response, headers=with_vary(response.headers), coded=coded)
-    if len(body) < min_bytes or not compressible(response.headers):
+    if len(body) <= min_bytes or not compressible(response.headers):
         return response
     packed = gzip(body, level)
     if len(packed) >= WORTH_IT * len(body):

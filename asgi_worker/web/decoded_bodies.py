@@ -18,20 +18,24 @@ KEEP_SECONDS = 10.0
 
 
 class DecodedBodies:
-    """Decoded bodies, at most `max_bytes` of process memory (least recently used out)."""
+    """Decoded bodies, at most `max_bytes` of process memory (least recently used out).
+
+    With `max_bytes` 0 none is kept: each such hit decodes.
+    """
 
     def __init__(self, max_bytes: int) -> None:
-        self._bodies: NearCache[bytes] = NearCache(
-            ttl=KEEP_SECONDS, max_bytes=max_bytes, cost=bytes_cost
-        )
+        self._bodies: NearCache[bytes] | None = None
+        if max_bytes > 0:
+            self._bodies = NearCache(ttl=KEEP_SECONDS, max_bytes=max_bytes, cost=bytes_cost)
 
     def select(self, digest: str, response: StoredResponse, accepts_gzip: bool) -> StoredResponse:
         """`representations.select`, with the decoded body kept for the next such hit."""
-        if accepts_gzip or response.coded is None:
+        bodies = self._bodies
+        if accepts_gzip or response.coded is None or bodies is None:
             return select(response, accepts_gzip)
         key = digest + content_key(response).hex()
-        decoded = self._bodies.get(key)
+        decoded = bodies.get(key)
         chosen = select(response, accepts_gzip, decoded)
         if decoded is None:
-            self._bodies.put(key, chosen.body)
+            bodies.put(key, chosen.body)
         return chosen

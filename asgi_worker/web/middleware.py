@@ -42,7 +42,6 @@ from asgi_worker.core.keys import (
 from asgi_worker.core.normalize import KeyRules
 from asgi_worker.core.policy import Policy
 from asgi_worker.core.replay import replay_marker
-from asgi_worker.core.representations import select
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, RequestRecord
 from asgi_worker.web.backend import Backend, ReplayEntrance, open_backend
@@ -122,9 +121,7 @@ class WorkerMiddleware(CacheLayer):
         # Where in-process replays enter the app: learned from the first request.
         self._entrance: ReplayEntrance | None = None
         # Gzip entries decoded for clients that accept no gzip, kept a while (compress).
-        self._decoded = (
-            DecodedBodies(config.decoded_bodies_bytes) if config.decoded_bodies_bytes else None
-        )
+        self._decoded = DecodedBodies(config.decoded_bodies_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -259,10 +256,7 @@ class WorkerMiddleware(CacheLayer):
         if response.coded is not None:  # gzip stored: this client's representation of it
             try:
                 accepts = accepts_gzip(_headers(scope, b"accept-encoding"))
-                if self._decoded is None:
-                    response = select(response, accepts)
-                else:
-                    response = self._decoded.select(digest, response, accepts)
+                response = self._decoded.select(digest, response, accepts)
             except CorruptEntryError as error:
                 logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
                 return await self._after_discard(

@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -36,10 +36,24 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def run_load(url: str, *, seconds: float, connections: int, threads: int = 1) -> LoadResult:
-    """Drive `url` for `seconds` with `connections` keep-alive connections."""
+def run_load(
+    url: str,
+    *,
+    seconds: float,
+    connections: int,
+    threads: int = 1,
+    headers: Sequence[str] = (),
+) -> LoadResult:
+    """Drive `url` for `seconds` with `connections` keep-alive connections.
+
+    `headers` (`"Name: value"` lines) go with every request; only wrk sends them.
+    """
     if wrk_available():
-        return _run_wrk(url, seconds=seconds, connections=connections, threads=threads)
+        return _run_wrk(
+            url, seconds=seconds, connections=connections, threads=threads, headers=headers
+        )
+    if headers:
+        raise RuntimeError("request headers need wrk: apt-get install -y wrk")
     return asyncio.run(_python_load(url, seconds=seconds, connections=connections))
 
 
@@ -53,7 +67,9 @@ def _ms(text: str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def _run_wrk(url: str, *, seconds: float, connections: int, threads: int) -> LoadResult:
+def _run_wrk(
+    url: str, *, seconds: float, connections: int, threads: int, headers: Sequence[str] = ()
+) -> LoadResult:
     command = [
         "wrk",
         f"-t{threads}",
@@ -62,6 +78,7 @@ def _run_wrk(url: str, *, seconds: float, connections: int, threads: int) -> Loa
         "--timeout",
         "5s",
         "--latency",
+        *(argument for header in headers for argument in ("-H", header)),
         url,
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 30)

@@ -9,14 +9,16 @@ from collections.abc import Callable
 
 import pytest
 
-from asgi_worker.core.codec import StoredResponse, decode_response, encode_response
+from asgi_worker.core.codec import Coded, StoredResponse, decode_response, encode_response
 from asgi_worker.web import near_cache as near_module
 from asgi_worker.web.near_cache import NearCache, response_cost
 
 MAX_BYTES = 4 * 1024 * 1024
 
 
-def decoded(number: int, body_size: int, status: int = 200) -> StoredResponse:
+def decoded(
+    number: int, body_size: int, status: int = 200, coded: Coded | None = None
+) -> StoredResponse:
     """A response as the middleware puts it: decoded from Redis, every part its own."""
     body = (b"%019d" % number * (body_size // 19 + 1))[:body_size]
     headers = (
@@ -25,7 +27,9 @@ def decoded(number: int, body_size: int, status: int = 200) -> StoredResponse:
         (b"cache-control", b"public, max-age=60"),
         (b"etag", b'W/"%d"' % number),
     )
-    stored = StoredResponse(status=status, headers=headers, body=body, stored_at=time.time())
+    stored = StoredResponse(
+        status=status, headers=headers, body=body, stored_at=time.time(), coded=coded
+    )
     return decode_response(encode_response(stored))
 
 
@@ -80,6 +84,16 @@ def test_response_cost_is_what_a_decoded_response_holds(body_size: int, status: 
     held, response = traced(lambda: decode_response(data))
     assert isinstance(response, StoredResponse)
     objects = 4 + 3 * len(response.headers) + 1  # pymalloc rounds each up to 16 bytes
+    assert held <= response_cost(response) <= held + 16 * objects
+
+
+def test_response_cost_counts_a_gzip_bodys_coding() -> None:
+    coded = Coded("gzip", 123_456_789, by_cache=True)  # a length past the shared small ints
+    data = encode_response(decoded(7, 1024, coded=coded))
+    held, response = traced(lambda: decode_response(data))
+    assert isinstance(response, StoredResponse)
+    assert response.coded == coded
+    objects = 4 + 3 * len(response.headers) + 1 + 3
     assert held <= response_cost(response) <= held + 16 * objects
 
 

@@ -19,6 +19,7 @@ from asgi_worker.core.keys import Headers, RequestSnapshot, header_pairs
 
 _RESPONSE_V1 = 1
 _HEAD_V2 = 2  # a response whose body is stored apart: its head and where the body is
+_CODED_V3 = 3  # a response whose body is gzip the cache can also serve decoded (`Coded`)
 _SNAPSHOT_V2 = 2  # 2: the server root path added
 _SNAPSHOT_V3 = 3  # 3: the client's address added (version 2 is still read)
 
@@ -39,6 +40,26 @@ class Apart:
 
 
 @dataclass(frozen=True, slots=True)
+class Coded:
+    """A stored body in a coding the cache can also serve decoded (docs/compression.md).
+
+    Gzip, compressed by the worker or by the app itself.
+    """
+
+    coding: str
+    """The body's coding: "gzip" (the only one written)."""
+    identity_length: int
+    """The decoded body's size in bytes."""
+    by_cache: bool
+    """True: the worker compressed it, and the headers are the app's, of the decoded
+    bytes (no `Content-Encoding`, its `Content-Length` and ETag). False: the app sent it
+    coded, and the headers are the app's, of the coded bytes."""
+
+
+_CODINGS = frozenset({"gzip"})
+
+
+@dataclass(frozen=True, slots=True)
 class StoredResponse:
     """A complete response as the app sent it, ready to be served again."""
 
@@ -54,6 +75,8 @@ class StoredResponse:
     go straight to the app until the marker expires (Varnish's hit-for-pass)."""
     apart: Apart | None = None
     """The body is stored apart (`body` is empty): read it with `Store.read_body`."""
+    coded: Coded | None = None
+    """The body is gzip, to serve as it is or decoded (`representations.select`)."""
 
     @property
     def length(self) -> int:
@@ -67,14 +90,30 @@ def encode_response(response: StoredResponse) -> bytes:
     if response.apart is not None:
         apart = response.apart
         return _pack([_HEAD_V2, *head, response.stored_at, apart.version, apart.length])
+    if response.coded is not None:  # version 1 otherwise: what releases before read
+        coded = response.coded
+        fields = [coded.coding, coded.identity_length, coded.by_cache]
+        return _pack([_CODED_V3, *head, response.body, response.stored_at, *fields])
     return _pack([_RESPONSE_V1, *head, response.body, response.stored_at, response.hit_for_pass])
 
 
 def decode_response(data: bytes) -> StoredResponse:
     """Unpack a response; `CorruptEntryError` for anything `encode_response` did not make."""
-    items = _unpack(data, {_RESPONSE_V1: 6, _HEAD_V2: 6})
-    apart = None
-    if items[0] == _HEAD_V2:
+    items = _unpack(data, {_RESPONSE_V1: 6, _HEAD_V2: 6, _CODED_V3: 8})
+    apart = coded = None
+    if items[0] == _CODED_V3:
+        _, status, headers, body, stored_at, coding, identity_length, by_cache = items
+        hit_for_pass = False
+        if not (
+            isinstance(coding, str)
+            and coding in _CODINGS
+            and type(identity_length) is int
+            and identity_length >= 0
+            and isinstance(by_cache, bool)
+        ):
+            raise CorruptEntryError("stored coding is not one this version reads")
+        coded = Coded(coding, identity_length, by_cache)
+    elif items[0] == _HEAD_V2:
         _, status, headers, stored_at, version, length = items
         body, hit_for_pass = b"", False
         if not (_is_version(version) and type(length) is int and length >= 0):
@@ -102,6 +141,7 @@ def decode_response(data: bytes) -> StoredResponse:
         stored_at=float(stored_at),
         hit_for_pass=hit_for_pass,
         apart=apart,
+        coded=coded,
     )
 
 

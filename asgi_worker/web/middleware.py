@@ -30,6 +30,7 @@ from asgi_worker.core.codec import (
 )
 from asgi_worker.core.config import Config
 from asgi_worker.core.discovery import CacheLayer
+from asgi_worker.core.encodings import accepts_gzip
 from asgi_worker.core.keys import (
     Client,
     HostNotAllowedError,
@@ -44,6 +45,7 @@ from asgi_worker.core.replay import replay_marker
 from asgi_worker.observability.from_config import observer_for
 from asgi_worker.observability.observer import Observer, RequestRecord
 from asgi_worker.web.backend import Backend, ReplayEntrance, open_backend
+from asgi_worker.web.decoded_bodies import DecodedBodies
 from asgi_worker.web.job_state import accepts_json, state_body
 from asgi_worker.web.key_memo import KeyMemo
 from asgi_worker.web.lost_jobs import GRACE_MARGIN, LostJobs
@@ -118,6 +120,8 @@ class WorkerMiddleware(CacheLayer):
         self._lost = LostJobs(self._keys, grace=config.redis_timeout + GRACE_MARGIN)
         # Where in-process replays enter the app: learned from the first request.
         self._entrance: ReplayEntrance | None = None
+        # Gzip entries decoded for clients that accept no gzip, kept a while (compress).
+        self._decoded = DecodedBodies(config.decoded_bodies_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch one ASGI connection."""
@@ -249,6 +253,15 @@ class WorkerMiddleware(CacheLayer):
             await self.app(scope, receive, send)  # the app said private: never share it
             return "pass"
         response = found.response
+        if response.coded is not None:  # gzip stored: this client's representation of it
+            try:
+                accepts = accepts_gzip(_headers(scope, b"accept-encoding"))
+                response = self._decoded.select(digest, response, accepts)
+            except CorruptEntryError as error:
+                logger.error("asgi-worker: discarding corrupt entry %s: %s", digest, error)
+                return await self._after_discard(
+                    digest, None, scope, receive, send, record, again, applied
+                )
         if_none_match = _headers(scope, b"if-none-match")
         try:
             served = await send_stored(
@@ -281,15 +294,40 @@ class WorkerMiddleware(CacheLayer):
                 "the entry is discarded, a miss",
                 digest,
             )
-            discard = self._open().store.discard(digest, response.apart.version)
-            await _quietly(discard, within=self.config.redis_timeout)
-            if not again:  # looked up again: a miss now, whose lookup claims the job
-                return await self._serve(scope, receive, send, record, again=True)
-            await send_accepted(send, retry_after=self.config.retry_after, extra=applied)
-            return _MISS
+            version = response.apart.version
+            return await self._after_discard(
+                digest, version, scope, receive, send, record, again, applied
+            )
         if waited:
             return "waited"
         return _STALE if found.stale else _NEAR_HIT if found.near else _HIT
+
+    async def _after_discard(
+        self,
+        digest: str,
+        version: str | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord | None,
+        again: bool,
+        applied: list[tuple[bytes, bytes]],
+    ) -> str:
+        """Discard the entry found, which cannot be served; then serve the request anew.
+
+        `version`: discard only if the entry's body stored apart is still that one (see
+        `Store.discard`). Looked up again, the request is a miss whose lookup claims the
+        job; if it was looked up again already (`again`), it gets a 202.
+        """
+        backend = self._open()
+        near = backend.near_cache()
+        if near is not None:
+            near.evict(digest)
+        await _quietly(backend.store.discard(digest, version), within=self.config.redis_timeout)
+        if not again:
+            return await self._serve(scope, receive, send, record, again=True)
+        await send_accepted(send, retry_after=self.config.retry_after, extra=applied)
+        return _MISS
 
     async def _unavailable(
         self, error: BaseException, scope: Scope, receive: Receive, send: Send

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Generic, TypeVar
 
-from asgi_worker.core.codec import StoredResponse
+from asgi_worker.core.codec import Coded, StoredResponse
 
 Value = TypeVar("Value")
 
@@ -56,6 +56,9 @@ _PAIR = allocated(sys.getsizeof((b"", b"")))
 """A `(name, value)` header tuple."""
 _RESPONSE = allocated(sys.getsizeof(StoredResponse(status=0, headers=(), body=b"", stored_at=0)))
 """A `StoredResponse`: slots, so the same size whatever it holds."""
+_CODED = allocated(sys.getsizeof(Coded("gzip", 0, by_cache=True)))
+"""The `Coded` of a gzip body: slots, its coding a string msgpack decodes anew."""
+_CODING = allocated(sys.getsizeof("gzip"))
 _BYTES = sys.getsizeof(b"")
 """A bytes object but its content: header and trailing NUL (33 on 64-bit CPython)."""
 
@@ -64,7 +67,8 @@ def response_cost(response: StoredResponse) -> int:
     """Bytes a decoded `StoredResponse` keeps alive, all its parts its own.
 
     The dataclass, its `stored_at` float and its status (unless a shared small int), the
-    headers tuple, each `(name, value)` pair tuple and its two bytes objects, and the body.
+    headers tuple, each `(name, value)` pair tuple and its two bytes objects, the body,
+    and for a gzip body its `Coded`.
     What `codec.decode_response` returns shares none of these with anything else, but
     for the objects CPython shares anyway (small ints, empty and one-byte bytes).
     """
@@ -72,8 +76,10 @@ def response_cost(response: StoredResponse) -> int:
     cost = _RESPONSE + _FLOAT + _int_cost(response.status) + allocated(sys.getsizeof(headers))
     cost += _PAIR * len(headers)
     for name, value in headers:
-        cost += _bytes_cost(name) + _bytes_cost(value)
-    return cost + _bytes_cost(response.body)
+        cost += bytes_cost(name) + bytes_cost(value)
+    if (coded := response.coded) is not None:
+        cost += _CODED + _CODING + _int_cost(coded.identity_length)
+    return cost + bytes_cost(response.body)
 
 
 class NearCache(Generic[Value]):
@@ -192,7 +198,7 @@ def _int_cost(value: int) -> int:
     return allocated(sys.getsizeof(value))
 
 
-def _bytes_cost(value: bytes) -> int:
+def bytes_cost(value: bytes) -> int:
     """Bytes of a bytes object: none for the empty and one-byte ones CPython shares."""
     size = len(value)
     return allocated(_BYTES + size) if size > 1 else 0

@@ -56,6 +56,7 @@ from asgi_worker.core.replay import (
     finish,
     replay,
 )
+from asgi_worker.core.representations import for_storing
 from asgi_worker.observability.observer import JobRecord, Observer
 from asgi_worker.worker.progress import ProgressReporter, ProgressSink
 
@@ -507,6 +508,13 @@ def to_write(
         # Stored apart, in the app's own chunks: no joined copy, no msgpack copy of it.
         body = Body(secrets.token_hex(8), replayed.chunks, replayed.length)
     response = stored(kept, now, apart=None if body is None else body.version)
+    if config.compress and body is None:  # a body stored apart is stored as it came
+        response = for_storing(
+            response,
+            min_bytes=config.compress_min_bytes,
+            limit=config.max_body_bytes,
+            level=config.compress_level,
+        )
     return Write(
         encode_response(response),
         fresh=life.fresh,

@@ -215,8 +215,11 @@ async def test_master_crash_is_503_only_until_sentinel_fails_over(
             master = topology.master()
 
             def crash() -> float:
+                # The moment the signal is sent: kill() returns only once the process is
+                # reaped, and requests in flight are answered 503 meanwhile.
+                sent = time.monotonic()
                 master.kill()
-                return time.monotonic()
+                return sent
 
             fault = asyncio.create_task(at(FAULT_AT, crash))
             run = await serve_all(http, urls, pace=PACE, within=30)

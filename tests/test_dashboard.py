@@ -40,6 +40,7 @@ from asgi_worker.observability.counts import (
     write_minutes,
 )
 from asgi_worker.observability.dashboard_counts import WRITE_AFTER, dashboard_observer
+from asgi_worker.observability.dashboard_state import STATE_EVERY, RedisReader, _Reused
 from asgi_worker.observability.recent_jobs import KEPT as RECENT_KEPT
 from asgi_worker.observability.recent_jobs import RecentJob, push_jobs, read_jobs
 from asgi_worker.testing import find_middleware
@@ -111,7 +112,10 @@ def test_the_bearer_token_reads_the_state_never_cached(
         assert response.headers["cache-control"] == "no-store"
         assert "cache-status" not in response.headers  # excluded: the cache never saw it
         assert response.headers["x-frame-options"] == "DENY"
-    assert first.json()["at"] < second.json()["at"]  # read anew each time
+    # The dashboard shares one read a second between its pages (see the test below);
+    # then it reads anew.
+    time.sleep(STATE_EVERY)
+    assert http.get("/ops/api/state", headers=BEARER).json()["at"] > first.json()["at"]
     body = first.json()
     assert set(body) >= {"queue", "running", "recent", "hour", "minutes", "biggest"}
     assert body["counting"] is True
@@ -469,3 +473,26 @@ async def test_counts_and_recent_jobs_round_trip_through_redis(redis: Redis, pre
     latest = await read_jobs(redis, keys, 5)
     assert [job.path for job in latest] == ["/p/209", "/p/208", "/p/207", "/p/206"]
     assert await redis.llen(keys.recent_jobs()) == RECENT_KEPT + 1
+
+
+async def test_pages_polling_one_dashboard_share_one_redis_read_a_second(config: Config) -> None:
+    reader = RedisReader(config)
+    reads = 0
+    read_now = reader._read_now
+
+    async def counted() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return await read_now()
+
+    reader._state = _Reused(counted, STATE_EVERY)
+    try:
+        states = await asyncio.gather(*(reader.read() for _ in range(10)))  # ten tabs at once
+        again = await reader.read()
+        assert reads == 1
+        assert all(state is again for state in states)
+        await asyncio.sleep(STATE_EVERY)
+        assert (await reader.read())["at"] > again["at"]  # then it is read anew
+        assert reads == 2
+    finally:
+        await reader.close()

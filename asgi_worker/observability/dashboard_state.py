@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from asgi_worker.backends.base import JobQueue, RunningJob
 from asgi_worker.backends.memory import InProcessQueue, MemoryStore
@@ -37,6 +37,12 @@ PATHS_COUNTED = 2000
 `ZCOUNT` each, so a huge path list is sampled, not walked."""
 BIGGEST_EVERY = 5.0
 """Seconds the biggest paths are reused before they are counted again."""
+STATE_EVERY = 1.0
+"""Seconds a Redis read of the whole state is reused: however many pages poll one
+dashboard process, its Redis reads (a `SCAN` of the queue's keyspace among them) stay at
+one set a second."""
+
+Value = TypeVar("Value")
 
 
 def state(
@@ -82,21 +88,32 @@ def state(
     }
 
 
-class _Reused:
-    """A value read again only once it is `every` seconds old."""
+class _Reused(Generic[Value]):
+    """A value read again only once it is `every` seconds old; one read at a time.
 
-    def __init__(self, read: Callable[[], Awaitable[list[tuple[str, int]]]], every: float):
+    Callers that come while a read is on its way wait for that one.
+    """
+
+    def __init__(self, read: Callable[[], Awaitable[Value]], every: float):
         self._read = read
         self._every = every
-        self._value: list[tuple[str, int]] = []
+        self._value: Value | None = None
         self._at: float | None = None
+        self._reading: asyncio.Task[Value] | None = None
 
-    async def get(self) -> list[tuple[str, int]]:
+    async def get(self) -> Value:
         now = time.monotonic()
-        if self._at is None or now - self._at >= self._every:
-            self._value = await self._read()
-            self._at = now
-        return self._value
+        if self._value is not None and self._at is not None and now - self._at < self._every:
+            return self._value
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._keep)
+        # Shielded: a caller that goes away does not cancel the read the others wait for.
+        return await asyncio.shield(self._reading)
+
+    def _keep(self, reading: asyncio.Task[Value]) -> None:
+        if not reading.cancelled() and reading.exception() is None:
+            self._value, self._at = reading.result(), time.monotonic()
 
 
 def largest(counts: dict[str, int]) -> list[tuple[str, int]]:
@@ -116,6 +133,7 @@ class RedisReader:
         self._keys = RedisKeys(config.prefix)
         self._clients: tuple[asyncio.AbstractEventLoop, Any, Any, ArqQueue] | None = None
         self._biggest = _Reused(self._count_biggest, BIGGEST_EVERY)
+        self._state = _Reused(self._read_now, STATE_EVERY)
 
     def _open(self) -> tuple[Any, Any, ArqQueue]:
         loop = asyncio.get_running_loop()
@@ -132,7 +150,11 @@ class RedisReader:
         return self._clients[1:]
 
     async def read(self) -> dict[str, Any]:
-        """The dashboard's state (see `state`): a handful of round trips, run together."""
+        """The dashboard's state (see `state`), read at most once per `STATE_EVERY` s."""
+        return await self._state.get()
+
+    async def _read_now(self) -> dict[str, Any]:
+        """A handful of round trips, run together."""
         _, queue, jobs = self._open()
         depth, running, recent, minutes, biggest = await asyncio.gather(
             read_queue(queue, self.config.queue),

@@ -74,8 +74,9 @@ class JobProgress:
 
         def number(name: str) -> float | None:
             value = data.get(name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            return float(value) if ok else None  # type: ignore[arg-type]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None
+            return float(value)
 
         position = data.get("position")
         message = data.get("message")

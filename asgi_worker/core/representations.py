@@ -97,9 +97,8 @@ def select(
     if accepts_gzip:
         return dataclasses.replace(response, coded=None)
     headers = _recoded(response.headers, coded.identity_length, IDENTITY)
-    return dataclasses.replace(
-        response, headers=headers, body=_decoded(response, coded), coded=None
-    )
+    body = decoded if decoded is not None else _decoded(response, coded)
+    return dataclasses.replace(response, headers=headers, body=body, coded=None)
 
 
 def _recoded(headers: Headers, length: int, coding: str) -> Headers:

@@ -534,13 +534,13 @@ class WorkerMiddleware(CacheLayer):
             raise
         claimed_at = found.claimed_at
         holder = found.holder
-        if found.holder is not None and self._lost.due(digest, found.held_for):
+        if holder is not None and self._lost.due(digest, found.held_for):
             # Another request's claim, held long enough that its job must be queued by
             # now: if that job is lost, this request takes the claim over (see lost.py).
             try:
                 async with asyncio.timeout_at(deadline):
                     claimed_at = await self._lost.take_over(
-                        store, backend.queue, digest, found.holder, token, snapshot.path
+                        store, backend.queue, digest, holder, token, snapshot.path
                     )
             except (TimeoutError, asyncio.CancelledError) as error:
                 # Cut off, the take-over may have gone through: give that claim up (the
